@@ -1,0 +1,122 @@
+"""Shared config sections; every model config (tiny.py, vit_b16.py, ...) composes these.
+
+Each function returns one ``ml_collections.ConfigDict`` section with every knob commented. A model
+config calls them and overrides what differs. Loaded by the configs through ``sys.path`` (the
+configs directory is not a package), so this file must stay import-light.
+"""
+
+import math
+
+import ml_collections as mlc
+
+
+def model_config(
+    *,
+    image_size: int,
+    patch_size: int,
+    vision_width: int,
+    vision_layers: int,
+    vision_heads: int,
+    text_width: int,
+    text_layers: int,
+    text_heads: int,
+    embed_dim: int,
+    context_length: int = 77,
+    vocab_size: int = 49408,
+    act: str = "quick_gelu",
+) -> mlc.ConfigDict:
+    """The two towers (OpenAI CLIP / open_clip layout) and the dense-feature head."""
+    m = mlc.ConfigDict()
+    m.embed_dim = embed_dim  # joint embedding size E
+    m.act = act  # "quick_gelu" (OpenAI weights) or "gelu" (exact erf; open_clip/LAION, EVA)
+    m.ln_eps = 1e-5  # LayerNorm epsilon; PyTorch CLIP uses 1e-5 (Flax default 1e-6 breaks parity)
+    m.dtype = "float32"  # activation / matmul dtype ("float32" or "bfloat16"); params stay float32
+    m.remat = False  # nn.remat around every residual block (memory for recompute)
+    m.remat_policy = "nothing_saveable"  # jax.checkpoint_policies name used when remat=True
+    m.scan = False  # nn.scan over blocks: params get a leading layer axis, compile time O(1)
+    m.logit_scale_init = math.log(1 / 0.07)  # log-space temperature at init (CLIP)
+    m.logit_scale_max = math.log(100.0)  # clamp for the log scale (CLIP clamps at 100)
+    m.logit_bias_init = None  # float -> learn a logit bias (sigmoid loss; SigLIP uses -10)
+    # Own learned temperature (and bias) for tags / region / mask / pixel terms (FG-CLIP style);
+    # off = all granularities share CLIP's logit_scale (keeps the exact CLIP parameter count).
+    m.granularity_scales = False
+    # Dense (patch) features in the joint space, consumed by the region / pixel losses:
+    # "maskclip": the last block's attention is replaced by its value path for the patch tokens
+    # (MaskCLIP / CLIPSelf); "plain": the last block as is. Global embedding is unaffected.
+    m.dense_mode = "maskclip"
+    m.vision = mlc.ConfigDict()
+    m.vision.image_size = image_size  # input resolution (square)
+    m.vision.patch_size = patch_size  # patch (conv stride) size
+    m.vision.width = vision_width  # transformer width D
+    m.vision.layers = vision_layers  # number of residual blocks
+    m.vision.heads = vision_heads  # attention heads (head dim = width / heads)
+    m.vision.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width
+    m.text = mlc.ConfigDict()
+    m.text.context_length = context_length  # token sequence length L
+    m.text.vocab_size = vocab_size  # CLIP BPE vocabulary (49408)
+    m.text.width = text_width  # transformer width W
+    m.text.layers = text_layers  # number of residual blocks
+    m.text.heads = text_heads  # attention heads
+    m.text.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width
+    return m
+
+
+def data_config() -> mlc.ConfigDict:
+    """Input pipeline (owner: umg_jax/data)."""
+    d = mlc.ConfigDict()
+    d.path = ""  # directory of ArrayRecord shards + meta.json; "" -> embedded synthetic world
+    d.eval_path = ""  # held-out shards for evaluation; "" -> synthetic held-out split
+    d.synthetic_num_train = 2048  # examples generated on first use when path == ""
+    d.synthetic_num_eval = 256  # held-out synthetic examples
+    d.max_tags = 4  # T: image tags per example (padded)
+    d.max_regions = 8  # R: regions per example (padded)
+    d.max_masks = 8  # M: masks per example (padded)
+    d.min_region_frac = 0.02  # drop regions whose box covers less than this fraction after crop
+    d.crop_scale = (0.6, 1.0)  # random-resized-crop area range (train only)
+    d.flip = True  # random horizontal flip (train only)
+    d.shuffle_seed = 0  # Grain shuffle seed
+    d.num_workers = 0  # Grain worker processes (0 = in-process)
+    d.strict = False  # raise at the first bad record instead of dropping + counting it
+    return d
+
+
+def loss_config() -> mlc.ConfigDict:
+    """Multi-granularity losses (owner: umg_jax/losses)."""
+    lo = mlc.ConfigDict()
+    lo.kind = "softmax"  # "softmax" (CLIP InfoNCE) or "sigmoid" (SigLIP; needs logit_bias_init)
+    lo.w_image = 1.0  # image <-> caption
+    lo.w_tags = 0.5  # image <-> tag prompts
+    lo.w_region = 1.0  # RoIAlign region embedding <-> region text
+    lo.w_mask = 1.0  # mask-pooled embedding <-> mask text
+    lo.w_pixel = 0.5  # per-patch classification against the image's mask texts
+    lo.separate_scales = True  # own learned temperature per granularity (FG-CLIP); else shared
+    lo.chunk_size = 1024  # text rows per chunk in the sharded contrastive loss
+    lo.roi_size = 2  # RoIAlign output bins per side (averaged to one embedding)
+    lo.roi_sampling_ratio = 2  # bilinear samples per bin per side
+    return lo
+
+
+def optim_config() -> mlc.ConfigDict:
+    """Optimizer and schedule (owner: umg_jax/optim.py)."""
+    o = mlc.ConfigDict()
+    o.lr = 5e-4  # peak learning rate
+    o.warmup_steps = 50  # linear warmup
+    o.end_lr_frac = 0.0  # cosine decays to lr * end_lr_frac
+    o.b1 = 0.9  # AdamW beta1
+    o.b2 = 0.98  # AdamW beta2 (CLIP)
+    o.eps = 1e-6  # AdamW epsilon (CLIP)
+    o.weight_decay = 0.1  # decoupled decay; masked off for norms, biases, embeddings, scales
+    o.grad_clip = 1.0  # global-norm clip (0 = off)
+    o.layer_decay = 1.0  # layer-wise lr decay factor (1.0 = off)
+    o.grad_accum = 1  # micro-batches per step
+    o.freeze = ()  # regexes over param paths to freeze, e.g. ("text/.*",) for LiT
+    return o
+
+
+def mesh_config() -> mlc.ConfigDict:
+    """Device mesh and parameter sharding (owner: umg_jax/sharding.py)."""
+    me = mlc.ConfigDict()
+    me.data = -1  # data-parallel axis size (-1 = all remaining devices)
+    me.fsdp = 1  # fully-sharded data-parallel axis size (batch is also split over it)
+    me.tensor = 1  # tensor-parallel axis size (attention heads / MLP hidden)
+    return me

@@ -1,0 +1,1 @@
+"""Flax modules of the two towers (``clip.CLIP``) and their building blocks."""

@@ -1,0 +1,203 @@
+"""Transformer building blocks shared by both towers (OpenAI CLIP / open_clip layout).
+
+Parameter names follow the PyTorch state dict so that weight conversion is a rename + transpose
+(see ``umg_jax/interop/mapping.py``): a block is ``ln_1, attn/{query,key,value,out}, ln_2,
+mlp/{c_fc,c_proj}``. Params are always float32; ``dtype`` sets activation / matmul precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation ``x * sigmoid(1.702 x)``; needed for parity with OpenAI weights."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """erf GELU (PyTorch ``nn.GELU()``); flax's default is the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu}
+
+
+def get_activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dtype_of(name: str) -> Dtype:
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {name!r}; expected float32, bfloat16 or float16")
+    return jnp.dtype(name)
+
+
+def layer_norm(eps: float, name: str) -> nn.Module:
+    """LayerNorm with params ``{scale, bias}``, computed in float32 whatever the activation dtype
+    (PyTorch CLIP's fp16 LayerNorm trick); callers cast the output back."""
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head ``query/key/value`` kernels ``[D, H, Dh]`` and ``out``
+    ``[H, Dh, D]`` (PyTorch ``in_proj_weight`` split into three, reshaped per head)."""
+
+    width: int
+    heads: int
+    dtype: Dtype = jnp.float32
+    init_std: float | None = None
+    out_std: float | None = None
+
+    def setup(self):
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        dh = self.width // self.heads
+        std = self.init_std if self.init_std is not None else self.width ** -0.5
+        ostd = self.out_std if self.out_std is not None else std
+        kw = dict(dtype=self.dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(std))
+        self.query = nn.DenseGeneral((self.heads, dh), **kw, name="query")
+        self.key = nn.DenseGeneral((self.heads, dh), **kw, name="key")
+        self.value = nn.DenseGeneral((self.heads, dh), **kw, name="value")
+        self.out = nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype,
+                                   param_dtype=jnp.float32,
+                                   kernel_init=nn.initializers.normal(ostd), name="out")
+
+    def __call__(self, xq: jax.Array, xkv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``xq [B, Nq, D]``, ``xkv [B, Nk, D]``, ``mask [Nq, Nk] bool`` (True = attend).
+        Returns ``[B, Nq, D]``. Scores and softmax in float32."""
+        q = self.query(xq)
+        k = self.key(xkv)
+        v = self.value(xkv)
+        scale = (self.width // self.heads) ** -0.5
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+        o = jnp.einsum("bhqk,bkhd->bqhd", p, v)
+        return self.out(o)
+
+    def value_path(self, x: jax.Array) -> jax.Array:
+        """MaskCLIP's attention replacement for dense features: ``out(value(x))``, ``[B, N, D]``."""
+        return self.out(self.value(x))
+
+
+class MLP(nn.Module):
+    """``c_fc`` -> activation -> ``c_proj`` (PyTorch CLIP's ``mlp``)."""
+
+    width: int
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    dtype: Dtype = jnp.float32
+    fc_std: float | None = None
+    proj_std: float | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = int(self.width * self.mlp_ratio)
+        fc_std = self.fc_std if self.fc_std is not None else (2 * self.width) ** -0.5
+        proj_std = self.proj_std if self.proj_std is not None else self.width ** -0.5
+        x = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=nn.initializers.normal(fc_std), name="c_fc")(x)
+        x = get_activation(self.act)(x)
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                        kernel_init=nn.initializers.normal(proj_std), name="c_proj")(x)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN residual block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
+
+    ``causal``: text-tower causal mask. ``dense_value_path``: this is the last vision block in
+    MaskCLIP mode: the class token (index 0) goes through the normal path (its query attends to all
+    tokens, exactly as in the plain block), while patch tokens take the value path only, which keeps
+    them spatially local. ``return_carry``: ``(x, None)`` output, for ``nn.scan``.
+    """
+
+    width: int
+    heads: int
+    layers: int  # depth of the tower, for the init scale of the residual projections
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    ln_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    causal: bool = False
+    dense_value_path: bool = False
+    return_carry: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _unused: Any = None):
+        """``x [B, N, D]`` -> ``[B, N, D]`` (or ``(x, None)`` when ``return_carry``)."""
+        proj_std = (self.width ** -0.5) * ((2 * self.layers) ** -0.5)
+        ln_1 = layer_norm(self.ln_eps, "ln_1")
+        attn = Attention(self.width, self.heads, dtype=self.dtype, out_std=proj_std, name="attn")
+        ln_2 = layer_norm(self.ln_eps, "ln_2")
+        mlp = MLP(self.width, self.mlp_ratio, self.act, dtype=self.dtype, proj_std=proj_std,
+                  name="mlp")
+        h = ln_1(x).astype(self.dtype)
+        if self.dense_value_path:
+            cls = x[:, :1] + attn(h[:, :1], h)
+            patches = x[:, 1:] + attn.value_path(h[:, 1:])
+            x = jnp.concatenate([cls, patches.astype(cls.dtype)], axis=1)
+        else:
+            n = x.shape[1]
+            mask = jnp.tril(jnp.ones((n, n), bool)) if self.causal else None
+            x = x + attn(h, h, mask)
+        x = x + mlp(ln_2(x).astype(self.dtype))
+        return (x, None) if self.return_carry else x
+
+
+class Transformer(nn.Module):
+    """A stack of ``layers`` residual blocks, as a Python loop or an ``nn.scan``.
+
+    Param layout: loop -> ``resblocks_{i}``; scan -> ``resblocks`` with a leading layer axis.
+    ``last_separate``: the last block is always its own ``resblocks_{L-1}`` module (scan covers
+    blocks ``0..L-2``); the vision tower needs this for its dense (MaskCLIP) last block.
+    """
+
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    ln_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    causal: bool = False
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan: bool = False
+    last_separate: bool = False
+    last_dense_value_path: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, N, D]`` -> ``[B, N, D]``."""
+        kw = dict(width=self.width, heads=self.heads, layers=self.layers,
+                  mlp_ratio=self.mlp_ratio, act=self.act, ln_eps=self.ln_eps, dtype=self.dtype,
+                  causal=self.causal)
+        block_cls = ResidualBlock
+        if self.remat:
+            policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
+            if policy is None:
+                raise ValueError(f"unknown remat_policy {self.remat_policy!r}")
+            block_cls = nn.remat(ResidualBlock, policy=policy, prevent_cse=not self.scan)
+        n_stack = self.layers - 1 if self.last_separate else self.layers
+        if self.scan and n_stack > 0:
+            scanned = nn.scan(block_cls, variable_axes={"params": 0},
+                              split_rngs={"params": True}, length=n_stack)
+            x, _ = scanned(**kw, return_carry=True, name="resblocks")(x, None)
+        else:
+            for i in range(n_stack):
+                x = block_cls(**kw, name=f"resblocks_{i}")(x)
+        if self.last_separate:
+            x = block_cls(**kw, dense_value_path=self.last_dense_value_path,
+                          name=f"resblocks_{self.layers - 1}")(x)
+        return x

@@ -1,0 +1,54 @@
+"""Text tower: causal transformer as in OpenAI CLIP / open_clip.
+
+``token_embedding`` + ``positional_embedding`` -> causal residual blocks -> ``ln_final`` -> the
+end-of-text token (the largest id in every CLIP-tokenised row, hence ``argmax``) ->
+``text_projection``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from umg_jax.models.layers import Dtype, Transformer, layer_norm
+
+
+class TextTransformer(nn.Module):
+    context_length: int
+    vocab_size: int
+    width: int
+    layers: int
+    heads: int
+    embed_dim: int
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    ln_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """``tokens [N, L] int32`` -> ``[N, E] float32`` (unnormalised)."""
+        n, length = tokens.shape
+        if length != self.context_length:
+            raise ValueError(f"text has length {length}, the model's context is "
+                             f"{self.context_length}")
+        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                     param_dtype=jnp.float32, name="token_embedding")(tokens)
+        pos = self.param("positional_embedding", nn.initializers.normal(0.01),
+                         (self.context_length, self.width), jnp.float32)
+        x = (x + pos).astype(self.dtype)
+        x = Transformer(
+            width=self.width, layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio,
+            act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, causal=True, remat=self.remat,
+            remat_policy=self.remat_policy, scan=self.scan, name="transformer")(x)
+        # ln_final is per token, so pooling first is the same maths on 1/L of the work.
+        x = x[jnp.arange(n), jnp.argmax(tokens, axis=-1)]
+        x = layer_norm(self.ln_eps, "ln_final")(x)
+        proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                        kernel_init=nn.initializers.normal(self.width ** -0.5),
+                        name="text_projection")
+        return proj(x.astype(self.dtype)).astype(jnp.float32)
