@@ -108,9 +108,32 @@ def optim_config() -> mlc.ConfigDict:
     o.weight_decay = 0.1  # decoupled decay; masked off for norms, biases, embeddings, scales
     o.grad_clip = 1.0  # global-norm clip (0 = off)
     o.layer_decay = 1.0  # layer-wise lr decay factor (1.0 = off)
-    o.grad_accum = 1  # micro-batches per step
-    o.freeze = ()  # regexes over param paths to freeze, e.g. ("text/.*",) for LiT
+    o.grad_accum = 1  # micro-batches per optimizer step (optax.MultiSteps; 1 = off)
+    o.freeze = ()  # fullmatch regexes over param paths to freeze, e.g. ("text/.*",) for LiT
+    o.no_decay_extra = ()  # extra fullmatch regexes exempt from weight decay (umg_jax/optim.py)
     return o
+
+
+def ckpt_config() -> mlc.ConfigDict:
+    """Checkpointing (owner: umg_jax/checkpoint.py)."""
+    c = mlc.ConfigDict()
+    c.every_steps = 100  # save every N steps (plus a forced save at the end of the run)
+    c.keep = 2  # keep the K most recent checkpoints
+    c.keep_best_metric = ""  # metric (e.g. "eval/retrieval_r1") whose best step is kept; ""=off
+    c.best_mode = "max"  # "max" or "min" for keep_best_metric
+    c.async_save = True  # save in a background thread (device->host copy is still blocking)
+    return c
+
+
+def log_config() -> mlc.ConfigDict:
+    """Metrics and console logging (owner: umg_jax/metrics.py)."""
+    lg = mlc.ConfigDict()
+    lg.every_steps = 10  # write metrics / progress line every N steps (<= 16 on fake devices)
+    lg.tensorboard = True  # also write TensorBoard event files (tensorboardX) into the workdir
+    # Peak FLOP/s of all the run's devices together, for MFU (0 = don't report MFU); 430e9 is
+    # the measured f32 dot peak of the 2-core CPU, whatever the fake device count.
+    lg.peak_flops = 430e9
+    return lg
 
 
 def mesh_config() -> mlc.ConfigDict:
@@ -120,3 +143,26 @@ def mesh_config() -> mlc.ConfigDict:
     me.fsdp = 1  # fully-sharded data-parallel axis size (batch is also split over it)
     me.tensor = 1  # tensor-parallel axis size (attention heads / MLP hidden)
     return me
+
+
+def train_config() -> mlc.ConfigDict:
+    """Training-loop behaviour (owner: umg_jax/train.py)."""
+    t = mlc.ConfigDict()
+    t.max_nonfinite = 5  # stop after this many non-finite losses in a row (updates are skipped)
+    return t
+
+
+def init_config() -> mlc.ConfigDict:
+    """Where the parameters start from."""
+    i = mlc.ConfigDict()
+    i["from"] = ""  # import dir / checkpoint of a pretrained CLIP ("" = random init)
+    return i
+
+
+def eval_config() -> mlc.ConfigDict:
+    """Periodic evaluation during training (owner: umg_jax/evaluate.py)."""
+    e = mlc.ConfigDict()
+    e.every_steps = 0  # run the evaluators every N steps (0 = only via umg_jax.evaluate)
+    e.num_examples = 256  # held-out examples per evaluation
+    e.batch_size = 64  # evaluation batch (global)
+    return e

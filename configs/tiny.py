@@ -30,4 +30,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.loss = common.loss_config()
     config.optim = common.optim_config()
     config.mesh = common.mesh_config()
+    config.train = common.train_config()
+    config.init = common.init_config()
+    config.eval = common.eval_config()
     return config

@@ -26,4 +26,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.optim = common.optim_config()
     config.optim.lr = 1e-5  # continued training from a pretrained CLIP
     config.mesh = common.mesh_config()
+    config.train = common.train_config()
+    config.init = common.init_config()
+    config.eval = common.eval_config()
     return config

@@ -40,5 +40,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.optim.layer_decay = 0.9  # layer-wise lr decay (EVA-CLIP style)
     config.optim.warmup_steps = 1000
     config.mesh = common.mesh_config()
+    config.train = common.train_config()
+    config.init = common.init_config()
+    config.eval = common.eval_config()
     config.mesh.fsdp = 8  # shard params / optimizer state 8 ways
     return config

@@ -1,0 +1,13 @@
+"""umg-jax: UMG-CLIP (multi-granularity CLIP: image, region and pixel alignment) in JAX/Flax.
+
+Nothing heavy is imported here; ``umg_jax.load`` (the inference API) imports on first use.
+"""
+
+__version__ = "0.1.0"
+
+
+def load(workdir_or_checkpoint: str, **kwargs):
+    """Loads a trained model for inference; see ``umg_jax.inference.load``."""
+    from umg_jax import inference
+
+    return inference.load(workdir_or_checkpoint, **kwargs)

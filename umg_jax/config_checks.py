@@ -1,0 +1,61 @@
+"""Config validation before anything is compiled: one clear line per problem."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections as mlc
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is the one line the user sees."""
+
+
+def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks what would otherwise fail deep inside compilation or hours into a run."""
+    n = jax.device_count() if num_devices is None else num_devices
+    m = config.model
+    if m.vision.image_size % m.vision.patch_size:
+        raise ConfigError(f"model.vision.image_size {m.vision.image_size} is not a multiple of "
+                          f"model.vision.patch_size {m.vision.patch_size}")
+    for tower in ("vision", "text"):
+        t = m[tower]
+        if t.width % t.heads:
+            raise ConfigError(f"model.{tower}.width {t.width} is not divisible by "
+                              f"model.{tower}.heads {t.heads}")
+    sizes = {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}
+    fixed = 1
+    for a, s in sizes.items():
+        if s == 0 or s < -1:
+            raise ConfigError(f"mesh.{a}={s}: axis sizes are positive, or -1 to fill")
+        if s != -1:
+            fixed *= s
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError("only one mesh axis may be -1")
+    if n % fixed:
+        raise ConfigError(f"mesh {sizes} does not fit {n} devices ({n} is not a multiple of "
+                          f"{fixed})")
+    if -1 not in sizes.values() and fixed != n:
+        raise ConfigError(f"mesh {sizes} uses {fixed} devices but {n} are present")
+    resolved = {a: (n // fixed if s == -1 else s) for a, s in sizes.items()}
+    data_par = resolved["data"] * resolved["fsdp"]
+    if config.batch_size % data_par:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data-parallel "
+                          f"size {data_par} (mesh data x fsdp)")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the "
+                          f"{jax.process_count()} processes")
+    if config.loss.kind not in ("softmax", "sigmoid"):
+        raise ConfigError(f"loss.kind must be 'softmax' or 'sigmoid', got {config.loss.kind!r}")
+    if config.loss.kind == "sigmoid" and m.logit_bias_init is None:
+        raise ConfigError("loss.kind='sigmoid' needs model.logit_bias_init (e.g. -10.0)")
+    for key in ("path", "eval_path"):
+        path = config.data.get(key, "")
+        if path and not os.path.isdir(path):
+            raise ConfigError(f"data.{key} {path!r} does not exist")
+    init_from = config.get("init", {}).get("from", "")
+    if init_from and not os.path.exists(init_from):
+        raise ConfigError(f"init.from {init_from!r} does not exist")
+    if config.total_steps <= 0:
+        raise ConfigError(f"total_steps must be positive, got {config.total_steps}")

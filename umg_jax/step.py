@@ -1,0 +1,144 @@
+"""The training step: model forward on a batch, the multi-granularity loss, the update.
+
+One place builds the jitted step and its shardings, so that ``umg_jax.train`` (real run) and
+``umg_jax.dryrun`` (ahead-of-time compile for a pod) use the same code path.
+
+Train state (an explicit pytree, checkpointed whole):
+  ``step`` int32, ``params``, ``opt_state``, ``nonfinite`` int32 (consecutive skipped updates),
+  ``skipped`` int32 (total skipped updates).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from umg_jax import sharding
+from umg_jax.losses import umg as umg_losses
+from umg_jax.models import clip
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    nonfinite: jax.Array
+    skipped: jax.Array
+
+
+# Text fields of the batch, the model output key they become, and the loss weight that needs them.
+TEXT_FIELDS = (
+    ("text", "txt", ("w_image",)),
+    ("tags", "tags_txt", ("w_tags",)),
+    ("region_text", "region_txt", ("w_region",)),
+    ("mask_text", "mask_txt", ("w_mask", "w_pixel")),
+)
+
+
+def needed_text_fields(loss_cfg: mlc.ConfigDict) -> list[tuple[str, str]]:
+    """Text fields whose loss term has a non-zero weight; only those go through the text tower.
+    The caption is always encoded (image-level loss and logging)."""
+    return [(f, o) for f, o, ws in TEXT_FIELDS
+            if f == "text" or any(loss_cfg.get(w, 0.0) for w in ws)]
+
+
+def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDict) -> dict:
+    """Runs both towers on a batch. Every text field is encoded in one text-tower call.
+
+    Returns ``img [B, E]``, ``dense [B, gh, gw, E]``, ``txt [B, E]``, ``tags_txt [B, T, E]``,
+    ``region_txt [B, R, E]``, ``mask_txt [B, M, E]`` (those with a weight), ``scales``, ``biases``.
+    """
+    v = {"params": params}
+    out = dict(model.apply(v, batch["image"], method=clip.CLIP.encode_image))
+    fields = needed_text_fields(loss_cfg)
+    b = batch["text"].shape[0]
+    toks = [batch[f].reshape(b, -1, batch[f].shape[-1]) for f, _ in fields]
+    sizes = [t.shape[1] for t in toks]
+    emb = model.apply(v, jnp.concatenate(toks, axis=1), method=clip.CLIP.encode_text)
+    start = 0
+    for (f, name), n in zip(fields, sizes, strict=True):
+        e = emb[:, start:start + n]
+        out[name] = e[:, 0] if f == "text" else e
+        start += n
+    out.update(model.apply(v, method=clip.CLIP.temperatures))
+    return out
+
+
+def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh):
+    """``loss_fn(params, batch) -> (total, metrics)``."""
+
+    def loss_fn(params, batch):
+        outputs = model_outputs(model, params, batch, config.loss)
+        return umg_losses.umg_loss(outputs, batch, config.loss, mesh)
+
+    return loss_fn
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite=zero,
+                      skipped=zero)
+
+
+def abstract_state(config: mlc.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
+    """Shapes of the whole train state, nothing allocated."""
+    return jax.eval_shape(lambda: init_state(clip.init_params(config.model, jax.random.key(0)),
+                                             tx))
+
+
+def state_shardings(abstract: TrainState, mesh: Mesh, rules=None) -> TrainState:
+    """Param rules (regex over paths) applied to params and, by the same paths, to the optimizer
+    moments; scalars are replicated."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    return sharding.param_shardings(abstract, mesh, rules)
+
+
+def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: mlc.ConfigDict,
+                    mesh: Mesh, state_sharding: TrainState, batch_shapes: dict):
+    """Jitted ``train_step(state, batch) -> (state, metrics)`` with the state donated.
+
+    A non-finite loss or gradient norm skips the update (params and optimizer state unchanged),
+    increments ``nonfinite`` (reset to 0 by the next good step) and ``skipped``; the host loop
+    stops the run after ``config.train.max_nonfinite`` consecutive skips.
+    """
+    loss_fn = make_loss_fn(model, config, mesh)
+    cap = config.model.logit_scale_max
+
+    def step_fn(state: TrainState, batch: dict):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        gnorm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # CLIP clamps the learned temperature to <= ln(100) after each step.
+        new_params = clamp_logit_scales(new_params, cap)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        metrics = dict(metrics, loss=loss, grad_norm=gnorm, skipped=new_state.skipped,
+                       nonfinite=new_state.nonfinite)
+        return new_state, metrics
+
+    batch_sharding = {k: NamedSharding(mesh, P(sharding.BATCH_AXES)) for k in batch_shapes}
+    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, NamedSharding(mesh, P())),
+                   donate_argnums=(0,))
+
+
+def clamp_logit_scales(params, cap: float):
+    """Clamps every ``logit_scale*`` top-level param to ``<= cap``."""
+    return {k: (jnp.minimum(v, cap) if k.startswith("logit_scale") else v)
+            for k, v in params.items()}
