@@ -71,26 +71,33 @@ def data_config() -> mlc.ConfigDict:
     d.max_tags = 4  # T: image tags per example (padded)
     d.max_regions = 8  # R: regions per example (padded)
     d.max_masks = 8  # M: masks per example (padded)
-    d.min_region_frac = 0.02  # drop regions whose box covers less than this fraction after crop
+    d.min_region_frac = 0.02  # train: drop regions whose box covers less of the final image
+    d.min_mask_frac = 0.002  # train: drop masks covering less of the final image (eval keeps >0)
     d.crop_scale = (0.6, 1.0)  # random-resized-crop area range (train only)
+    d.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio (w / h) range (train only)
     d.flip = True  # random horizontal flip (train only)
-    d.shuffle_seed = 0  # Grain shuffle seed
-    d.num_workers = 0  # Grain worker processes (0 = in-process)
+    d.prompt_template = "a photo of a {}."  # text of a tag (image tags; uncaptioned regions/masks)
+    d.shuffle_seed = 0  # added to the run seed for the Grain shuffle / augmentation seed
+    d.num_workers = 0  # Grain worker processes for decode + augment (0 = in-process)
+    d.read_threads = 2  # in-process (or per-worker) decode threads of Grain's ReadOptions
+    d.prefetch_buffer = 16  # examples decoded ahead per reading pipeline
+    d.worker_buffer = 2  # examples buffered per worker process (num_workers > 0)
     d.strict = False  # raise at the first bad record instead of dropping + counting it
     return d
 
 
 def loss_config() -> mlc.ConfigDict:
-    """Multi-granularity losses (owner: umg_jax/losses)."""
+    """Multi-granularity losses (owner: umg_jax/losses). Equal texts are always positives of each
+    other (multi-positive targets); padded entries are neither anchors nor negatives."""
     lo = mlc.ConfigDict()
-    lo.kind = "softmax"  # "softmax" (CLIP InfoNCE) or "sigmoid" (SigLIP; needs logit_bias_init)
+    lo.kind = "softmax"  # "softmax" (symmetric CLIP InfoNCE) or "sigmoid" (SigLIP; needs
+    #                      model.logit_bias_init); temperatures: model.granularity_scales
     lo.w_image = 1.0  # image <-> caption
-    lo.w_tags = 0.5  # image <-> tag prompts
-    lo.w_region = 1.0  # RoIAlign region embedding <-> region text
-    lo.w_mask = 1.0  # mask-pooled embedding <-> mask text
-    lo.w_pixel = 0.5  # per-patch classification against the image's mask texts
-    lo.separate_scales = True  # own learned temperature per granularity (FG-CLIP); else shared
-    lo.chunk_size = 1024  # text rows per chunk in the sharded contrastive loss
+    lo.w_tags = 0.5  # image <-> tag prompts of the global batch
+    lo.w_region = 1.0  # RoIAlign region embedding <-> region texts of the global batch
+    lo.w_mask = 1.0  # mask-pooled embedding <-> mask texts of the global batch
+    lo.w_pixel = 0.5  # per-patch classification against the same image's mask texts
+    lo.chunk_size = 1024  # gathered text rows per scan step of the sharded loss (memory knob)
     lo.roi_size = 2  # RoIAlign output bins per side (averaged to one embedding)
     lo.roi_sampling_ratio = 2  # bilinear samples per bin per side
     return lo
@@ -137,10 +144,11 @@ def log_config() -> mlc.ConfigDict:
 
 
 def mesh_config() -> mlc.ConfigDict:
-    """Device mesh and parameter sharding (owner: umg_jax/sharding.py)."""
+    """Device mesh and parameter sharding (owner: umg_jax/sharding.py). The product of the three
+    sizes must equal the device count; the batch is split over data x fsdp."""
     me = mlc.ConfigDict()
     me.data = -1  # data-parallel axis size (-1 = all remaining devices)
-    me.fsdp = 1  # fully-sharded data-parallel axis size (batch is also split over it)
+    me.fsdp = 1  # fully-sharded data-parallel axis size (params split, batch also split over it)
     me.tensor = 1  # tensor-parallel axis size (attention heads / MLP hidden)
     return me
 

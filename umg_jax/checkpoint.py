@@ -1,0 +1,233 @@
+"""Training checkpoints: an orbax ``CheckpointManager`` with the data-iterator state saved beside
+the model state in the same step.
+
+Layout (``workdir/checkpoints/<step>/``)::
+
+    state/   the train-state pytree (``StandardSave``; sharded arrays, restorable onto any mesh)
+    data/    JSON ``{"format": ..., "processes": [per-process iterator state]}``
+    meta/    JSON dict given by the caller (config, counters, ...)
+    metrics/ (orbax) the metrics dict used by keep-best
+
+Atomicity comes from orbax: a step is written into ``<step>.orbax-checkpoint-tmp-*`` and renamed
+to ``<step>`` only after every item is complete, so an interrupted save leaves at most a temp
+directory, which ``latest_step()`` never reports (and which is removed when the next manager
+opens the directory).
+
+Retention: the ``keep`` most recent steps, plus (``keep_best_metric``) the step with the best
+value of that metric among the steps saved with it.
+
+``restore_params_only`` reads the params of a *params checkpoint*: a directory written with
+``orbax.checkpoint.StandardCheckpointer().save(path, {"params": params})`` (the layout the interop
+importer writes; see ``save_params``), or the ``state`` of a training checkpoint step directory
+(``workdir/checkpoints/<step>``, where the state has a top-level ``params`` entry).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+PyTree = Any
+DataState = dict | bytes | None
+
+log = logging.getLogger(__name__)
+
+
+def _encode_data_state(data_state: DataState) -> tuple[str, Any]:
+    if data_state is None:
+        return "none", None
+    if isinstance(data_state, bytes | bytearray):
+        return "bytes", base64.b64encode(bytes(data_state)).decode("ascii")
+    if isinstance(data_state, dict):
+        json.dumps(data_state)  # fail here, not in the background thread
+        return "json", data_state
+    raise TypeError(f"data_state must be dict, bytes or None, got {type(data_state).__name__}")
+
+
+def _decode_data_state(fmt: str, value: Any) -> DataState:
+    if fmt == "none":
+        return None
+    if fmt == "bytes":
+        return base64.b64decode(value)
+    if fmt == "json":
+        return value
+    raise ValueError(f"unknown data-state format {fmt!r} in checkpoint")
+
+
+def _gather_process_states(encoded: Any) -> list[Any]:
+    """Every process's encoded iterator state, in process order (all processes must call this)."""
+    if jax.process_count() == 1:
+        return [encoded]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(encoded).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int64))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    allraw = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(allraw[i, : int(lengths[i, 0])]).decode())
+            for i in range(jax.process_count())]
+
+
+class Checkpointer:
+    """Periodic, atomic, optionally asynchronous train-state checkpoints in ``workdir``.
+
+    ``every_steps``: ``save`` writes only at multiples of it (or with ``force=True``).
+    ``keep``: number of most recent checkpoints kept. ``keep_best_metric``: name of a key of the
+    ``metrics`` passed to ``save``; the best step by it (``best_mode`` "max" / "min") is kept too.
+    ``async_save``: arrays are copied to host before ``save`` returns (so the caller may donate
+    them to the next step); files are written in a background thread. Call ``wait()`` before
+    reading the files and ``close()`` at the end.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, *, every_steps: int, keep: int,
+                 keep_best_metric: str | None = None, best_mode: str = "max",
+                 async_save: bool = True):
+        if every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {every_steps}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.every_steps = every_steps
+        self.keep_best_metric = keep_best_metric or None
+        self.best_mode = best_mode
+        policies: list[Any] = [ocm.LatestN(n=keep)]
+        best_fn = None
+        if self.keep_best_metric:
+            best_fn = lambda m: float(m[self.keep_best_metric])  # noqa: E731
+            policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
+                                      keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            best_fn=best_fn,  # orbax writes the metrics item only when best_fn is set
+            best_mode=best_mode,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # drop temp dirs of interrupted saves at start
+            create=True,
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """Newest complete checkpoint step, or None."""
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of all complete checkpoints kept on disk, ascending."""
+        return sorted(self._mngr.all_steps())
+
+    def best_step(self) -> int | None:
+        """Step with the best ``keep_best_metric`` among the kept checkpoints (None if none)."""
+        if not self.keep_best_metric:
+            return None
+        best, best_v = None, None
+        for s in self.all_steps():
+            m = self._mngr.metrics(s)
+            if not m or self.keep_best_metric not in m:
+                continue
+            v = float(m[self.keep_best_metric])
+            if best_v is None or (v > best_v if self.best_mode == "max" else v < best_v):
+                best, best_v = s, v
+        return best
+
+    def should_save(self, step: int, force: bool = False) -> bool:
+        return (force or step % self.every_steps == 0) and step not in self._mngr.all_steps()
+
+    def save(self, step: int, state: PyTree, data_state: DataState = None,
+             meta: dict | None = None, metrics: dict | None = None, force: bool = False) -> bool:
+        """Saves ``state`` (pytree of arrays), the data-iterator state and ``meta`` (JSON dict) as
+        ``step`` if ``step`` is a multiple of ``every_steps`` or ``force``; a step already on disk
+        is never rewritten. Returns whether a save started. ``metrics``: scalars for keep-best
+        (only stored when they contain ``keep_best_metric``). All processes must call it.
+        """
+        if not self.should_save(step, force):
+            return False
+        fmt, encoded = _encode_data_state(data_state)
+        data = {"format": fmt, "processes": _gather_process_states(encoded)}
+        meta = dict(meta or {})
+        json.dumps(meta)  # clear error for non-JSON meta before anything is written
+        keep_metrics = None
+        if metrics and self.keep_best_metric and self.keep_best_metric in metrics:
+            v = float(metrics[self.keep_best_metric])
+            if math.isfinite(v):
+                keep_metrics = {self.keep_best_metric: v}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
+        return bool(self._mngr.save(step, args=args, metrics=keep_metrics, force=True))
+
+    def restore(self, step: int | None, abstract_state: PyTree
+                ) -> tuple[PyTree, DataState, dict]:
+        """``(state, data_state, meta)`` of ``step`` (None = latest).
+
+        ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` with the *target* shardings (e.g.
+        ``jax.tree.map(ocp.utils.to_shape_dtype_struct, state)`` or built from the mesh rules);
+        arrays are read directly into them, so the saving and restoring meshes may differ.
+        """
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        elif step not in self._mngr.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                                    f"(available: {self.all_steps()})")
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        data = out["data"]
+        procs = data["processes"]
+        if len(procs) != jax.process_count():
+            raise ValueError(
+                f"checkpoint step {step} holds data-iterator states of {len(procs)} processes, "
+                f"this run has {jax.process_count()}: the input pipeline cannot resume exactly")
+        data_state = _decode_data_state(data["format"], procs[jax.process_index()])
+        return out["state"], data_state, dict(out["meta"])
+
+    def wait(self) -> None:
+        """Blocks until any background save is complete (and committed)."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def save_params(path: str | pathlib.Path, params: PyTree) -> None:
+    """Writes a params checkpoint (``{"params": params}`` via ``StandardSave``) to ``path``,
+    which must not exist. The format ``restore_params_only`` and ``config.init.from`` read."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(pathlib.Path(path).absolute(), {"params": params})
+        ckptr.wait_until_finished()
+
+
+def restore_params_only(path: str | pathlib.Path, abstract_params: PyTree) -> PyTree:
+    """Params from a params checkpoint (``save_params``) or from a training checkpoint step
+    directory (its ``state/params``), read into ``abstract_params`` (ShapeDtypeStruct leaves with
+    target shardings). Other entries of the checkpoint (optimizer state) are not read."""
+    path = pathlib.Path(path).absolute()
+    if (path / "state").is_dir():  # Checkpointer step directory
+        path = path / "state"
+    if not path.is_dir():
+        raise FileNotFoundError(f"params checkpoint {path} does not exist")
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    return out["params"]

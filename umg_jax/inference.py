@@ -1,0 +1,198 @@
+"""Inference API: ``umg_jax.load(workdir_or_checkpoint)`` -> :class:`UMGModel`.
+
+    import umg_jax
+    m = umg_jax.load("/tmp/umg_tiny")
+    m.classify(image, ["circle", "star", "grass"])      # {label: probability}
+    label_map = m.segment(image, ["circle", "star", "grass", "sky"])   # [H, W] int32
+
+Images are ``uint8 [H, W, 3]`` RGB arrays (or paths); they are resized to the model's resolution
+and normalised here. Boxes are absolute pixel ``[x0, y0, x1, y1]`` in the given image.
+All embeddings returned are L2-normalised float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from umg_jax.models import clip
+from umg_jax.ops.mask_pool import mask_pool
+from umg_jax.ops.roi_align import roi_pool_embed
+
+# CLIP's normalisation constants (OpenAI); the data pipeline uses the same.
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a {} in the scene.", "an image of a {}.")
+
+
+class InputError(ValueError):
+    """Bad input to the inference API (one clear line; CLIs exit with status 2)."""
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+
+
+def read_image(image) -> np.ndarray:
+    """A path or an array -> ``uint8 [H, W, 3]``; raises :class:`InputError` if unreadable."""
+    if isinstance(image, str | os.PathLike):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(image) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise InputError(f"cannot read image {os.fspath(image)!r}: {e}") from None
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise InputError(f"image must be [H, W, 3], got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return arr
+
+
+class UMGModel:
+    """A trained model plus its preprocessing; implements the evaluators' encoder protocol."""
+
+    def __init__(self, params, model_cfg: mlc.ConfigDict):
+        from umg_jax.data.tokenizer import get_tokenizer
+
+        self.params = params
+        self.config = model_cfg
+        self.model = clip.build_model(model_cfg)
+        self.image_size = model_cfg.vision.image_size
+        self._tokenizer = get_tokenizer(model_cfg.text.context_length)
+        self._enc_img = jax.jit(lambda p, x: self.model.apply(
+            {"params": p}, x, method=clip.CLIP.encode_image))
+        self._enc_txt = jax.jit(lambda p, t: self.model.apply(
+            {"params": p}, t, method=clip.CLIP.encode_text))
+
+    # ----------------------------------------------------------------- encoder protocol
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        """``[N, L] int32``."""
+        return np.asarray(self._tokenizer(list(texts)), np.int32)
+
+    def encode_image(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised ``images [B, S, S, 3] float32`` -> ``(img [B, E], dense [B, gh, gw, E])``,
+        unnormalised."""
+        out = self._enc_img(self.params, jnp.asarray(images, jnp.float32))
+        return np.asarray(out["img"]), np.asarray(out["dense"])
+
+    def encode_text(self, tokens) -> np.ndarray:
+        """``tokens [N, L] int32`` -> ``[N, E]`` unnormalised."""
+        return np.asarray(self._enc_txt(self.params, jnp.asarray(tokens, jnp.int32)))
+
+    # ----------------------------------------------------------------- user API
+    def preprocess(self, image) -> np.ndarray:
+        """``uint8 [H, W, 3]`` (or a path) -> ``float32 [S, S, 3]`` resized + normalised."""
+        img = read_image(image)
+        x = jax.image.resize(jnp.asarray(img, jnp.float32) / 255.0,
+                             (self.image_size, self.image_size, 3), "bilinear", antialias=True)
+        return (np.asarray(x) - MEAN) / STD
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019  (labels are re-used across calls)
+    def _label_embeddings(self, labels: tuple[str, ...], templates: tuple[str, ...]):
+        if not labels:
+            raise InputError("the label list is empty")
+        if any(not lab.strip() for lab in labels):
+            raise InputError(f"empty label in {list(labels)}")
+        toks = self.tokenize([t.format(lab) for lab in labels for t in templates])
+        emb = _normalize(self.encode_text(toks)).reshape(len(labels), len(templates), -1)
+        return _normalize(emb.mean(1))
+
+    def encode_text_labels(self, labels, templates=DEFAULT_TEMPLATES) -> np.ndarray:
+        """Prompt-ensembled label embeddings ``[C, E]``."""
+        return self._label_embeddings(tuple(labels), tuple(templates))
+
+    def embed_image(self, image) -> np.ndarray:
+        """Global embedding ``[E]``."""
+        return _normalize(self.encode_image(self.preprocess(image)[None])[0][0])
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """``[N, E]``."""
+        return _normalize(self.encode_text(self.tokenize(texts)))
+
+    def encode_dense(self, image) -> np.ndarray:
+        """Patch embeddings in the joint space ``[gh, gw, E]``."""
+        return _normalize(self.encode_image(self.preprocess(image)[None])[1][0])
+
+    def encode_boxes(self, image, boxes) -> np.ndarray:
+        """RoIAlign-pooled embeddings ``[R, E]`` of absolute-pixel boxes ``[R, 4]``."""
+        img = read_image(image)
+        h, w = img.shape[:2]
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        bad = (boxes[:, 0] >= boxes[:, 2]) | (boxes[:, 1] >= boxes[:, 3]) | \
+              (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InputError(f"box {i} {boxes[i].tolist()} is empty or outside the {w}x{h} image")
+        dense = self.encode_image(self.preprocess(img)[None])[1]
+        norm = boxes / np.array([w, h, w, h], np.float32)
+        return _normalize(np.asarray(roi_pool_embed(jnp.asarray(dense), jnp.asarray(norm[None]),
+                                                    2, 2))[0])
+
+    def encode_masks(self, image, masks) -> np.ndarray:
+        """Mask-pooled embeddings ``[M, E]`` of binary masks ``[M, H, W]`` of the image."""
+        img = read_image(image)
+        masks = np.asarray(masks).astype(np.float32)
+        if masks.ndim == 2:
+            masks = masks[None]
+        if masks.shape[1:] != img.shape[:2]:
+            raise InputError(f"masks are {masks.shape[1:]}, the image is {img.shape[:2]}")
+        dense = self.encode_image(self.preprocess(img)[None])[1]
+        g = dense.shape[1:3]
+        area = np.asarray(jax.image.resize(jnp.asarray(masks), (masks.shape[0], *g), "linear",
+                                           antialias=True))
+        return _normalize(np.asarray(mask_pool(jnp.asarray(dense), jnp.asarray(area[None])))[0])
+
+    def classify(self, image, labels, templates=DEFAULT_TEMPLATES) -> dict[str, float]:
+        """Zero-shot probabilities over ``labels`` (softmax at the learned temperature)."""
+        t = self.encode_text_labels(labels, templates)
+        logits = self.logit_scale * (self.embed_image(image) @ t.T)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        return dict(zip(labels, p.tolist(), strict=True))
+
+    def segment(self, image, labels, templates=DEFAULT_TEMPLATES) -> np.ndarray:
+        """Open-vocabulary semantic segmentation: ``[H, W] int32`` indices into ``labels``."""
+        img = read_image(image)
+        t = self.encode_text_labels(labels, templates)
+        dense = self.encode_dense(img)
+        logits = np.einsum("hwe,ce->hwc", dense, t)
+        up = jax.image.resize(jnp.asarray(logits), (*img.shape[:2], len(labels)), "bilinear")
+        return np.asarray(jnp.argmax(up, -1), np.int32)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(np.exp(min(float(self.params["logit_scale"]), self.config.logit_scale_max)))
+
+
+def load(workdir_or_checkpoint: str, step: int | None = None) -> UMGModel:
+    """Loads params + model config from a training workdir (latest or given checkpoint step) or
+    from an import directory written by ``umg_jax.interop.import_torch``."""
+    from umg_jax import checkpoint as ckpt_lib
+
+    path = os.fspath(workdir_or_checkpoint)
+    if not os.path.exists(path):
+        raise InputError(f"{path!r} does not exist")
+    model_cfg = _model_config(path)
+    abstract = clip.abstract_params(model_cfg)
+    params = ckpt_lib.load_params(path, abstract, step=step)
+    return UMGModel(params, model_cfg)
+
+
+def _model_config(path: str) -> mlc.ConfigDict:
+    for name, key in (("config.json", "model"), ("model_config.json", None)):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                d = json.load(fh)
+            return mlc.ConfigDict(d[key] if key else d)
+    raise InputError(f"{path!r} has neither config.json (training workdir) nor model_config.json "
+                     "(import directory)")

@@ -1,0 +1,273 @@
+r"""Exports our params to PyTorch: open_clip or Hugging Face ``CLIPModel``.
+
+    python -m umg_jax.interop.export_torch WORKDIR_OR_CKPT --format {open_clip,hf} --out PATH \
+        [--config configs/x.py] [--step N]
+
+Input: an import directory (``import_torch`` output: ``params/`` + ``model_config.json``), a
+training workdir (``checkpoints/<step>/state`` holding ``{"params", "opt_state", "step"}``, latest
+step unless ``--step``; model config from ``config.json``), or an orbax checkpoint directory
+holding ``{"params": ...}`` (give ``--config``). Scanned (stacked) layers are unstacked. Python
+API: ``export_params(params, model_cfg, fmt, out)`` takes a param tree directly.
+
+Output:
+  ``hf``: ``PATH/config.json`` + ``PATH/model.safetensors`` for
+      ``transformers.CLIPModel.from_pretrained(PATH)`` (no torch needed to write it).
+  ``open_clip`` (PATH a directory): ``open_clip_model.safetensors``, ``open_clip_config.json``
+      (``open_clip.create_model("local-dir:PATH")``) and ``umg-clip.json`` (the bare model config:
+      ``open_clip.add_model_config(PATH/"umg-clip.json"); open_clip.create_model("umg-clip")``).
+  ``open_clip`` (PATH ending in ``.pt`` / ``.pth`` / ``.bin``): a torch state dict (needs torch)
+      with its model config beside it as ``PATH.with_suffix(".json")``.
+  UMG extras (per-granularity ``logit_scale_*`` / ``logit_bias*``, which plain CLIP has no slot
+  for) go to ``umg_extras.safetensors`` in the directory (``<stem>_umg_extras.safetensors``
+  beside a ``.pt``), named in the CLI output; the CLIP part still loads strictly.
+Errors: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+
+import ml_collections as mlc
+import numpy as np
+
+from umg_jax.interop.mapping import InteropError, flatten, flax_to_torch, to_canonical
+
+EXTRAS_FILE = "umg_extras.safetensors"
+OC_NAME = "umg-clip"
+BOS_ID, EOS_ID, PAD_ID = 49406, 49407, 0  # CLIP BPE <start>/<end>; our tokeniser pads with 0
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A param transform maps the restored param tree to plain CLIP params before conversion. This is
+# the hook for merging PEFT / LoRA deltas into the base weights; PEFT does not exist yet, so the
+# default is the identity.
+ParamTransform = Callable[[dict], dict]
+
+
+# ------------------------------------------------------------------------------ configs
+def open_clip_config(m: mlc.ConfigDict, with_logit_bias: bool = False) -> dict:
+    """open_clip's model-config schema (``embed_dim``, ``vision_cfg``, ``text_cfg``,
+    ``quick_gelu``) for our ``config.model``."""
+    v, t = m.vision, m.text
+    vision = dict(image_size=v.image_size, layers=v.layers, width=v.width,
+                  patch_size=v.patch_size, head_width=v.width // v.heads)
+    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
+                heads=t.heads, layers=t.layers)
+    if v.mlp_ratio != 4.0:
+        vision["mlp_ratio"] = v.mlp_ratio
+    if t.mlp_ratio != 4.0:
+        text["mlp_ratio"] = t.mlp_ratio
+    if float(m.ln_eps) != 1e-5:  # torch LayerNorm's default
+        vision["norm_kwargs"] = text["norm_kwargs"] = {"eps": float(m.ln_eps)}
+    cfg = dict(embed_dim=m.embed_dim, quick_gelu=m.act == "quick_gelu", vision_cfg=vision,
+               text_cfg=text)
+    if with_logit_bias:
+        cfg["init_logit_bias"] = float(m.logit_bias_init)
+    return cfg
+
+
+def hf_config(m: mlc.ConfigDict) -> dict:
+    """``transformers.CLIPConfig`` dict for our ``config.model``."""
+    v, t = m.vision, m.text
+    common = dict(hidden_act=m.act, layer_norm_eps=float(m.ln_eps), attention_dropout=0.0)
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": m.embed_dim,
+        "logit_scale_init_value": 2.6592,
+        "dtype": "float32",
+        "text_config": dict(
+            model_type="clip_text_model", vocab_size=t.vocab_size, hidden_size=t.width,
+            intermediate_size=int(t.width * t.mlp_ratio), num_attention_heads=t.heads,
+            num_hidden_layers=t.layers, max_position_embeddings=t.context_length,
+            projection_dim=m.embed_dim, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID, **common),
+        "vision_config": dict(
+            model_type="clip_vision_model", hidden_size=v.width,
+            intermediate_size=int(v.width * v.mlp_ratio), num_attention_heads=v.heads,
+            num_hidden_layers=v.layers, image_size=v.image_size, patch_size=v.patch_size,
+            num_channels=3, projection_dim=m.embed_dim, **common),
+    }
+
+
+# ------------------------------------------------------------------------------ export
+def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
+                  param_transform: ParamTransform | None = None) -> dict:
+    """Writes ``params`` (the model's tree, stacked or not) in ``fmt`` (``"open_clip"`` or
+    ``"hf"``) to ``out``. ``param_transform``: applied first (LoRA-merge hook). Returns
+    ``{"files": [...], "extras": [names], "extras_file": path | None}``."""
+    from safetensors.numpy import save_file
+
+    if fmt not in ("open_clip", "hf"):
+        raise InteropError(f"unknown format {fmt!r}; expected open_clip or hf")
+    if param_transform is not None:
+        params = param_transform(params)
+    canonical = to_canonical(flatten(params))
+    _check_config(canonical, model_cfg)
+    sd, extras = flax_to_torch(canonical, "classic" if fmt == "open_clip" else "hf")
+    outp = pathlib.Path(out)
+    files = []
+    torch_file = fmt == "open_clip" and outp.suffix in (".pt", ".pth", ".bin")
+    if torch_file:
+        torch = _torch()
+        outp.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: torch.from_numpy(np.array(v, order="C")) for k, v in sd.items()}, outp)
+        cfg_path = outp.with_suffix(".json")
+        cfg_path.write_text(json.dumps(open_clip_config(model_cfg, "logit_bias" in sd), indent=2))
+        files += [outp, cfg_path]
+        extras_path = outp.parent / f"{outp.stem}_{EXTRAS_FILE}"
+    else:
+        outp.mkdir(parents=True, exist_ok=True)
+        if fmt == "open_clip":
+            oc = open_clip_config(model_cfg, "logit_bias" in sd)
+            save_file(sd, str(outp / "open_clip_model.safetensors"), metadata={"format": "pt"})
+            pre = {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}
+            (outp / "open_clip_config.json").write_text(
+                json.dumps({"model_cfg": oc, "preprocess_cfg": pre}, indent=2))
+            (outp / f"{OC_NAME}.json").write_text(json.dumps(oc, indent=2))
+            files += [outp / "open_clip_model.safetensors", outp / "open_clip_config.json",
+                      outp / f"{OC_NAME}.json"]
+        else:
+            save_file(sd, str(outp / "model.safetensors"), metadata={"format": "pt"})
+            (outp / "config.json").write_text(json.dumps(hf_config(model_cfg), indent=2))
+            files += [outp / "model.safetensors", outp / "config.json"]
+        extras_path = outp / EXTRAS_FILE
+    if extras:
+        save_file({k: np.asarray(v, np.float32) for k, v in extras.items()}, str(extras_path),
+                  metadata={"format": "umg-extras"})
+        files.append(extras_path)
+    return {"files": [str(f) for f in files], "extras": sorted(extras),
+            "extras_file": str(extras_path) if extras else None}
+
+
+def _check_config(canonical: dict[str, np.ndarray], m: mlc.ConfigDict) -> None:
+    """The config written beside the weights must describe them: compare the shapes it fixes."""
+    v, t = m.vision, m.text
+    g = v.image_size // v.patch_size
+    want = {
+        "visual/conv1/kernel": (v.patch_size, v.patch_size, 3, v.width),
+        "visual/positional_embedding": (g * g + 1, v.width),
+        "visual/proj/kernel": (v.width, m.embed_dim),
+        "visual/transformer/resblocks_0/attn/query/kernel": (v.width, v.heads,
+                                                             v.width // v.heads),
+        "text/token_embedding/embedding": (t.vocab_size, t.width),
+        "text/positional_embedding": (t.context_length, t.width),
+        "text/text_projection/kernel": (t.width, m.embed_dim),
+        "text/transformer/resblocks_0/attn/query/kernel": (t.width, t.heads, t.width // t.heads),
+    }
+    for k, shape in want.items():
+        if k not in canonical:
+            raise InteropError(f"param {k} is missing")
+        if tuple(canonical[k].shape) != shape:
+            raise InteropError(f"param {k} has shape {tuple(canonical[k].shape)}, the model "
+                               f"config implies {shape}")
+    for tower, n in (("visual", v.layers), ("text", t.layers)):
+        if f"{tower}/transformer/resblocks_{n - 1}/ln_1/scale" not in canonical or \
+                f"{tower}/transformer/resblocks_{n}/ln_1/scale" in canonical:
+            raise InteropError(f"the params do not have {n} {tower} layers as the config says")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise InteropError("writing a .pt state dict needs PyTorch; give a directory as --out "
+                           "to write open_clip_model.safetensors without it") from None
+    return torch
+
+
+# ------------------------------------------------------------------------------ reading
+def restore_params(path: str | pathlib.Path, model_cfg: mlc.ConfigDict) -> dict:
+    """Params of ``model_cfg`` from an orbax checkpoint holding ``{"params": ...}`` (other items
+    such as ``opt_state`` are not read). Returns numpy arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from umg_jax.models import clip
+
+    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = {"params": jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+        clip.abstract_params(model_cfg))}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            str(pathlib.Path(path).absolute()), args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True))
+    except Exception as e:
+        raise InteropError(f"cannot restore params of this config from {path}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return jax.tree.map(np.asarray, restored["params"])
+
+
+def locate(path: str, step: int | None = None) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """``(orbax checkpoint dir, model config file or None)`` for an import dir, a training
+    workdir or a bare orbax checkpoint."""
+    p = pathlib.Path(path)
+    if not p.is_dir():
+        raise InteropError(f"{path} is not a directory")
+    if (p / "params").is_dir() and (p / "model_config.json").is_file():
+        return p / "params", p / "model_config.json"
+    if (p / "checkpoints").is_dir():
+        steps = sorted(int(d.name) for d in (p / "checkpoints").iterdir()
+                       if re.fullmatch(r"\d+", d.name) and (d / "state").is_dir())
+        if not steps:
+            raise InteropError(f"{p}/checkpoints holds no <step>/state checkpoint")
+        if step is not None and step not in steps:
+            raise InteropError(f"step {step} not in {p}/checkpoints (have {steps})")
+        s = step if step is not None else steps[-1]
+        cfg = p / "config.json"
+        return p / "checkpoints" / str(s) / "state", cfg if cfg.is_file() else None
+    return p, None
+
+
+def read_model_config(path: pathlib.Path) -> mlc.ConfigDict:
+    """``model_config.json`` (the model section) or a workdir ``config.json`` (``["model"]``)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InteropError(f"cannot read {path}: {type(e).__name__}") from None
+    return mlc.ConfigDict(d["model"] if "model" in d and "vision" not in d else d)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m umg_jax.interop.export_torch",
+        description="Export umg-jax params to open_clip or Hugging Face CLIPModel.")
+    ap.add_argument("src", help="import dir, training workdir or orbax checkpoint dir")
+    ap.add_argument("--format", required=True, choices=("open_clip", "hf"))
+    ap.add_argument("--out", required=True,
+                    help="output directory (or a .pt file for --format open_clip)")
+    ap.add_argument("--config", help="configs/x.py or model_config.json (default: from SRC)")
+    ap.add_argument("--step", type=int, help="training step to export (default: latest)")
+    args = ap.parse_args(argv)
+    try:
+        ckpt, cfg_path = locate(args.src, args.step)
+        if args.config:
+            from umg_jax.interop.import_torch import load_model_config
+
+            model_cfg = load_model_config(args.config)
+        elif cfg_path is not None:
+            model_cfg = read_model_config(cfg_path)
+        else:
+            raise InteropError(f"no model config found with {args.src}; pass --config")
+        params = restore_params(ckpt, model_cfg)
+        info = export_params(params, model_cfg, args.format, args.out)
+    except InteropError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {ckpt} as {args.format}:")
+    for f in info["files"]:
+        print(f"  {f}")
+    if info["extras"]:
+        print(f"  UMG extras with no {args.format} slot -> {info['extras_file']}: "
+              f"{', '.join(info['extras'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Training metrics without TensorFlow: writers, the console progress line, throughput / data-wait
+accounting, and analytic model FLOPs for MFU.
+
+* ``MetricWriter``: ``workdir/metrics.jsonl`` (one ``{"step": s, name: value, ...}`` object per
+  line, appended across restarts; non-finite values are written as ``null``) and TensorBoard event
+  files in ``workdir/tensorboard`` via tensorboardX. Only process 0 writes.
+* ``Progress``: ``update(step, metrics) -> str`` console line (step, loss, img/s, data-wait %,
+  ETA); ``timer(name)`` context managers split wall time into "data" / "step" / ...; the measured
+  rates of the last window are in ``Progress.last`` for logging.
+* ``vit_forward_flops`` / ``text_forward_flops`` / ``clip_train_flops``: 2 x multiply-adds of every
+  matmul (QKV, scores, attention x V, out projection, MLP, patch embedding, projections);
+  elementwise work (LayerNorm, softmax, GELU) is not counted. Train step = 3 x forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+
+def _to_float(v: Any) -> float | None:
+    try:
+        f = float(np.asarray(v))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metric value {v!r} is not a scalar") from e
+    return f if math.isfinite(f) else None
+
+
+def _is_primary() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+class MetricWriter:
+    """Scalars to ``workdir/metrics.jsonl`` and (``tensorboard``) TensorBoard event files.
+
+    ``primary``: whether this process writes (default: ``jax.process_index() == 0``); the others
+    accept every call and do nothing.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True,
+                 primary: bool | None = None):
+        self.workdir = pathlib.Path(workdir)
+        self.primary = _is_primary() if primary is None else primary
+        self._jsonl = None
+        self._tb = None
+        if not self.primary:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """One JSON line ``{"step": step, **scalars}`` and one TensorBoard scalar per name.
+        Values: python / numpy / jax scalars."""
+        if not self.primary:
+            return
+        values = {str(k): _to_float(v) for k, v in scalars.items()}
+        if "step" in values:
+            raise ValueError("'step' is reserved in write_scalars")
+        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, float("nan") if v is None else v, int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Writes ``workdir/hparams.json`` and a text summary (TensorBoard "Text" tab)."""
+        if not self.primary:
+            return
+        flat = _flatten(hparams)
+        (self.workdir / "hparams.json").write_text(json.dumps(flat, indent=1, default=str))
+        if self._tb is not None:
+            rows = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
+            self._tb.add_text("hparams", "| name | value |\n|---|---|\n" + rows, 0)
+
+    def flush(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (ConfigDicts via ``to_dict``)."""
+    if hasattr(d, "to_dict"):
+        d = d.to_dict()
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if hasattr(v, "to_dict") or isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, bool | int | float | str) or v is None else str(v)
+    return out
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` (a torn last line from a killed run is skipped)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _fmt_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+class Progress:
+    """Throughput, data-wait fraction and ETA over windows between ``update`` calls.
+
+    ``batch_size``: examples per step (global), for examples/s. Usage::
+
+        with progress.timer("data"): batch = next(it)
+        with progress.timer("step"): state, m = train_step(state, batch)
+        if step % every == 0: print(progress.update(step, {"loss": float(m["loss"])}))
+
+    ``last`` (after ``update``): ``steps_per_sec``, ``examples_per_sec``, ``data_wait_frac``
+    (share of the window's wall time spent inside ``timer("data")``), ``<name>_frac`` for the
+    other timers, ``eta_s``.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0, batch_size: int | None = None):
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self._t = time.perf_counter()
+        self._step = start_step
+        self._timers: dict[str, float] = defaultdict(float)
+        self.last: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timers[name] += time.perf_counter() - t0
+
+    def measure(self, step: int) -> dict[str, float]:
+        """Rates over the window since the previous call, then starts a new window."""
+        now = time.perf_counter()
+        wall = max(now - self._t, 1e-9)
+        steps = step - self._step
+        out = {"steps_per_sec": steps / wall}
+        if self.batch_size:
+            out["examples_per_sec"] = steps * self.batch_size / wall
+        out["data_wait_frac"] = self._timers.get("data", 0.0) / wall
+        for name, t in self._timers.items():
+            if name != "data":
+                out[f"{name}_frac"] = t / wall
+        out["eta_s"] = (self.total_steps - step) / out["steps_per_sec"] if steps > 0 else math.inf
+        self._t, self._step = now, step
+        self._timers.clear()
+        self.last = out
+        return out
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> str:
+        """``measure(step)`` and the console line, e.g.
+        ``step 120/600 (20%) | loss 2.3456 | 412.3 img/s | data 3% | ETA 1m05s``."""
+        r = self.measure(step)
+        parts = [f"step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%)"]
+        if metrics and "loss" in metrics:
+            loss = _to_float(metrics["loss"])
+            parts.append(f"loss {loss:.4f}" if loss is not None else "loss nan")
+        if "examples_per_sec" in r:
+            parts.append(f"{r['examples_per_sec']:.1f} img/s")
+        else:
+            parts.append(f"{r['steps_per_sec']:.2f} steps/s")
+        parts.append(f"data {100 * r['data_wait_frac']:.0f}%")
+        parts.append(f"ETA {_fmt_duration(r['eta_s'])}")
+        return " | ".join(parts)
+
+
+def mfu(model_flops_per_step: float, step_time_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over ``peak_flops`` (FLOP/s of all the
+    devices the step runs on)."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be > 0, got {peak_flops}")
+    if step_time_s <= 0:
+        raise ValueError(f"step_time_s must be > 0, got {step_time_s}")
+    return model_flops_per_step / step_time_s / peak_flops
+
+
+def _block_flops(n: int, d: int, hidden: int) -> int:
+    """One pre-LN transformer block on ``n`` tokens of width ``d``."""
+    qkv = 2 * n * d * 3 * d
+    attn = 2 * (2 * n * n * d)  # scores q.k and probabilities x v
+    out = 2 * n * d * d
+    mlp = 2 * (2 * n * d * hidden)
+    return qkv + attn + out + mlp
+
+
+def vit_forward_flops(image_size: int, patch_size: int, width: int, layers: int,
+                      embed_dim: int, mlp_ratio: float = 4.0,
+                      dense_mode: str | None = "maskclip") -> int:
+    """Forward matmul FLOPs of the vision tower for one image.
+
+    ``dense_mode``: None = plain CLIP (only the class token is projected); "plain" = every token
+    is projected to the joint space (dense features); "maskclip" = as "plain", and the last block
+    runs the class token through attention and the patch tokens through ``out(value(x))``
+    (``umg_jax.models.layers.ResidualBlock``), as the model computes them.
+    """
+    g = image_size // patch_size
+    p = g * g
+    n = p + 1
+    d = width
+    hidden = int(width * mlp_ratio)
+    patch = 2 * p * (patch_size * patch_size * 3) * d
+    if dense_mode is None:
+        return patch + layers * _block_flops(n, d, hidden) + 2 * d * embed_dim
+    proj = 2 * n * d * embed_dim
+    if dense_mode == "plain":
+        return patch + layers * _block_flops(n, d, hidden) + proj
+    if dense_mode != "maskclip":
+        raise ValueError(f"dense_mode must be None, 'plain' or 'maskclip', got {dense_mode!r}")
+    last = (2 * d * d  # class-token query
+            + 2 * (2 * n * d * d)  # keys and values of all tokens
+            + 2 * (2 * n * d)  # class-token scores and attention x V
+            + 2 * d * d  # class-token out projection
+            + 2 * (2 * p * d * d)  # patch value path: value, then out
+            + 2 * (2 * n * d * hidden))  # MLP on all tokens
+    return patch + (layers - 1) * _block_flops(n, d, hidden) + last + proj
+
+
+def text_forward_flops(context_length: int, width: int, layers: int, embed_dim: int,
+                       mlp_ratio: float = 4.0) -> int:
+    """Forward matmul FLOPs of the text tower for one sequence (projection of the pooled token
+    only; the embedding lookup is not a matmul)."""
+    hidden = int(width * mlp_ratio)
+    return layers * _block_flops(context_length, width, hidden) + 2 * width * embed_dim
+
+
+def clip_forward_flops(model_cfg, num_texts_per_example: float) -> int:
+    """Forward FLOPs per example of ``config.model``: one image + ``num_texts_per_example`` texts
+    (caption, tag prompts, region and mask texts that the step encodes)."""
+    v, t = model_cfg.vision, model_cfg.text
+    dense_mode = model_cfg.get("dense_mode", "maskclip")
+    vis = vit_forward_flops(v.image_size, v.patch_size, v.width, v.layers, model_cfg.embed_dim,
+                            v.mlp_ratio, dense_mode)
+    txt = text_forward_flops(t.context_length, t.width, t.layers, model_cfg.embed_dim,
+                             t.mlp_ratio)
+    return int(vis + num_texts_per_example * txt)
+
+
+def clip_train_flops(model_cfg, batch_size: int, num_texts_per_example: float) -> float:
+    """Model FLOPs of one train step of ``batch_size`` examples: 3 x forward (the backward pass
+    costs two forward matmuls per matmul). Remat recompute is not counted (model FLOPs, not
+    hardware FLOPs)."""
+    return 3.0 * batch_size * clip_forward_flops(model_cfg, num_texts_per_example)
