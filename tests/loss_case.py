@@ -19,7 +19,7 @@ def make_case(seed: int, batch: int, kind: str = "softmax") -> tuple[dict, dict]
     equal embeddings, as from a real text tower."""
     d = DIMS
     rng = np.random.default_rng(seed)
-    table = rng.normal(size=(5, d["E"])).astype(np.float32)
+    table = rng.normal(size=(d["L"], 5, d["E"])).astype(np.float32)  # per position
 
     def tokens(*lead):
         tok = np.zeros((*lead, d["L"]), np.int32)
@@ -27,7 +27,8 @@ def make_case(seed: int, batch: int, kind: str = "softmax") -> tuple[dict, dict]
         return tok
 
     def embed(tok):
-        return table[tok].sum(-2)  # identical texts -> identical embeddings
+        # identical texts -> identical embeddings; different texts -> different ones
+        return table[np.arange(d["L"]), tok].sum(-2)
 
     b, g = batch, d["G"]
     text, tags = tokens(b), tokens(b, d["T"])

@@ -86,6 +86,11 @@ def test_progress_with_fake_clock(monkeypatch):
     clock[0] += 4.0  # next window: 2 steps in 4 s, no timers
     p.update(112)
     assert p.last["data_wait_frac"] == 0.0 and p.last["examples_per_sec"] == pytest.approx(16.0)
+    clock[0] += 100.0  # e.g. an evaluation: excluded by reset
+    p.reset(112)
+    clock[0] += 1.0
+    assert p.update(113).endswith("ETA 14m47s") and p.last["steps_per_sec"] == pytest.approx(1.0)
+    assert M._fmt_duration(7300) == "2h01m" and M._fmt_duration(9.4) == "9s"
 
 
 def test_mfu():
@@ -160,6 +165,7 @@ def test_flops_close_to_xla_on_the_model():
     from umg_jax.models import clip
 
     cfg = load_config(str(CONFIGS / "tiny.py")).model
+    cfg.text.vocab_size = 512  # the lookup is no matmul; a small table compiles faster
     model = clip.build_model(cfg)
     params = clip.abstract_params(cfg)
     b, n_txt = 2, 3
@@ -175,3 +181,17 @@ def test_flops_close_to_xla_on_the_model():
     assert 1.0 <= ratio_fwd < 1.15, ratio_fwd
     ratio_train = _xla_flops(jax.grad(fwd), params, img, tok) / M.clip_train_flops(cfg, b, n_txt)
     assert 1.0 <= ratio_train < 1.15, ratio_train
+
+
+def test_writer_imports_neither_torch_nor_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from umg_jax import metrics; "
+            f"w = metrics.MetricWriter({str(tmp_path)!r}); w.write_scalars(1, {{'a': 1.0}}); "
+            "w.close(); print(sorted(m for m in ('torch', 'tensorflow') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

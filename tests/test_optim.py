@@ -132,6 +132,11 @@ def test_freeze_no_state_and_unchanged(accum):
     tx, _ = optim.make_optimizer(_cfg(freeze=("text/.*", "logit_bias"), grad_accum=accum),
                                  params, 20)
     state = tx.init(params)
+    # Built from abstract params too (the trainer shapes the sharded state with eval_shape).
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tx_abs, _ = optim.make_optimizer(_cfg(freeze=("text/.*", "logit_bias"), grad_accum=accum),
+                                     abstract, 20)
+    assert jax.tree.structure(jax.eval_shape(tx_abs.init, abstract)) == jax.tree.structure(state)
     frozen = optim.param_labels(params, ("text/.*", "logit_bias"))
     n_train = sum(x.size for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen),
                                          strict=True) if not f)
@@ -224,3 +229,23 @@ def test_count_params_abstract():
     tree = {"a": jax.ShapeDtypeStruct((3, 4), jnp.float32), "b": jnp.zeros((5,)),
             "c": jnp.float32(1.0)}
     assert optim.count_params(tree) == 18
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_weight_decay_only_on_trainable_kernels(accum):
+    """Zero gradients: Adam's step is 0, so the update is exactly ``-lr * wd * p`` on decayed
+    trainable leaves and 0 elsewhere (checks the mask inside the freeze partition)."""
+    params = _tree(scan=True)
+    o = _cfg(freeze=("text/.*",), weight_decay=0.25, lr=0.1, warmup_steps=2, grad_accum=accum)
+    tx, sched = optim.make_optimizer(o, params, 10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for _ in range(accum):
+        upd, state = update(zeros, state, params)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), u in zip(flat, jax.tree.leaves(upd), strict=True):
+        name = optim.path_str(path)
+        decayed = name.endswith("/kernel") and not name.startswith("text/")
+        expect = -float(sched(0)) * 0.25 * np.asarray(p) if decayed else np.zeros(p.shape)
+        np.testing.assert_allclose(np.asarray(u), expect, rtol=1e-6, atol=1e-9, err_msg=name)

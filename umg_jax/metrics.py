@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import pathlib
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -40,6 +41,22 @@ def _is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def _tensorboardx_writer():
+    """tensorboardX's ``SummaryWriter`` class, imported without dragging in torch: tensorboardX
+    does an optional ``import torch`` at import time (seconds and ~1 GB when torch is installed,
+    only to recognise torch tensors); a ``None`` entry in ``sys.modules`` makes it fail fast."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Scalars to ``workdir/metrics.jsonl`` and (``tensorboard``) TensorBoard event files.
 
@@ -58,9 +75,7 @@ class MetricWriter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+            self._tb = _tensorboardx_writer()(logdir=str(self.workdir / "tensorboard"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSON line ``{"step": step, **scalars}`` and one TensorBoard scalar per name.
@@ -175,6 +190,11 @@ class Progress:
         finally:
             self._timers[name] += time.perf_counter() - t0
 
+    def reset(self, step: int) -> None:
+        """Starts a new window at ``step`` without reporting (e.g. after the compile step)."""
+        self._t, self._step = time.perf_counter(), step
+        self._timers.clear()
+
     def measure(self, step: int) -> dict[str, float]:
         """Rates over the window since the previous call, then starts a new window."""
         now = time.perf_counter()
@@ -188,8 +208,8 @@ class Progress:
             if name != "data":
                 out[f"{name}_frac"] = t / wall
         out["eta_s"] = (self.total_steps - step) / out["steps_per_sec"] if steps > 0 else math.inf
-        self._t, self._step = now, step
-        self._timers.clear()
+        self.reset(step)
+        self._t = now
         self.last = out
         return out
 

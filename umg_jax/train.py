@@ -116,8 +116,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         if is_main else None
     progress = metrics_lib.Progress(config.total_steps, start)
     flops = metrics_lib.clip_train_flops(config.model, config.batch_size,
-                                         texts_per_example=_texts_per_example(config))
-    peak = config.log.peak_flops * jax.device_count()
+                                         _texts_per_example(config))
+    peak = config.log.peak_flops  # of all devices together (configs/common.py:log_config)
     evaluators = _make_evaluators(config, model, mesh)
     sync_every = max(1, min(config.log.every_steps, 16))  # fake-device deadlock: sync <= 16
     last: dict = {}

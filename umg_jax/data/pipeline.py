@@ -258,6 +258,12 @@ def make_dataset(
     )
     workers = int(data_cfg.num_workers)
     if workers > 0:
+        # Arrays under this size are pickled through the queue instead of one shared-memory
+        # segment each (an example holds ~20 small arrays; a segment per array costs more).
+        it = grain.experimental.WithOptionsIterDataset(
+            it, grain.experimental.DatasetOptions(
+                min_shm_size=int(data_cfg.get("shm_min_bytes", 1 << 20)))
+        )
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=workers,

@@ -183,26 +183,22 @@ def _torch():
 
 # ------------------------------------------------------------------------------ reading
 def restore_params(path: str | pathlib.Path, model_cfg: mlc.ConfigDict) -> dict:
-    """Params of ``model_cfg`` from an orbax checkpoint holding ``{"params": ...}`` (other items
-    such as ``opt_state`` are not read). Returns numpy arrays."""
+    """Params of ``model_cfg`` (numpy) from a params checkpoint or a training-checkpoint step
+    directory (``umg_jax.checkpoint.restore_params_only``; the optimizer state is not read)."""
     import jax
-    import orbax.checkpoint as ocp
 
+    from umg_jax.checkpoint import restore_params_only
     from umg_jax.models import clip
 
     dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = {"params": jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-        clip.abstract_params(model_cfg))}
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                            clip.abstract_params(model_cfg))
     try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            str(pathlib.Path(path).absolute()), args=ocp.args.PyTreeRestore(
-                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=True))
+        params = restore_params_only(path, abstract)
     except Exception as e:
         raise InteropError(f"cannot restore params of this config from {path}: "
                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    return jax.tree.map(np.asarray, restored["params"])
+    return jax.tree.map(np.asarray, params)
 
 
 def locate(path: str, step: int | None = None) -> tuple[pathlib.Path, pathlib.Path | None]:
@@ -222,7 +218,7 @@ def locate(path: str, step: int | None = None) -> tuple[pathlib.Path, pathlib.Pa
             raise InteropError(f"step {step} not in {p}/checkpoints (have {steps})")
         s = step if step is not None else steps[-1]
         cfg = p / "config.json"
-        return p / "checkpoints" / str(s) / "state", cfg if cfg.is_file() else None
+        return p / "checkpoints" / str(s), cfg if cfg.is_file() else None
     return p, None
 
 

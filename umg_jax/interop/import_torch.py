@@ -15,8 +15,9 @@ else head dim 64). The activation comes from the source when it says (HF ``hidde
 source, flags and config is refused with the first offending key and both shapes / values.
 
 Output (``DIR``, written to a temp dir and renamed, so a failure leaves nothing):
-  ``DIR/params``             orbax ``StandardCheckpointer`` checkpoint of ``{"params": params}``
-                             in the model's own layout (stacked ``resblocks`` when scan=True);
+  ``DIR/params``             params checkpoint (``umg_jax.checkpoint.save_params``: orbax
+                             ``{"params": params}``) in the model's own layout (stacked
+                             ``resblocks`` when scan=True), read by ``restore_params_only``;
   ``DIR/model_config.json``  the ``config.model`` section used;
   ``DIR/import_report.json`` source, format, activation, resize, initialised / ignored keys.
 Errors: one line on stderr, exit status 2.
@@ -357,7 +358,8 @@ def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: 
     """Writes ``out/{params, model_config.json, import_report.json}`` atomically (temp dir in the
     same parent, then rename)."""
     import jax
-    import orbax.checkpoint as ocp
+
+    from umg_jax.checkpoint import save_params
 
     dst = pathlib.Path(out).absolute()
     if dst.exists():
@@ -365,10 +367,7 @@ def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", {"params": jax.tree.map(np.asarray, params)})
-        ckptr.wait_until_finished()
-        ckptr.close()
+        save_params(tmp / "params", jax.tree.map(np.asarray, params))
         (tmp / "model_config.json").write_text(model_cfg.to_json(indent=2))
         (tmp / "import_report.json").write_text(json.dumps(report, indent=2))
         os.rename(tmp, dst)

@@ -20,6 +20,8 @@ from umg_jax.losses.pixel import mask_loss, pixel_loss
 from umg_jax.losses.region import region_loss
 
 TERMS = ("image", "tags", "region", "mask", "pixel")
+NEEDS = {"image": ("img", "txt"), "tags": ("img", "tags_txt"), "region": ("dense", "region_txt"),
+         "mask": ("dense", "mask_txt"), "pixel": ("dense", "mask_txt")}
 
 
 def _need(outputs: dict, key: str, term: str) -> jax.Array:
@@ -58,6 +60,9 @@ def umg_loss(outputs: dict, batch: dict, loss_cfg, mesh: Mesh) -> tuple[jax.Arra
 
     terms: dict[str, tuple[jax.Array, jax.Array]] = {}
     w = {t: float(loss_cfg.get(f"w_{t}", 0.0)) for t in TERMS}
+    for t, keys in NEEDS.items():  # fail before tracing anything
+        for key in keys if w[t] else ():
+            _need(outputs, key, t)
     if w["image"]:
         terms["image"] = image_text_loss(
             _need(outputs, "img", "image"), _need(outputs, "txt", "image"), batch["text"],
