@@ -97,7 +97,8 @@ def loss_config() -> mlc.ConfigDict:
     lo.w_region = 1.0  # RoIAlign region embedding <-> region texts of the global batch
     lo.w_mask = 1.0  # mask-pooled embedding <-> mask texts of the global batch
     lo.w_pixel = 0.5  # per-patch classification against the same image's mask texts
-    lo.chunk_size = 1024  # gathered text rows per scan step of the sharded loss (memory knob)
+    lo.chunk_size = 512  # gathered text rows per scan step of the sharded loss (memory knob;
+    #                      benchmarks/loss_memory.py: 512 -> 311 MiB/device at B=64k, E=512)
     lo.roi_size = 2  # RoIAlign output bins per side (averaged to one embedding)
     lo.roi_sampling_ratio = 2  # bilinear samples per bin per side
     return lo

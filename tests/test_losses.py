@@ -4,12 +4,12 @@ accuracies and gradients, with padding, empty masks and duplicate texts), and th
 
 import jax
 import jax.numpy as jnp
+import loss_case
 import ml_collections as mlc
 import numpy as np
 import pytest
 from jax.scipy.special import logsumexp
 
-import loss_case
 from umg_jax import sharding
 from umg_jax.losses.umg import umg_loss
 from umg_jax.ops.roi_align import roi_pool_embed

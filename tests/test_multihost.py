@@ -5,10 +5,9 @@ import os
 import subprocess
 import sys
 
+import loss_case
 import numpy as np
 import pytest
-
-import loss_case
 
 
 def test_two_processes_match_one(tmp_path):
