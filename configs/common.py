@@ -68,6 +68,9 @@ def data_config() -> mlc.ConfigDict:
     d.eval_path = ""  # held-out shards for evaluation; "" -> synthetic held-out split
     d.synthetic_num_train = 2048  # examples generated on first use when path == ""
     d.synthetic_num_eval = 256  # held-out synthetic examples
+    d.synthetic_seed = 0  # seed of the generated world
+    d.synthetic_image_size = 80  # side of the generated scenes (crops then resize to the model's)
+    d.synthetic_num_shards = 4  # ArrayRecord shards of the generated splits
     d.max_tags = 4  # T: image tags per example (padded)
     d.max_regions = 8  # R: regions per example (padded)
     d.max_masks = 8  # M: masks per example (padded)

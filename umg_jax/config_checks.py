@@ -59,3 +59,6 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
         raise ConfigError(f"init.from {init_from!r} does not exist")
     if config.total_steps <= 0:
         raise ConfigError(f"total_steps must be positive, got {config.total_steps}")
+    if config.optim.warmup_steps >= config.total_steps:
+        raise ConfigError(f"optim.warmup_steps {config.optim.warmup_steps} must be below "
+                          f"total_steps {config.total_steps}")

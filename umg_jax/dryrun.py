@@ -92,11 +92,8 @@ def analyse(config, *, target: dict, mfu: float = 0.4, devices=None) -> dict:
     # Donated state aliases the output; the rest of the output is new memory.
     total_b = int(mem.argument_size_in_bytes + temp_b + mem.output_size_in_bytes
                   - mem.alias_size_in_bytes)
-    texts = sum({"text": 1, "tags": config.data.max_tags, "region_text": config.data.max_regions,
-                 "mask_text": config.data.max_masks}[f]
-                for f, _ in step_lib.needed_text_fields(config.loss))
     analytic = metrics_lib.clip_train_flops(config.model, config.batch_size,
-                                            texts_per_example=texts)
+                                            step_lib.texts_per_example(config))
     n = len(devices)
     xla_flops = float(cost.get("flops", 0.0))
     coll = hlo_stats.collective_bytes(compiled.as_text())

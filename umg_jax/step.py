@@ -50,6 +50,13 @@ def needed_text_fields(loss_cfg: mlc.ConfigDict) -> list[tuple[str, str]]:
             if f == "text" or any(loss_cfg.get(w, 0.0) for w in ws)]
 
 
+def texts_per_example(config: mlc.ConfigDict) -> int:
+    """Texts each example sends through the text tower (caption + weighted tags/regions/masks)."""
+    sizes = {"text": 1, "tags": config.data.max_tags, "region_text": config.data.max_regions,
+             "mask_text": config.data.max_masks}
+    return sum(sizes[f] for f, _ in needed_text_fields(config.loss))
+
+
 def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDict) -> dict:
     """Runs both towers on a batch. Every text field is encoded in one text-tower call.
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -25,10 +27,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from umg_jax import checkpoint as ckpt_lib
-from umg_jax import config_checks, optim, sharding, step as step_lib
+from umg_jax import config_checks, optim, sharding
 from umg_jax import metrics as metrics_lib
-from umg_jax.data import pipeline
-from umg_jax.data import schema
+from umg_jax import step as step_lib
+from umg_jax.data import pipeline, schema
 from umg_jax.models import clip
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
@@ -55,13 +57,40 @@ def _maybe_init_distributed() -> None:
         jax.distributed.initialize()
 
 
+class _StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) -> finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        logging.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
+    """Runs (or resumes) training into ``workdir``; returns the last logged metrics.
+
+    Writes ``workdir/config.json`` (the full config; ``umg_jax.load`` reads the model part),
+    ``checkpoints/<step>/``, ``metrics.jsonl`` + TensorBoard events, ``final_metrics.json``.
+    """
     workdir = str(pathlib.Path(workdir).resolve())
     # ---------------------------------------------------------------- config checks + mesh
     config_checks.validate(config)
     mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch_divisible(config.batch_size, mesh)
     nproc = jax.process_count()
     local_batch = config.batch_size // nproc
     is_main = jax.process_index() == 0
@@ -73,9 +102,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
                  config.batch_size, local_batch)
 
     # ---------------------------------------------------------------- data
-    data_dir = pipeline.ensure_data(config.data, split="train")
-    data_iter = pipeline.make_iterator(config.data, config.model, data_dir=data_dir,
-                                       batch_size=local_batch, train=True, seed=config.seed)
+    data_iter = pipeline.make_iterator(config.data, config.model, batch_size=local_batch,
+                                       train=True, seed=config.seed)
     batch_shapes = schema.batch_shapes_from_config(config)
 
     # ---------------------------------------------------------------- model & optimizer
@@ -88,9 +116,9 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- state: resume / import / init
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every_steps=config.ckpt.every_steps,
-        keep=config.ckpt.keep, keep_best_metric=config.ckpt.keep_best_metric or None,
-        best_mode=config.ckpt.best_mode)
+        workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep,
+        keep_best_metric=config.ckpt.keep_best_metric or None, best_mode=config.ckpt.best_mode,
+        async_save=config.ckpt.async_save)
     abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                abstract, state_sh)
     start = ckpt.latest_step()
@@ -98,96 +126,124 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         state, data_state, _ = ckpt.restore(start, abstract_sh)
         if data_state is not None:
             data_iter.set_state(data_state)
-        logging.info("resumed from step %d", start)
+        if is_main:
+            print(f"resumed from {ckpt.directory}/{start}", flush=True)
     else:
-        rng = jax.random.key(config.seed)
         init_fn = jax.jit(lambda r: step_lib.init_state(clip.init_params(config.model, r), tx),
                           out_shardings=state_sh)
-        state = init_fn(rng)
+        state = init_fn(jax.random.key(config.seed))
         init_from = config.init.get("from", "")
         if init_from:
             params = ckpt_lib.restore_params_only(init_from, abstract_sh.params)
-            state = state.replace(params=params)
-            logging.info("initialised params from %s", init_from)
+            state = step_lib.init_state(params, tx)
+            state = jax.device_put(state, state_sh)
+            if is_main:
+                print(f"initialised params from {init_from}", flush=True)
         start = 0
+    if start >= config.total_steps:
+        if is_main:
+            print(f"nothing to do: checkpoint step {start} >= total_steps {config.total_steps}")
+        ckpt.close()
+        return _read_final(workdir)
 
     # ---------------------------------------------------------------- loop
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard) \
         if is_main else None
-    progress = metrics_lib.Progress(config.total_steps, start)
+    if writer and start == 0:
+        writer.write_hparams(config.to_dict())
+    progress = metrics_lib.Progress(config.total_steps, start, batch_size=config.batch_size)
     flops = metrics_lib.clip_train_flops(config.model, config.batch_size,
-                                         _texts_per_example(config))
+                                         step_lib.texts_per_example(config))
     peak = config.log.peak_flops  # of all devices together (configs/common.py:log_config)
-    evaluators = _make_evaluators(config, model, mesh)
-    sync_every = max(1, min(config.log.every_steps, 16))  # fake-device deadlock: sync <= 16
+    hooks = _make_evaluators(config)
+    # Reading a value every <= 16 steps bounds the dispatch queue (fake CPU devices deadlock
+    # beyond ~32 queued collective programs) and is when non-finite runs are detected.
+    sync_every = max(1, min(config.log.every_steps, 16))
     last: dict = {}
-    t_data = t_total = 0.0
-    t0 = time.perf_counter()
-    n_window = 0
-    for step in range(start + 1, config.total_steps + 1):
-        ts = time.perf_counter()
-        local = next(data_iter)
-        batch = sharding.put_batch(local, mesh)
-        t_data += time.perf_counter() - ts
-        state, metrics = train_step(state, batch)
-        n_window += 1
-        if step % sync_every == 0 or step == config.total_steps:
-            metrics = jax.device_get(metrics)
-            if int(metrics["nonfinite"]) >= config.train.max_nonfinite:
-                raise TrainingError(
-                    f"stopping: {int(metrics['nonfinite'])} non-finite losses in a row at step "
-                    f"{step}; the last good checkpoint (step {ckpt.latest_step()}) is intact")
-            if step % config.log.every_steps == 0 or step == config.total_steps:
-                dt = time.perf_counter() - t0
-                t_total += dt
-                scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
-                scalars["lr"] = float(schedule(step - 1))
-                scalars["examples_per_s"] = n_window * config.batch_size / dt
-                scalars["data_wait_frac"] = t_data / dt
-                scalars["mfu"] = metrics_lib.mfu(flops, dt / n_window, peak)
-                last = scalars
+    with _StopSignal() as stop:
+        step = start
+        for step in range(start + 1, config.total_steps + 1):
+            with progress.timer("data"):
+                batch = sharding.put_batch(next(data_iter), mesh)
+            state, metrics = train_step(state, batch)
+            if step == start + 1:
+                jax.block_until_ready(metrics)  # compile time stays out of the rates
+                progress.reset(step)
+            log_now = step % config.log.every_steps == 0 or step == config.total_steps
+            if step % sync_every == 0 or log_now or stop.received is not None:
+                metrics = jax.device_get(metrics)
+                if int(metrics["nonfinite"]) >= config.train.max_nonfinite:
+                    ckpt.wait()
+                    raise TrainingError(
+                        f"stopping at step {step}: {int(metrics['nonfinite'])} non-finite losses "
+                        f"in a row (updates were skipped); the last good checkpoint (step "
+                        f"{ckpt.latest_step()}) is intact. Lower optim.lr or check the data.")
+                if log_now and step > start + 1:
+                    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+                    line = progress.update(step, scalars)
+                    scalars["lr"] = float(schedule(step - 1))
+                    scalars.update(progress.last)
+                    if peak:
+                        scalars["mfu"] = metrics_lib.mfu(
+                            flops, 1.0 / max(progress.last["steps_per_sec"], 1e-9), peak)
+                    scalars["dropped_records"] = float(sum(pipeline.drop_counts(data_iter)
+                                                           .values()))
+                    last = scalars
+                    if writer:
+                        writer.write_scalars(step, scalars)
+                    if is_main:
+                        print(line, flush=True)
+            if hooks and (step % config.eval.every_steps == 0 or step == config.total_steps):
+                results = _run_hooks(hooks, state.params, step)
                 if writer:
-                    writer.write_scalars(step, scalars)
-                if is_main:
-                    print(progress.update(step, scalars), flush=True)
-                t0, t_data, n_window = time.perf_counter(), 0.0, 0
-        if evaluators and (step % config.eval.every_steps == 0 or step == config.total_steps):
-            results = {}
-            for name, ev in evaluators.items():
-                results.update({f"{name}/{k}": v for k, v in ev(state.params).items()})
-            if writer:
-                writer.write_scalars(step, results)
-            if is_main:
-                print(" ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
-            last.update(results)
-        if ckpt.should_save(step) or step == config.total_steps:
-            jax.block_until_ready(state)
-            ckpt.save(step, state, data_state=data_iter.get_state(),
-                      meta={"step": step, "config": config.to_json_best_effort()},
-                      metrics=last or None, force=step == config.total_steps)
-    ckpt.wait()
+                    writer.write_scalars(step, results)
+                last.update(results)
+            final = step == config.total_steps or stop.received is not None
+            if ckpt.should_save(step, force=final):
+                jax.block_until_ready(state)
+                ckpt.save(step, state, data_state=data_iter.get_state(),
+                          meta={"step": step, "dropped": pipeline.drop_counts(data_iter)},
+                          metrics=last or None, force=final)
+            if stop.received is not None:
+                break
     ckpt.close()
+    if hasattr(data_iter, "close"):
+        data_iter.close()
     if writer:
         writer.close()
     if is_main:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(last, f, indent=2)
+            json.dump({"step": step, **last}, f, indent=2)
+        if stop.received is not None:
+            print(f"stopped by signal at step {step}; re-run the same command to resume",
+                  flush=True)
     return last
 
 
-def _texts_per_example(config: mlc.ConfigDict) -> int:
-    sizes = {"text": 1, "tags": config.data.max_tags, "region_text": config.data.max_regions,
-             "mask_text": config.data.max_masks}
-    return sum(sizes[f] for f, _ in step_lib.needed_text_fields(config.loss))
+def _read_final(workdir: str) -> dict:
+    p = os.path.join(workdir, "final_metrics.json")
+    return json.load(open(p)) if os.path.exists(p) else {}
 
 
-def _make_evaluators(config, model, mesh) -> dict:
+def _run_hooks(hooks: dict, params, step: int) -> dict:
+    results = {}
+    for name, hook in hooks.items():
+        t0 = time.perf_counter()
+        results.update({f"eval/{k}": v for k, v in hook(params).items()})
+        logging.info("eval %s took %.1fs", name, time.perf_counter() - t0)
+    if jax.process_index() == 0:
+        print(f"eval @ {step}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())),
+              flush=True)
+    return results
+
+
+def _make_evaluators(config) -> dict:
     """Periodic evaluation hooks: ``{name: fn(params) -> {metric: value}}`` (see evaluate.py)."""
     if not config.eval.every_steps:
         return {}
     from umg_jax import evaluate  # noqa: PLC0415  (heavy; only when evals are on)
 
-    return evaluate.make_hooks(config, model, mesh)
+    return evaluate.make_hooks(config)
 
 
 def main(argv: list[str]) -> None:
@@ -198,6 +254,8 @@ def main(argv: list[str]) -> None:
               "python -m umg_jax.train --config configs/tiny.py --workdir /tmp/umg_tiny",
               file=sys.stderr)
         sys.exit(2)
+    if not flags.FLAGS["verbosity"].present:  # orbax / jax INFO lines drown the progress lines
+        logging.set_verbosity(logging.WARNING)
     _maybe_init_distributed()
     try:
         train(_CONFIG.value, _WORKDIR.value)

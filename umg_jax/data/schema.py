@@ -57,6 +57,8 @@ Every module that produces or consumes data speaks these three forms; nothing el
     segmap         [B, H, W]       int32    per-pixel index into the masks at image resolution,
                                             -1 = unlabeled (panoptic ground truth)
     example_weight [B]             float32  the record's confidence (pseudo labels)
+    label          [B]             int32    category of the largest thing mask, -1 if none
+                                            (image-level class for zero-shot classification)
 
 Model outputs (``umg_jax.models.clip.CLIP``): ``img [B, E]``, ``txt [B, E]``,
 ``dense [B, gh, gw, E]`` (all *unnormalised* projections; the losses normalise), and the scalar
@@ -90,6 +92,7 @@ BATCH_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
     "mask_isthing": (("B", "M"), np.bool_),
     "segmap": (("B", "H", "W"), np.int32),
     "example_weight": (("B",), np.float32),
+    "label": (("B",), np.int32),
 }
 
 

@@ -465,8 +465,8 @@ def _prompt(tags: list[str], template: str, rng: np.random.Generator | None) -> 
 
 
 def example_keys() -> tuple[str, ...]:
-    """Keys of one example: the batch keys plus ``label`` and ``drop_counts``."""
-    return (*schema.BATCH_KEYS, "label", "drop_counts")
+    """Keys of one example: the batch keys plus ``drop_counts``."""
+    return (*schema.BATCH_KEYS, "drop_counts")
 
 
 def make_example(
