@@ -1,4 +1,5 @@
-"""ViT-L/14 UMG-CLIP at 336 px (OpenAI ViT-L/14@336 shapes; positional embeddings resized on import)."""
+"""ViT-L/14 UMG-CLIP at 336 px (OpenAI ViT-L/14@336 shapes; positional embeddings are resized
+on import)."""
 
 import pathlib
 import sys

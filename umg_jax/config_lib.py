@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 
 import ml_collections as mlc
 
@@ -23,3 +24,54 @@ def load_config(path: str, arg: str | None = None) -> mlc.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+_FUNC = re.compile(r"^def (\w+?)_config\(")
+_KNOB = re.compile(r"^\s*(\w+)((?:\.\w+|\[\"\w+\"\])+)\s*=\s*[^#]+?(?:#\s*(.+))?$")
+
+
+def knob_comments(config_dir: str | pathlib.Path) -> dict[str, str]:
+    """``{dotted key: one-line comment}`` read from the ``x.a.b = value  # comment`` lines of the
+    config files in ``config_dir`` (every knob carries such a comment, or a comment block just
+    above it). Inside a
+    ``def <section>_config()`` function the key is ``<section>.a.b``; in ``get_config`` the
+    variable is the root config."""
+    out: dict[str, str] = {}
+    for f in sorted(pathlib.Path(config_dir).glob("*.py")):
+        section, above = "", []
+        for line in f.read_text().splitlines():
+            if line.strip().startswith("#"):
+                above.append(line.strip().lstrip("#").strip())
+                continue
+            if line.startswith("def get_config"):
+                section = ""
+                continue
+            fm = _FUNC.match(line)
+            if fm:
+                section = fm.group(1)
+                continue
+            m = _KNOB.match(line)
+            if m and (m.group(3) or above):
+                path = re.sub(r'\["(\w+)"\]', r".\1", m.group(2)).lstrip(".")
+                key = f"{section}.{path}" if section else path
+                out.setdefault(key, (m.group(3) or " ".join(above)).strip())
+            above = []
+    return out
+
+
+def describe(config: mlc.ConfigDict, config_dir: str | pathlib.Path) -> str:
+    """Every ``--config.<key>=<value>`` override with its current value and its comment."""
+    comments = knob_comments(config_dir)
+    rows = []
+
+    def walk(d: mlc.ConfigDict, prefix: str) -> None:
+        for k in sorted(d.keys()):
+            v = d[k]
+            if isinstance(v, mlc.ConfigDict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                rows.append((f"--config.{prefix}{k}={v!r}", comments.get(prefix + k, "")))
+
+    walk(config, "")
+    width = min(max(len(r[0]) for r in rows), 60)
+    return "\n".join(f"{a:<{width}}  {b}".rstrip() for a, b in rows)

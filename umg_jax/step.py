@@ -121,7 +121,7 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: 
 
     def step_fn(state: TrainState, batch: dict):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)

@@ -2,9 +2,11 @@ r"""Trains UMG-CLIP: ``python -m umg_jax.train --config configs/tiny.py --workdi
 
 The same command runs on one CPU, a multi-GPU node or a TPU pod slice; on several hosts every
 process runs it (``jax.distributed.initialize`` is called when ``--coordinator`` is given or the
-cluster environment is detected). Override any config value with ``--config.x=y`` (``--helpfull``
-lists them all). Re-running the command with the same workdir resumes from the latest checkpoint,
-model, optimizer and data-iterator state alike, and reproduces the uninterrupted run exactly.
+cluster environment is detected). Override any config value with ``--config.x=y``;
+``--show_config`` prints every override with its value and meaning. Re-running the command with
+the same workdir resumes from the latest checkpoint (model, optimizer and data-iterator state
+alike) and reproduces the uninterrupted run exactly. SIGTERM / Ctrl-C (preemption) finishes the
+current step, saves a checkpoint and exits; run the same command again to continue.
 
 Sections, in order: setup -> config checks -> mesh -> data -> model & optimizer -> state (init,
 import or resume) -> compile -> loop (metrics, checkpoints, evals).
@@ -27,7 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from umg_jax import checkpoint as ckpt_lib
-from umg_jax import config_checks, optim, sharding
+from umg_jax import config_checks, config_lib, optim, sharding
 from umg_jax import metrics as metrics_lib
 from umg_jax import step as step_lib
 from umg_jax.data import pipeline, schema
@@ -41,6 +43,9 @@ _COORDINATOR = flags.DEFINE_string(
     "--process_id); on TPU pods / SLURM leave unset, it is auto-detected.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print every --config.<key>=<value> override of the given --config "
+    "with its current value and meaning, then exit.")
 
 
 class TrainingError(RuntimeError):
@@ -160,53 +165,58 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     # beyond ~32 queued collective programs) and is when non-finite runs are detected.
     sync_every = max(1, min(config.log.every_steps, 16))
     last: dict = {}
-    with _StopSignal() as stop:
-        step = start
-        for step in range(start + 1, config.total_steps + 1):
-            with progress.timer("data"):
-                batch = sharding.put_batch(next(data_iter), mesh)
-            state, metrics = train_step(state, batch)
-            if step == start + 1:
-                jax.block_until_ready(metrics)  # compile time stays out of the rates
-                progress.reset(step)
-            log_now = step % config.log.every_steps == 0 or step == config.total_steps
-            if step % sync_every == 0 or log_now or stop.received is not None:
-                metrics = jax.device_get(metrics)
-                if int(metrics["nonfinite"]) >= config.train.max_nonfinite:
-                    ckpt.wait()
-                    raise TrainingError(
-                        f"stopping at step {step}: {int(metrics['nonfinite'])} non-finite losses "
-                        f"in a row (updates were skipped); the last good checkpoint (step "
-                        f"{ckpt.latest_step()}) is intact. Lower optim.lr or check the data.")
-                if log_now and step > start + 1:
-                    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
-                    line = progress.update(step, scalars)
-                    scalars["lr"] = float(schedule(step - 1))
-                    scalars.update(progress.last)
-                    if peak:
-                        scalars["mfu"] = metrics_lib.mfu(
-                            flops, 1.0 / max(progress.last["steps_per_sec"], 1e-9), peak)
-                    scalars["dropped_records"] = float(sum(pipeline.drop_counts(data_iter)
-                                                           .values()))
-                    last = scalars
+    # A crash still lets a save in flight finish (never lose the last good checkpoint).
+    try:
+        with _StopSignal() as stop:
+            step = start
+            for step in range(start + 1, config.total_steps + 1):
+                with progress.timer("data"):
+                    batch = sharding.put_batch(next(data_iter), mesh)
+                state, metrics = train_step(state, batch)
+                if step == start + 1:
+                    jax.block_until_ready(metrics)  # compile time stays out of the rates
+                    progress.reset(step)
+                log_now = step % config.log.every_steps == 0 or step == config.total_steps
+                if step % sync_every == 0 or log_now or stop.received is not None:
+                    metrics = jax.device_get(metrics)
+                    if int(metrics["nonfinite"]) >= config.train.max_nonfinite:
+                        ckpt.wait()
+                        raise TrainingError(
+                            f"stopping at step {step}: {int(metrics['nonfinite'])} non-finite "
+                            f"losses in a row (updates were skipped); the last good checkpoint "
+                            f"(step {ckpt.latest_step()}) is intact. Lower optim.lr or check the "
+                            "data.")
+                    if log_now and step > start + 1:
+                        scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+                        line = progress.update(step, scalars)
+                        scalars["lr"] = float(schedule(step - 1))
+                        scalars.update(progress.last)
+                        if peak:
+                            scalars["mfu"] = metrics_lib.mfu(
+                                flops, 1.0 / max(progress.last["steps_per_sec"], 1e-9), peak)
+                        dropped = pipeline.drop_counts(data_iter)
+                        scalars["dropped_records"] = float(sum(dropped.values()))
+                        last = scalars
+                        if writer:
+                            writer.write_scalars(step, scalars)
+                        if is_main:
+                            print(line, flush=True)
+                if hooks and (step % config.eval.every_steps == 0
+                              or step == config.total_steps):
+                    results = _run_hooks(hooks, state.params, step)
                     if writer:
-                        writer.write_scalars(step, scalars)
-                    if is_main:
-                        print(line, flush=True)
-            if hooks and (step % config.eval.every_steps == 0 or step == config.total_steps):
-                results = _run_hooks(hooks, state.params, step)
-                if writer:
-                    writer.write_scalars(step, results)
-                last.update(results)
-            final = step == config.total_steps or stop.received is not None
-            if ckpt.should_save(step, force=final):
-                jax.block_until_ready(state)
-                ckpt.save(step, state, data_state=data_iter.get_state(),
-                          meta={"step": step, "dropped": pipeline.drop_counts(data_iter)},
-                          metrics=last or None, force=final)
-            if stop.received is not None:
-                break
-    ckpt.close()
+                        writer.write_scalars(step, results)
+                    last.update(results)
+                final = step == config.total_steps or stop.received is not None
+                if ckpt.should_save(step, force=final):
+                    jax.block_until_ready(state)
+                    ckpt.save(step, state, data_state=data_iter.get_state(),
+                              meta={"step": step, "dropped": pipeline.drop_counts(data_iter)},
+                              metrics=last or None, force=final)
+                if stop.received is not None:
+                    break
+    finally:
+        ckpt.close()
     if hasattr(data_iter, "close"):
         data_iter.close()
     if writer:
@@ -249,6 +259,10 @@ def _make_evaluators(config) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _SHOW_CONFIG.value and _CONFIG.value is not None:
+        config_dir = pathlib.Path(flags.FLAGS["config"].config_filename).parent
+        print(config_lib.describe(_CONFIG.value, config_dir))
+        return
     if _CONFIG.value is None or not _WORKDIR.value:
         print("error: --config and --workdir are required, e.g. "
               "python -m umg_jax.train --config configs/tiny.py --workdir /tmp/umg_tiny",

@@ -1,0 +1,170 @@
+"""The trainer (umg_jax/train.py) on a tiny model, 8 fake devices: it learns, writes metrics and
+checkpoints, resumes exactly after a crash (also onto another mesh layout), stops on a run of
+non-finite losses without touching the last good checkpoint, and refuses bad configs clearly."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from umg_jax import checkpoint as ckpt_lib
+from umg_jax import config_checks, config_lib, sharding, train
+from umg_jax import step as step_lib
+from umg_jax.models import clip
+
+ROOT = pathlib.Path(__file__).parents[1]
+STEPS = 8
+
+
+def _config(tmp_root, **over):
+    c = config_lib.load_config(str(ROOT / "configs/tiny.py"))
+    c.unlock()
+    c.model.vision.update(image_size=32, patch_size=8, width=32, layers=2, heads=2)
+    c.model.text.update(width=32, layers=1, heads=2, context_length=16)
+    c.model.embed_dim = 32
+    c.batch_size = 8
+    c.total_steps = STEPS
+    c.optim.warmup_steps = 2
+    c.data.update(synthetic_num_train=24, synthetic_num_eval=8, max_tags=2, max_regions=3,
+                  max_masks=3, synthetic_image_size=40)
+    c.ckpt.every_steps = 3
+    c.ckpt.keep = 5
+    c.ckpt.async_save = True
+    c.log.every_steps = 2
+    c.log.tensorboard = False
+    for k, v in over.items():
+        target = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = v
+    return c
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("UMG_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _final_params(workdir, config):
+    ck = ckpt_lib.Checkpointer(workdir, every_steps=1, keep=5)
+    step = ck.latest_step()
+    ck.close()
+    abstract = clip.abstract_params(config.model)
+    params = ckpt_lib.restore_params_only(pathlib.Path(workdir) / "checkpoints" / str(step),
+                                          abstract)
+    return step, jax.tree.map(np.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted reference run."""
+    tmp = tmp_path_factory.mktemp("full")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UMG_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    config = _config(tmp)
+    last = train.train(config, str(tmp / "wd"))
+    mp.undo()
+    return tmp / "wd", config, last
+
+
+def test_run_writes_metrics_checkpoints_and_learns(full_run):
+    wd, config, last = full_run
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) >= 3 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0], losses  # it learns, even in 8 steps
+    for key in ("loss_image", "loss_region", "loss_mask", "loss_pixel", "acc_region", "lr",
+                "examples_per_sec", "data_wait_frac", "grad_norm"):
+        assert key in rows[-1], key
+    assert json.loads((wd / "final_metrics.json").read_text())["step"] == STEPS
+    assert json.loads((wd / "config.json").read_text())["model"]["embed_dim"] == 32
+    step, params = _final_params(str(wd), config)
+    assert step == STEPS and np.isfinite(params["logit_scale"])
+
+
+def test_crash_and_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
+    ref_wd, config, _ = full_run
+    real = step_lib.make_train_step
+    calls = {"n": 0}
+
+    def crashing(*a, **k):  # the process "dies" in the middle of step 5 (after the save at 3)
+        fn = real(*a, **k)
+
+        def wrapped(state, batch):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RuntimeError("simulated crash")
+            return fn(state, batch)
+
+        return wrapped
+
+    monkeypatch.setattr(step_lib, "make_train_step", crashing)
+    wd = tmp_path / "wd"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train(config, str(wd))
+    monkeypatch.setattr(step_lib, "make_train_step", real)
+    # resume on another mesh layout: params now FSDP-sharded over 4 devices x 2 data
+    config2 = _config(tmp_path, **{"mesh.data": 2, "mesh.fsdp": 4})
+    train.train(config2, str(wd))
+    _, ref = _final_params(str(ref_wd), config)
+    _, got = _final_params(str(wd), config)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got),
+                            strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    # a finished run is not re-run
+    assert train.train(config, str(wd))["step"] == STEPS
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    config = _config(tmp_path, **{"train.max_nonfinite": 2, "total_steps": 12})
+    real_put = sharding.put_batch
+    n = {"i": 0}
+
+    def poisoned(batch, mesh):
+        n["i"] += 1
+        if n["i"] >= 5:  # from step 5 on, the images are NaN
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return real_put(batch, mesh)
+
+    monkeypatch.setattr(sharding, "put_batch", poisoned)
+    wd = tmp_path / "wd"
+    with pytest.raises(train.TrainingError, match="non-finite"):
+        train.train(config, str(wd))
+    step, params = _final_params(str(wd), config)
+    assert step == 3  # the step-6 save never happened, step 3 is intact
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_bad_configs_are_refused_with_one_line(tmp_path):
+    with pytest.raises(config_checks.ConfigError, match="not divisible"):
+        config_checks.validate(_config(tmp_path, batch_size=6))
+    with pytest.raises(config_checks.ConfigError, match="warmup_steps"):
+        config_checks.validate(_config(tmp_path, **{"optim.warmup_steps": 50}))
+    with pytest.raises(config_checks.ConfigError, match="does not fit 8 devices"):
+        config_checks.validate(_config(tmp_path, **{"mesh.data": 3}))
+
+
+def test_cli_help_and_config_error_exit_status(tmp_path):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "/usr/bin:/bin",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "umg_jax.train", "--help"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)
+    assert "--workdir" in out.stdout and "--show_config" in out.stdout  # absl exits 1 on --help
+    out = subprocess.run([sys.executable, "-m", "umg_jax.train", "--config", "configs/tiny.py",
+                          "--show_config"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("--config.optim.lr="))
+    assert "peak learning rate" in line
+    out = subprocess.run(
+        [sys.executable, "-m", "umg_jax.train", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path / "wd"), "--config.batch_size=3"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: batch_size 3")
