@@ -231,3 +231,60 @@ def restore_params_only(path: str | pathlib.Path, abstract_params: PyTree) -> Py
         out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))
     return out["params"]
+
+
+# ------------------------------------------------------------- finding trained params ---
+
+
+def locate(path: str | pathlib.Path, step: int | None = None
+           ) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """``(params checkpoint dir, model-config file or None)`` for any of: an import directory
+    (``params/`` + ``model_config.json``, written by ``umg_jax.interop.import_torch``), a training
+    workdir (``checkpoints/<step>/`` + ``config.json``; latest step unless ``step``), or a bare
+    params / step checkpoint directory. Raises ``FileNotFoundError`` with what was looked for."""
+    p = pathlib.Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    if (p / "params").is_dir() and (p / "model_config.json").is_file():
+        return p / "params", p / "model_config.json"
+    if (p / "checkpoints").is_dir():
+        steps = sorted(int(d.name) for d in (p / "checkpoints").iterdir()
+                       if d.name.isdigit() and (d / "state").is_dir())
+        if not steps:
+            raise FileNotFoundError(f"{p}/checkpoints holds no <step>/state checkpoint")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"step {step} not in {p}/checkpoints (have {steps})")
+        s = step if step is not None else steps[-1]
+        cfg = p / "config.json"
+        return p / "checkpoints" / str(s), cfg if cfg.is_file() else None
+    return p, None
+
+
+def read_model_config(path: str | pathlib.Path):
+    """The ``config.model`` section from a ``model_config.json`` or a workdir ``config.json``."""
+    import ml_collections as mlc
+
+    path = pathlib.Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    return mlc.ConfigDict(d["model"] if "model" in d and "vision" not in d else d)
+
+
+def load_params(path: str | pathlib.Path, model_cfg) -> PyTree:
+    """Params of ``model_cfg`` as numpy arrays from a params checkpoint or a training step
+    directory (see :func:`locate`); the optimizer state is not read."""
+    from umg_jax.models import clip
+
+    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                            clip.abstract_params(model_cfg))
+    try:
+        params = restore_params_only(path, abstract)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a tree mismatch
+        raise ValueError(f"cannot restore params of this model config from {path}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return jax.tree.map(np.asarray, params)

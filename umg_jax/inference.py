@@ -13,7 +13,6 @@ All embeddings returned are L2-normalised float32 numpy arrays.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -176,23 +175,17 @@ class UMGModel:
 def load(workdir_or_checkpoint: str, step: int | None = None) -> UMGModel:
     """Loads params + model config from a training workdir (latest or given checkpoint step) or
     from an import directory written by ``umg_jax.interop.import_torch``."""
-    from umg_jax import checkpoint as ckpt_lib
+    from umg_jax import checkpoint
 
-    path = os.fspath(workdir_or_checkpoint)
-    if not os.path.exists(path):
-        raise InputError(f"{path!r} does not exist")
-    model_cfg = _model_config(path)
-    abstract = clip.abstract_params(model_cfg)
-    params = ckpt_lib.load_params(path, abstract, step=step)
+    try:
+        ckpt, cfg_file = checkpoint.locate(workdir_or_checkpoint, step)
+        if cfg_file is None:
+            raise InputError(f"{workdir_or_checkpoint!r} has neither config.json (training "
+                             "workdir) nor model_config.json (import directory)")
+        model_cfg = checkpoint.read_model_config(cfg_file)
+        params = checkpoint.load_params(ckpt, model_cfg)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(str(e)) from None
     return UMGModel(params, model_cfg)
-
-
-def _model_config(path: str) -> mlc.ConfigDict:
-    for name, key in (("config.json", "model"), ("model_config.json", None)):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            with open(f) as fh:
-                d = json.load(fh)
-            return mlc.ConfigDict(d[key] if key else d)
-    raise InputError(f"{path!r} has neither config.json (training workdir) nor model_config.json "
-                     "(import directory)")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import sys
 from collections.abc import Callable
 
@@ -183,52 +182,33 @@ def _torch():
 
 # ------------------------------------------------------------------------------ reading
 def restore_params(path: str | pathlib.Path, model_cfg: mlc.ConfigDict) -> dict:
-    """Params of ``model_cfg`` (numpy) from a params checkpoint or a training-checkpoint step
-    directory (``umg_jax.checkpoint.restore_params_only``; the optimizer state is not read)."""
-    import jax
+    """``umg_jax.checkpoint.load_params`` with its errors as :class:`InteropError`."""
+    from umg_jax import checkpoint
 
-    from umg_jax.checkpoint import restore_params_only
-    from umg_jax.models import clip
-
-    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                            clip.abstract_params(model_cfg))
     try:
-        params = restore_params_only(path, abstract)
-    except Exception as e:
-        raise InteropError(f"cannot restore params of this config from {path}: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    return jax.tree.map(np.asarray, params)
+        return checkpoint.load_params(path, model_cfg)
+    except (OSError, ValueError) as e:
+        raise InteropError(str(e)) from None
 
 
 def locate(path: str, step: int | None = None) -> tuple[pathlib.Path, pathlib.Path | None]:
-    """``(orbax checkpoint dir, model config file or None)`` for an import dir, a training
-    workdir or a bare orbax checkpoint."""
-    p = pathlib.Path(path)
-    if not p.is_dir():
-        raise InteropError(f"{path} is not a directory")
-    if (p / "params").is_dir() and (p / "model_config.json").is_file():
-        return p / "params", p / "model_config.json"
-    if (p / "checkpoints").is_dir():
-        steps = sorted(int(d.name) for d in (p / "checkpoints").iterdir()
-                       if re.fullmatch(r"\d+", d.name) and (d / "state").is_dir())
-        if not steps:
-            raise InteropError(f"{p}/checkpoints holds no <step>/state checkpoint")
-        if step is not None and step not in steps:
-            raise InteropError(f"step {step} not in {p}/checkpoints (have {steps})")
-        s = step if step is not None else steps[-1]
-        cfg = p / "config.json"
-        return p / "checkpoints" / str(s), cfg if cfg.is_file() else None
-    return p, None
+    """``umg_jax.checkpoint.locate`` with its errors as :class:`InteropError`."""
+    from umg_jax import checkpoint
+
+    try:
+        return checkpoint.locate(path, step)
+    except FileNotFoundError as e:
+        raise InteropError(str(e)) from None
 
 
 def read_model_config(path: pathlib.Path) -> mlc.ConfigDict:
-    """``model_config.json`` (the model section) or a workdir ``config.json`` (``["model"]``)."""
+    """``umg_jax.checkpoint.read_model_config`` with its errors as :class:`InteropError`."""
+    from umg_jax import checkpoint
+
     try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InteropError(f"cannot read {path}: {type(e).__name__}") from None
-    return mlc.ConfigDict(d["model"] if "model" in d and "vision" not in d else d)
+        return checkpoint.read_model_config(path)
+    except ValueError as e:
+        raise InteropError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
