@@ -1,7 +1,7 @@
 """Open-vocabulary segmentation + region labels of one image, as a picture.
 
-    python -m umg_jax.demo --workdir /tmp/umg_tiny --image scene.png --labels "circle,star,grass,sky"
-    python -m umg_jax.demo --workdir /tmp/umg_tiny --synthetic 3      # scene 3 of the held-out world
+    python -m umg_jax.demo --workdir /tmp/umg_tiny --image scene.png --labels "circle,grass,sky"
+    python -m umg_jax.demo --workdir /tmp/umg_tiny --synthetic 3   # held-out synthetic scene 3
 
 Writes ``--out`` (default ``demo.png``): the image, the label map over it with a legend, and for
 each label present its largest connected area boxed and re-classified by its RoIAlign region
