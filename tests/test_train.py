@@ -3,9 +3,12 @@ checkpoints, resumes exactly after a crash (also onto another mesh layout), stop
 non-finite losses without touching the last good checkpoint, and refuses bad configs clearly."""
 
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -20,23 +23,23 @@ ROOT = pathlib.Path(__file__).parents[1]
 STEPS = 8
 
 
+# The test model as --config overrides of configs/tiny.py (also used verbatim by the subprocess
+# test, so the CLI and in-process runs train the same thing).
+OVERRIDES = {
+    "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
+    "model.vision.layers": 2, "model.vision.heads": 2, "model.text.width": 32,
+    "model.text.layers": 1, "model.text.heads": 2, "model.text.context_length": 16,
+    "model.embed_dim": 32, "batch_size": 8, "total_steps": STEPS, "optim.warmup_steps": 2,
+    "data.synthetic_num_train": 24, "data.synthetic_num_eval": 8, "data.max_tags": 2,
+    "data.max_regions": 3, "data.max_masks": 3, "data.synthetic_image_size": 40,
+    "ckpt.every_steps": 3, "ckpt.keep": 5, "ckpt.async_save": True, "log.every_steps": 2,
+    "log.tensorboard": False,
+}
+
+
 def _config(tmp_root, **over):
     c = config_lib.load_config(str(ROOT / "configs/tiny.py"))
-    c.unlock()
-    c.model.vision.update(image_size=32, patch_size=8, width=32, layers=2, heads=2)
-    c.model.text.update(width=32, layers=1, heads=2, context_length=16)
-    c.model.embed_dim = 32
-    c.batch_size = 8
-    c.total_steps = STEPS
-    c.optim.warmup_steps = 2
-    c.data.update(synthetic_num_train=24, synthetic_num_eval=8, max_tags=2, max_regions=3,
-                  max_masks=3, synthetic_image_size=40)
-    c.ckpt.every_steps = 3
-    c.ckpt.keep = 5
-    c.ckpt.async_save = True
-    c.log.every_steps = 2
-    c.log.tensorboard = False
-    for k, v in over.items():
+    for k, v in {**OVERRIDES, **over}.items():
         target = c
         *parents, leaf = k.split(".")
         for p in parents:
@@ -119,6 +122,42 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, m
                                    err_msg=jax.tree_util.keystr(path))
     # a finished run is not re-run
     assert train.train(config, str(wd))["step"] == STEPS
+
+
+def _cli(workdir, devices, extra=()):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    return subprocess.Popen(
+        [sys.executable, "-m", "umg_jax.train", "--config", "configs/tiny.py", "--workdir",
+         str(workdir), *flags, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_then_resume_on_four_devices_matches(full_run, tmp_path):
+    """kill -9 a CLI run after its step-3 checkpoint, resume it on 4 devices instead of 8: the
+    final parameters equal the uninterrupted in-process run's."""
+    ref_wd, config, _ = full_run
+    wd = tmp_path / "wd"
+    proc = _cli(wd, 8, ["--config.ckpt.every_steps=1"])
+    deadline = time.time() + 300
+    while not (wd / "checkpoints" / "4").is_dir():  # step dirs appear only when complete
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _cli(wd, 4)
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    _, ref = _final_params(str(ref_wd), config)
+    step, got = _final_params(str(wd), config)
+    assert step == STEPS
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got),
+                            strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):

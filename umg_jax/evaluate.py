@@ -1,0 +1,181 @@
+r"""Evaluates a checkpoint on all granularities: ``python -m umg_jax.evaluate --workdir DIR``.
+
+    python -m umg_jax.evaluate --workdir /tmp/umg_tiny                     # held-out synthetic
+    python -m umg_jax.evaluate --workdir /tmp/umg_tiny --data /data/coco_val --step 4000
+    python -m umg_jax.evaluate --workdir DIR --evaluators region,semseg --num_examples 1000
+
+Runs the evaluators of ``umg_jax/evaluators`` (zero-shot classification, image<->text retrieval,
+region classification, open-vocabulary semantic segmentation, panoptic quality) on a data set of
+ArrayRecord shards (any the builders or the synthetic world write; the vocabulary is its
+``meta.json`` category list), writes ``DIR/eval/<step>/metrics.json`` and prints a table.
+The model config comes from the workdir (``config.json``), the data / eval settings from
+``--config`` when given, else from the workdir's config too. Exit status 2 on bad input.
+
+Inside training, ``make_hooks(config)`` returns the same evaluation as a function of the params
+(``config.eval.every_steps``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import ml_collections as mlc
+import numpy as np
+
+ALL = ("zeroshot", "retrieval", "region", "semseg", "panoptic")
+
+
+class EvalError(ValueError):
+    """Bad request (one line; exit status 2)."""
+
+
+def eval_batches(config: mlc.ConfigDict, data_dir: str, num_examples: int, batch_size: int
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """Up to ``num_examples`` held-out examples (whole batches, in order, no augmentation) as
+    numpy batches of the schema contract, read by this process alone."""
+    from umg_jax.data import pipeline
+
+    it = pipeline.make_iterator(config.data, config.model, batch_size=batch_size, train=False,
+                                seed=0, process_index=0, process_count=1, path=data_dir)
+    seen = 0
+    try:
+        for batch in it:
+            if seen >= num_examples:
+                break
+            yield batch
+            seen += batch_size
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def categories(data_dir: str) -> list[str]:
+    """Category names of a data set (its vocabulary), from ``meta.json``."""
+    from umg_jax.data import records
+
+    cats = records.read_meta(data_dir).get("categories") or []
+    if not cats:
+        raise EvalError(f"{data_dir}/meta.json lists no categories: nothing to classify against")
+    return [c["name"] for c in cats]
+
+
+def evaluate_model(model, config: mlc.ConfigDict, data_dir: str, names=ALL,
+                   num_examples: int | None = None) -> dict[str, float]:
+    """Runs the evaluators ``names`` for an encoder (``umg_jax.inference.UMGModel``)."""
+    from umg_jax import evaluators
+
+    n = int(num_examples or config.eval.num_examples)
+    bs = min(int(config.eval.batch_size), n)
+    cats = categories(data_dir)
+    evs = evaluators.make_evaluators(list(names), cats)
+    # One pass over the data feeds every evaluator (images are encoded once per batch).
+    batches = list(eval_batches(config, data_dir, n, bs))
+    if not batches:
+        raise EvalError(f"{data_dir} has fewer than {bs} examples (one evaluation batch)")
+    results: dict[str, float] = {}
+    for ev in evs.values():
+        results.update(ev.run(model, batches))
+    results["num_examples"] = float(len(batches) * bs)
+    return results
+
+
+def make_hooks(config: mlc.ConfigDict) -> dict[str, Callable]:
+    """``{"umg": fn(params) -> metrics}`` for the trainer (held-out split of ``config.data``)."""
+    from umg_jax.data import pipeline
+    from umg_jax.inference import UMGModel
+
+    data_dir = pipeline.ensure_data(config.data, "eval")
+    holder: dict = {}
+
+    def hook(params) -> dict[str, float]:
+        if "model" not in holder:  # compile once, re-use across evaluations
+            holder["model"] = UMGModel(params, config.model)
+        holder["model"].params = params
+        return evaluate_model(holder["model"], config, data_dir)
+
+    return {"umg": hook}
+
+
+def format_table(results: dict[str, float]) -> str:
+    width = max(len(k) for k in results)
+    return "\n".join(f"{k:<{width}}  {v:8.4f}" for k, v in sorted(results.items()))
+
+
+def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
+        step: int | None = None, names=ALL, num_examples: int | None = None) -> dict[str, float]:
+    """The CLI's work: load, evaluate, write ``workdir/eval/<step>/metrics.json``."""
+    from umg_jax import checkpoint
+    from umg_jax.data import pipeline
+    from umg_jax.inference import InputError, load
+
+    unknown = sorted(set(names) - set(ALL))
+    if unknown or not names:
+        raise EvalError(f"unknown evaluators {unknown} (choose from {', '.join(ALL)})")
+    try:
+        ckpt_dir, cfg_file = checkpoint.locate(workdir, step)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    if config is None:
+        if cfg_file is None or cfg_file.name != "config.json":
+            raise EvalError(f"{workdir} has no training config.json: pass --config")
+        config = mlc.ConfigDict(json.loads(cfg_file.read_text()))
+    try:
+        model = load(workdir, step)
+    except InputError as e:
+        raise EvalError(str(e)) from None
+    if data:
+        if not os.path.isdir(data):
+            raise EvalError(f"--data {data!r} is not a directory")
+        data_dir = data
+    else:
+        data_dir = pipeline.ensure_data(config.data, "eval")
+    t0 = time.perf_counter()
+    results = evaluate_model(model, config, data_dir, names, num_examples)
+    results["eval_seconds"] = time.perf_counter() - t0
+    label = ckpt_dir.name if ckpt_dir.name.isdigit() else "import"
+    out = pathlib.Path(workdir) / "eval" / label
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(
+        {"step": label, "data": str(data_dir), "results": results}, indent=1))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from umg_jax import config_lib
+
+    ap = argparse.ArgumentParser(prog="python -m umg_jax.evaluate",
+                                 description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.split("\n")[2:6]))
+    ap.add_argument("--workdir", required=True, help="training workdir or import directory")
+    ap.add_argument("--config", default="", help="configs/x.py for data / eval settings "
+                    "(default: the workdir's config.json)")
+    ap.add_argument("--data", default="", help="directory of ArrayRecord shards + meta.json "
+                    "(default: the held-out split of the config's data)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--evaluators", default=",".join(ALL), help="comma-separated subset of "
+                    + ",".join(ALL))
+    ap.add_argument("--num_examples", type=int, default=None,
+                    help="examples to evaluate (default: config.eval.num_examples)")
+    args = ap.parse_args(argv)
+    try:
+        config = config_lib.load_config(args.config) if args.config else None
+        names = [s.strip() for s in args.evaluators.split(",") if s.strip()]
+        results = run(args.workdir, config=config, data=args.data, step=args.step, names=names,
+                      num_examples=args.num_examples)
+    except (EvalError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
