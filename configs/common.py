@@ -80,6 +80,7 @@ def data_config() -> mlc.ConfigDict:
     d.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio (w / h) range (train only)
     d.flip = True  # random horizontal flip (train only)
     d.prompt_template = "a photo of a {}."  # text of a tag (image tags; uncaptioned regions/masks)
+    d.tag_text_prob = 0.5  # train: chance a region / mask with a caption is paired with a tag prompt
     d.shuffle_seed = 0  # added to the run seed for the Grain shuffle / augmentation seed
     d.num_workers = 0  # Grain worker processes for decode + augment (0 = in-process)
     d.read_threads = 2  # in-process (or per-worker) decode threads of Grain's ReadOptions

@@ -46,3 +46,27 @@ def torch_peers():
 @pytest.fixture(scope="session")
 def torch_mod():
     return torch_peers()
+
+
+def make_tiny_workdir(wd):
+    """A training-workdir layout (full ``config.json`` + ``checkpoints/7/state``) holding random
+    params of a very small model; for tests of everything that loads a trained model."""
+    import pathlib
+
+    import jax
+    import numpy as np
+
+    from umg_jax import checkpoint, config_lib
+    from umg_jax.models import clip
+
+    c = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs/tiny.py"))
+    c.model.vision.update(image_size=32, patch_size=8, width=32, layers=2, heads=2)
+    c.model.text.update(width=32, layers=1, heads=2, context_length=16)
+    c.model.embed_dim = 32
+    c.data.update(max_tags=2, max_regions=4, max_masks=6)
+    c.eval.update(batch_size=8, num_examples=16)
+    (wd / "config.json").write_text(c.to_json_best_effort())
+    params = clip.init_params(c.model, jax.random.key(1))
+    with checkpoint.Checkpointer(wd, every_steps=1, keep=1, async_save=False) as ck:
+        ck.save(7, {"params": params, "step": np.int32(7)})
+    return wd

@@ -2,40 +2,19 @@
 loading a workdir, the encoders against hand computations, bad input, the demo picture."""
 
 import json
-import pathlib
 
-import jax
 import numpy as np
 import pytest
+from conftest import make_tiny_workdir
 
 import umg_jax
-from umg_jax import checkpoint as ckpt_lib
-from umg_jax import config_lib, demo
+from umg_jax import demo
 from umg_jax.inference import InputError
-from umg_jax.models import clip
-
-ROOT = pathlib.Path(__file__).parents[1]
-
-
-def tiny_model_config():
-    c = config_lib.load_config(str(ROOT / "configs/tiny.py"))
-    m = c.model
-    m.vision.update(image_size=32, patch_size=8, width=32, layers=2, heads=2)
-    m.text.update(width=32, layers=1, heads=2, context_length=16)
-    m.embed_dim = 32
-    return c
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A training workdir layout (config.json + checkpoints/<step>/state) with random params."""
-    wd = tmp_path_factory.mktemp("wd")
-    c = tiny_model_config()
-    (wd / "config.json").write_text(c.to_json_best_effort())
-    params = clip.init_params(c.model, jax.random.key(1))
-    with ckpt_lib.Checkpointer(wd, every_steps=1, keep=1, async_save=False) as ck:
-        ck.save(7, {"params": params, "step": np.int32(7)})
-    return wd
+    return make_tiny_workdir(tmp_path_factory.mktemp("wd"))
 
 
 @pytest.fixture(scope="module")

@@ -54,14 +54,14 @@ def eval_batches(config: mlc.ConfigDict, data_dir: str, num_examples: int, batch
             it.close()
 
 
-def categories(data_dir: str) -> list[str]:
-    """Category names of a data set (its vocabulary), from ``meta.json``."""
+def categories(data_dir: str) -> tuple[list[str], list[bool]]:
+    """Category names (the vocabulary) and their thing/stuff flags, from ``meta.json``."""
     from umg_jax.data import records
 
     cats = records.read_meta(data_dir).get("categories") or []
     if not cats:
         raise EvalError(f"{data_dir}/meta.json lists no categories: nothing to classify against")
-    return [c["name"] for c in cats]
+    return [c["name"] for c in cats], [bool(c.get("isthing", True)) for c in cats]
 
 
 def evaluate_model(model, config: mlc.ConfigDict, data_dir: str, names=ALL,
@@ -71,10 +71,10 @@ def evaluate_model(model, config: mlc.ConfigDict, data_dir: str, names=ALL,
 
     n = int(num_examples or config.eval.num_examples)
     bs = min(int(config.eval.batch_size), n)
-    cats = categories(data_dir)
-    evs = evaluators.make_evaluators(list(names), cats)
+    names_, isthing = categories(data_dir)
+    evs = evaluators.make_evaluators(list(names), names_, isthing)
     # One pass over the data feeds every evaluator (images are encoded once per batch).
-    batches = list(eval_batches(config, data_dir, n, bs))
+    batches = evaluators.encode_batches(model, eval_batches(config, data_dir, n, bs))
     if not batches:
         raise EvalError(f"{data_dir} has fewer than {bs} examples (one evaluation batch)")
     results: dict[str, float] = {}

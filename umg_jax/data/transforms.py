@@ -89,6 +89,7 @@ class TransformConfig:
     min_region_frac: float = 0.02  # train: drop boxes covering less of the final image
     min_mask_frac: float = 0.002  # train: drop masks covering less of the final image
     prompt_template: str = "a photo of a {}."  # text for a tag
+    tag_text_prob: float = 0.5  # train: a region / mask with caption AND tags uses a tag prompt
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     strict: bool = False  # raise at the first bad input of any kind
@@ -118,6 +119,7 @@ class TransformConfig:
             min_region_frac=float(data_cfg.min_region_frac),
             min_mask_frac=float(data_cfg.get("min_mask_frac", 0.002)),
             prompt_template=str(data_cfg.get("prompt_template", "a photo of a {}.")),
+            tag_text_prob=float(data_cfg.get("tag_text_prob", 0.5)),
             strict=bool(data_cfg.strict),
         )
 
@@ -523,13 +525,15 @@ def make_example(
         tags = [tags[i] for i in np.sort(rng.permutation(len(tags))[: cfg.max_tags])] if train \
             else tags[: cfg.max_tags]
     tag_texts = [cfg.prompt_template.format(t) for t in tags]
-    region_texts = [
-        d["region_text"][i] or _prompt(d["region_tags"][i], cfg.prompt_template, trng)
-        for i in ridx
-    ]
-    mask_texts = [
-        d["mask_text"][i] or _prompt(d["mask_tags"][i], cfg.prompt_template, trng) for i in midx
-    ]
+    def element_text(caption: str | None, tags: list[str]) -> str:
+        # UMG-CLIP aligns regions / masks with both their captions and their tags: in training
+        # either may be drawn, so that both phrase- and category-style queries work at test time.
+        use_tag = caption is None or (
+            trng is not None and tags and trng.random() < cfg.tag_text_prob)
+        return _prompt(tags, cfg.prompt_template, trng) if use_tag else caption
+
+    region_texts = [element_text(d["region_text"][i], d["region_tags"][i]) for i in ridx]
+    mask_texts = [element_text(d["mask_text"][i], d["mask_tags"][i]) for i in midx]
     texts = [caption or ""] + tag_texts + region_texts + mask_texts
     tokens = np.asarray(tokenize(texts), np.int32)
     empty = np.asarray(tokenize([""]), np.int32)[0]  # filler for padded rows
