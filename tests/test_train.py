@@ -207,3 +207,20 @@ def test_cli_help_and_config_error_exit_status(tmp_path):
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: batch_size 3")
+
+
+def test_init_from_params_checkpoint(tmp_path):
+    """``init.from`` (the layout ``umg_jax.interop.import_torch`` writes) sets the starting
+    params: with a zero learning rate they come out of training unchanged."""
+    config = _config(tmp_path, **{"total_steps": 3, "optim.warmup_steps": 1, "optim.lr": 0.0,
+                                  "ckpt.every_steps": 3})
+    start = clip.init_params(config.model, jax.random.key(42))
+    src = tmp_path / "imported"
+    src.mkdir()
+    ckpt_lib.save_params(src / "params", start)
+    (src / "model_config.json").write_text(config.model.to_json())
+    config.init["from"] = str(src)
+    train.train(config, str(tmp_path / "wd"))
+    _, got = _final_params(str(tmp_path / "wd"), config)
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -90,9 +90,12 @@ def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh):
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite=zero,
-                      skipped=zero)
+    # Three separate scalars: one shared buffer would be donated three times by the train step.
+    def zero():
+        return jnp.zeros((), jnp.int32)
+
+    return TrainState(step=zero(), params=params, opt_state=tx.init(params), nonfinite=zero(),
+                      skipped=zero())
 
 
 def abstract_state(config: mlc.ConfigDict, tx: optax.GradientTransformation) -> TrainState:

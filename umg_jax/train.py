@@ -139,9 +139,11 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         state = init_fn(jax.random.key(config.seed))
         init_from = config.init.get("from", "")
         if init_from:
-            params = ckpt_lib.restore_params_only(init_from, abstract_sh.params)
-            state = step_lib.init_state(params, tx)
-            state = jax.device_put(state, state_sh)
+            # An import dir, a training workdir (latest step) or a params checkpoint.
+            src, _ = ckpt_lib.locate(init_from)
+            params = ckpt_lib.restore_params_only(src, abstract_sh.params)
+            # Built under jit: fresh, distinct output buffers (the state is donated every step).
+            state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
             if is_main:
                 print(f"initialised params from {init_from}", flush=True)
         start = 0
