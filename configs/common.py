@@ -71,6 +71,10 @@ def data_config() -> mlc.ConfigDict:
     d.synthetic_seed = 0  # seed of the generated world
     d.synthetic_image_size = 80  # side of the generated scenes (crops then resize to the model's)
     d.synthetic_num_shards = 4  # ArrayRecord shards of the generated splits
+    # Le: token context of tag / region / mask texts (short phrases; the caption keeps the full
+    # context). The text tower is causal, so texts that fit embed exactly as at full length, and
+    # the text tower's cost for those 20 texts per example drops by L / Le.
+    d.element_context_length = 32
     d.max_tags = 4  # T: image tags per example (padded)
     d.max_regions = 8  # R: regions per example (padded)
     d.max_masks = 8  # M: masks per example (padded)
@@ -80,7 +84,7 @@ def data_config() -> mlc.ConfigDict:
     d.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio (w / h) range (train only)
     d.flip = True  # random horizontal flip (train only)
     d.prompt_template = "a photo of a {}."  # text of a tag (image tags; uncaptioned regions/masks)
-    d.tag_text_prob = 0.5  # train: chance a region / mask with a caption is paired with a tag prompt
+    d.tag_text_prob = 0.5  # train: chance that a captioned region / mask gets a tag prompt
     d.shuffle_seed = 0  # added to the run seed for the Grain shuffle / augmentation seed
     d.num_workers = 0  # Grain worker processes for decode + augment (0 = in-process)
     d.read_threads = 2  # in-process (or per-worker) decode threads of Grain's ReadOptions

@@ -53,6 +53,20 @@ DEFAULT_RULES: list[tuple[str, str]] = [
 ]
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Pins activations ``[B, ...]`` to "batch over data x fsdp, everything else whole" when traced
+    under a mesh (``jax.set_mesh``, as ``step.make_train_step`` does); a no-op otherwise.
+
+    Without it, XLA's partitioner may follow the FSDP-sharded weights and split activations
+    along features instead, turning every block into all-reduces of whole activations (measured:
+    2.3 TB of all-reduce per step for ViT-L at 128 examples per device on a 1 x 8 FSDP mesh).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` of shape ``(data, fsdp, tensor)`` from ``config.mesh``; one size may be -1.
 

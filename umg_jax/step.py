@@ -50,31 +50,36 @@ def needed_text_fields(loss_cfg: mlc.ConfigDict) -> list[tuple[str, str]]:
             if f == "text" or any(loss_cfg.get(w, 0.0) for w in ws)]
 
 
-def texts_per_example(config: mlc.ConfigDict) -> int:
-    """Texts each example sends through the text tower (caption + weighted tags/regions/masks)."""
-    sizes = {"text": 1, "tags": config.data.max_tags, "region_text": config.data.max_regions,
-             "mask_text": config.data.max_masks}
+def texts_per_example(config: mlc.ConfigDict) -> float:
+    """Full-context text-tower passes per example: the caption, plus the weighted tag / region /
+    mask texts scaled by their shorter context ``Le / L`` (for FLOP counts)."""
+    length = config.model.text.context_length
+    short = min(config.data.get("element_context_length") or length, length) / length
+    sizes = {"text": 1, "tags": config.data.max_tags * short,
+             "region_text": config.data.max_regions * short,
+             "mask_text": config.data.max_masks * short}
     return sum(sizes[f] for f, _ in needed_text_fields(config.loss))
 
 
 def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDict) -> dict:
-    """Runs both towers on a batch. Every text field is encoded in one text-tower call.
+    """Runs both towers on a batch: the captions in one text-tower call, every other text field
+    (tags / region / mask texts, shorter context ``Le``) in a second one.
 
     Returns ``img [B, E]``, ``dense [B, gh, gw, E]``, ``txt [B, E]``, ``tags_txt [B, T, E]``,
     ``region_txt [B, R, E]``, ``mask_txt [B, M, E]`` (those with a weight), ``scales``, ``biases``.
     """
     v = {"params": params}
     out = dict(model.apply(v, batch["image"], method=clip.CLIP.encode_image))
-    fields = needed_text_fields(loss_cfg)
-    b = batch["text"].shape[0]
-    toks = [batch[f].reshape(b, -1, batch[f].shape[-1]) for f, _ in fields]
-    sizes = [t.shape[1] for t in toks]
-    emb = model.apply(v, jnp.concatenate(toks, axis=1), method=clip.CLIP.encode_text)
-    start = 0
-    for (f, name), n in zip(fields, sizes, strict=True):
-        e = emb[:, start:start + n]
-        out[name] = e[:, 0] if f == "text" else e
-        start += n
+    out["txt"] = model.apply(v, batch["text"], method=clip.CLIP.encode_text)
+    fields = [(f, o) for f, o in needed_text_fields(loss_cfg) if f != "text"]
+    if fields:
+        toks = [batch[f] for f, _ in fields]  # each [B, n, Le]
+        sizes = [t.shape[1] for t in toks]
+        emb = model.apply(v, jnp.concatenate(toks, axis=1), method=clip.CLIP.encode_text)
+        start = 0
+        for (_, name), n in zip(fields, sizes, strict=True):
+            out[name] = emb[:, start:start + n]
+            start += n
     out.update(model.apply(v, method=clip.CLIP.temperatures))
     return out
 
@@ -123,7 +128,11 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: 
     cap = config.model.logit_scale_max
 
     def step_fn(state: TrainState, batch: dict):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        # The abstract mesh lets the model pin its activations to the batch axes
+        # (sharding.constrain_batch); the shard_map losses name the mesh explicitly.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params,
+                                                                               batch)
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)

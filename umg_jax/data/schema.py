@@ -34,19 +34,20 @@ Every module that produces or consumes data speaks these three forms; nothing el
 
 3. Batch (global batch B, static shapes; what the model, the losses and evaluators consume)
 ------------------------------------------------------------------------------------------
-   L = context length (77), T = max tags, R = max regions, M = max masks, (gh, gw) = feature grid
+   L = context length (77), Le = context of tag / region / mask texts (<= L), T = max tags,
+   R = max regions, M = max masks, (gh, gw) = feature grid
    = image_size // patch_size.
 
     image          [B, H, W, 3]    float32  normalised with the model's mean / std
     text           [B, L]          int32    one image caption per example (drawn at random)
     text_valid     [B]             bool     False when the example has no caption
-    tags           [B, T, L]       int32    image tags, each tokenised as a prompt
+    tags           [B, T, Le]      int32    image tags, each tokenised as a prompt
     tags_valid     [B, T]          bool
     region_boxes   [B, R, 4]       float32  normalised (x0, y0, x1, y1) in [0, 1] of the final image
-    region_text    [B, R, L]       int32    region caption, else a prompt from its tags
+    region_text    [B, R, Le]      int32    region caption, else a prompt from its tags
     region_valid   [B, R]          bool
     mask_area      [B, M, gh, gw]  float32  fraction of each feature cell covered by the mask
-    mask_text      [B, M, L]       int32    mask caption, else a prompt from its tags
+    mask_text      [B, M, Le]      int32    mask caption, else a prompt from its tags
     mask_valid     [B, M]          bool
     pixel_target   [B, gh, gw]     int32    index into the image's masks of the dominant segment in
                                             each cell, -1 = unlabeled / ignore
@@ -78,13 +79,13 @@ BATCH_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
     "image": (("B", "H", "W", "3"), np.float32),
     "text": (("B", "L"), np.int32),
     "text_valid": (("B",), np.bool_),
-    "tags": (("B", "T", "L"), np.int32),
+    "tags": (("B", "T", "Le"), np.int32),
     "tags_valid": (("B", "T"), np.bool_),
     "region_boxes": (("B", "R", "4"), np.float32),
-    "region_text": (("B", "R", "L"), np.int32),
+    "region_text": (("B", "R", "Le"), np.int32),
     "region_valid": (("B", "R"), np.bool_),
     "mask_area": (("B", "M", "gh", "gw"), np.float32),
-    "mask_text": (("B", "M", "L"), np.int32),
+    "mask_text": (("B", "M", "Le"), np.int32),
     "mask_valid": (("B", "M"), np.bool_),
     "pixel_target": (("B", "gh", "gw"), np.int32),
     "region_class": (("B", "R"), np.int32),
@@ -105,6 +106,7 @@ def batch_dims(
     max_regions: int,
     max_masks: int,
     context_length: int = CONTEXT_LENGTH,
+    element_context_length: int | None = None,
 ) -> dict[str, int]:
     """The symbol -> size table used by :func:`batch_shapes`."""
     if image_size % patch_size:
@@ -112,7 +114,8 @@ def batch_dims(
     g = image_size // patch_size
     return {
         "B": batch_size, "H": image_size, "W": image_size, "3": 3, "4": 4,
-        "L": context_length, "T": max_tags, "R": max_regions, "M": max_masks,
+        "L": context_length, "Le": min(element_context_length or context_length, context_length),
+        "T": max_tags, "R": max_regions, "M": max_masks,
         "gh": g, "gw": g,
     }
 
@@ -133,6 +136,7 @@ def batch_shapes_from_config(config, batch_size: int | None = None):
         max_regions=config.data.max_regions,
         max_masks=config.data.max_masks,
         context_length=config.model.text.context_length,
+        element_context_length=config.data.get("element_context_length"),
     )
 
 

@@ -79,6 +79,7 @@ class TransformConfig:
     image_size: int  # S: output image side
     patch_size: int  # p: feature cell side; grid = S // p
     context_length: int = schema.CONTEXT_LENGTH  # L
+    element_context_length: int | None = None  # Le: tags / region / mask texts (None = L)
     max_tags: int = 4  # T
     max_regions: int = 8  # R
     max_masks: int = 8  # M
@@ -93,6 +94,10 @@ class TransformConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     strict: bool = False  # raise at the first bad input of any kind
+
+    @property
+    def element_length(self) -> int:
+        return min(self.element_context_length or self.context_length, self.context_length)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -109,6 +114,7 @@ class TransformConfig:
             image_size=int(model_cfg.vision.image_size),
             patch_size=int(model_cfg.vision.patch_size),
             context_length=int(model_cfg.text.context_length),
+            element_context_length=data_cfg.get("element_context_length"),
             max_tags=int(data_cfg.max_tags),
             max_regions=int(data_cfg.max_regions),
             max_masks=int(data_cfg.max_masks),
@@ -483,7 +489,7 @@ def make_example(
       raw: the record bytes.
       rng: per-example generator (train: crop, flip, caption / tag choice); unused in eval.
       cfg: the transform settings.
-      tokenize: ``list[str] -> [N, L] int32`` (``tokenizer.get_tokenizer(L)``).
+      tokenize: ``(list[str], length) -> [N, length] int32`` (``tokenizer.get_tokenizer(L)``).
 
     Returns the batch keys of ``schema.BATCH_KEYS`` (shapes there, without B) plus
     ``label [] int32`` (category of the largest thing mask in the final image, -1 if none) and
@@ -534,16 +540,20 @@ def make_example(
 
     region_texts = [element_text(d["region_text"][i], d["region_tags"][i]) for i in ridx]
     mask_texts = [element_text(d["mask_text"][i], d["mask_tags"][i]) for i in midx]
-    texts = [caption or ""] + tag_texts + region_texts + mask_texts
-    tokens = np.asarray(tokenize(texts), np.int32)
-    empty = np.asarray(tokenize([""]), np.int32)[0]  # filler for padded rows
-    L = cfg.context_length
-    if tokens.shape != (len(texts), L):
-        raise ValueError(f"tokenizer returned {tokens.shape}, expected {(len(texts), L)}")
+    # The caption at the full context L; tags / region / mask texts (short phrases) at Le <= L.
+    # The text tower is causal, so a text that fits in Le embeds exactly as it would at L.
+    L, Le = cfg.context_length, cfg.element_length
+    cap_tokens = np.asarray(tokenize([caption or ""], L), np.int32)
+    elements = tag_texts + region_texts + mask_texts
+    tokens = np.asarray(tokenize(elements + [""], Le), np.int32)
+    empty = tokens[-1]  # filler for padded rows
+    if cap_tokens.shape != (1, L) or tokens.shape != (len(elements) + 1, Le):
+        raise ValueError(f"tokenizer returned {cap_tokens.shape} / {tokens.shape}, expected "
+                         f"{(1, L)} / {(len(elements) + 1, Le)}")
     nt, nr, nm = len(tag_texts), len(region_texts), len(mask_texts)
 
     def padded(rows: np.ndarray, n: int) -> np.ndarray:
-        out = np.broadcast_to(empty, (n, L)).copy()
+        out = np.broadcast_to(empty, (n, Le)).copy()
         out[: len(rows)] = rows
         return out
 
@@ -565,15 +575,15 @@ def make_example(
 
     return {
         "image": image,
-        "text": tokens[0],
+        "text": cap_tokens[0],
         "text_valid": np.bool_(caption is not None),
-        "tags": padded(tokens[1 : 1 + nt], T),
+        "tags": padded(tokens[:nt], T),
         "tags_valid": np.arange(T) < nt,
         "region_boxes": region_boxes,
-        "region_text": padded(tokens[1 + nt : 1 + nt + nr], R),
+        "region_text": padded(tokens[nt : nt + nr], R),
         "region_valid": np.arange(R) < nr,
         "mask_area": mask_area,
-        "mask_text": padded(tokens[1 + nt + nr :], M),
+        "mask_text": padded(tokens[nt + nr : nt + nr + nm], M),
         "mask_valid": np.arange(M) < nm,
         "pixel_target": pixel_target(segmap, nm, p),
         "region_class": region_class,
@@ -599,12 +609,12 @@ class ExampleTransform:
     def __setstate__(self, state):
         self.cfg, self._tokenizer = state["cfg"], None
 
-    def tokenize(self, texts: list[str]) -> np.ndarray:
+    def tokenize(self, texts: list[str], context_length: int | None = None) -> np.ndarray:
         if self._tokenizer is None:
             from umg_jax.data import tokenizer
 
             self._tokenizer = tokenizer.get_tokenizer(self.cfg.context_length)
-        return self._tokenizer(texts)
+        return self._tokenizer(texts, context_length)
 
     def __call__(self, raw: bytes, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         return make_example(raw, rng, self.cfg, self.tokenize)

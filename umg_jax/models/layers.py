@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from umg_jax.sharding import constrain_batch
+
 Dtype = Any
 
 
@@ -136,6 +138,7 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, _unused: Any = None):
         """``x [B, N, D]`` -> ``[B, N, D]`` (or ``(x, None)`` when ``return_carry``)."""
+        x = constrain_batch(x)
         proj_std = (self.width ** -0.5) * ((2 * self.layers) ** -0.5)
         ln_1 = layer_norm(self.ln_eps, "ln_1")
         attn = Attention(self.width, self.heads, dtype=self.dtype, out_std=proj_std, name="attn")

@@ -31,16 +31,20 @@ class TextTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """``tokens [N, L] int32`` -> ``[N, E] float32`` (unnormalised)."""
+        """``tokens [N, L'] int32``, ``L' <= context_length`` -> ``[N, E] float32`` (unnormalised).
+
+        Shorter sequences use the first ``L'`` positional embeddings; with the causal mask the
+        embedding of a text that fits in ``L'`` tokens is the same as at the full context.
+        """
         n, length = tokens.shape
-        if length != self.context_length:
-            raise ValueError(f"text has length {length}, the model's context is "
+        if length > self.context_length:
+            raise ValueError(f"text has length {length}, more than the model's context "
                              f"{self.context_length}")
         x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
                      param_dtype=jnp.float32, name="token_embedding")(tokens)
         pos = self.param("positional_embedding", nn.initializers.normal(0.01),
                          (self.context_length, self.width), jnp.float32)
-        x = (x + pos).astype(self.dtype)
+        x = (x + pos[:length]).astype(self.dtype)
         x = Transformer(
             width=self.width, layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio,
             act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, causal=True, remat=self.remat,

@@ -19,7 +19,8 @@ from umg_jax.models.layers import Dtype, Transformer, layer_norm
 
 class PatchEmbed(nn.Module):
     """Stride-``p`` convolution without bias, written as patchify + matmul (same maths, same
-    speed on XLA). Param ``kernel [p, p, 3, D]`` = PyTorch ``conv1.weight.transpose(2, 3, 1, 0)``."""
+    speed on XLA). Param ``kernel [p, p, 3, D]`` = PyTorch
+    ``conv1.weight.transpose(2, 3, 1, 0)``."""
 
     patch_size: int
     width: int
@@ -40,7 +41,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """``encode`` returns the global embedding ``[B, E]`` and dense embeddings ``[B, gh, gw, E]``."""
+    """``encode`` returns the global embedding ``[B, E]`` and dense embeddings
+    ``[B, gh, gw, E]``."""
 
     image_size: int
     patch_size: int
