@@ -1,0 +1,71 @@
+"""Pod dry run (umg_jax/dryrun.py): the real train step compiled for a fake mesh, per-device
+bytes against hand counts, FLOPs against the analytic count, the verdict and the CLI."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from umg_jax import config_lib, dryrun, optim
+from umg_jax.models import clip
+
+ROOT = pathlib.Path(__file__).parents[1]
+V4 = {"hbm_gib": 32, "bf16_tflops": 275}
+
+
+def _tiny(**mesh):
+    c = config_lib.load_config(str(ROOT / "configs/tiny.py"))
+    c.mesh.update(mesh)
+    return c
+
+
+@pytest.fixture(scope="module")
+def replicated():
+    c = _tiny(data=8, fsdp=1)
+    return c, dryrun.analyse(c, target=V4)
+
+
+def test_bytes_match_parameter_count(replicated):
+    c, r = replicated
+    n = optim.count_params(clip.abstract_params(c.model))
+    b = r["bytes_per_device"]
+    assert b["params"] == 4 * n  # float32, replicated on a pure data-parallel mesh
+    assert 2 * 4 * n <= b["opt_state"] <= 2 * 4 * n + 64  # Adam mu + nu (+ step counters)
+    assert b["total"] >= b["params"] + b["opt_state"] and r["fits"]
+    assert r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_fsdp_splits_the_state(replicated):
+    _, full = replicated
+    r = dryrun.analyse(_tiny(data=2, fsdp=4), target=V4)
+    ratio = r["bytes_per_device"]["params"] / full["bytes_per_device"]["params"]
+    assert 0.25 <= ratio < 0.26  # all big matrices split 4 ways; norms / biases replicated
+    assert r["collective_bytes_per_device"].get("all-gather", 0) > 0  # FSDP gathers weights
+
+
+def test_xla_flops_close_to_analytic(replicated):
+    _, r = replicated
+    f = r["flops_per_step"]
+    # analytic = matmuls only; XLA also counts elementwise ops and the losses: within 15 %
+    assert 1.0 <= f["xla_per_device"] / f["analytic_per_device"] <= 1.15
+
+
+def test_verdict_against_a_small_device(replicated):
+    c, _ = replicated
+    r = dryrun.analyse(c, target={"hbm_gib": 0.1, "bf16_tflops": 1})
+    assert not r["fits"] and r["margin_gib"] < 0
+
+
+def test_cli_table_and_errors(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "umg_jax.dryrun", "--config", "configs/tiny.py", "--devices", "4",
+         "--json", str(tmp_path / "r.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "per-device memory" in out.stdout and "yes" in out.stdout
+    assert (tmp_path / "r.json").read_text().startswith("{")
+    bad = subprocess.run(
+        [sys.executable, "-m", "umg_jax.dryrun", "--config", "configs/tiny.py", "--devices", "4",
+         "--config.batch_size=6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "not divisible" in bad.stderr
