@@ -241,7 +241,9 @@ def _run_hooks(hooks: dict, params, step: int) -> dict:
     results = {}
     for name, hook in hooks.items():
         t0 = time.perf_counter()
-        results.update({f"eval/{k}": v for k, v in hook(params).items()})
+        # Counts (examples, boxes, masks evaluated) are constants of the eval set, not curves.
+        results.update({f"eval/{k}": v for k, v in hook(params).items()
+                        if not k.endswith(("count", "num_examples"))})
         logging.info("eval %s took %.1fs", name, time.perf_counter() - t0)
     if jax.process_index() == 0:
         print(f"eval @ {step}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())),
