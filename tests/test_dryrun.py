@@ -69,3 +69,37 @@ def test_cli_table_and_errors(tmp_path):
         [sys.executable, "-m", "umg_jax.dryrun", "--config", "configs/tiny.py", "--devices", "4",
          "--config.batch_size=6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not divisible" in bad.stderr
+
+
+def test_dry_run_equals_a_real_compile(replicated):
+    """Compiling the step on real (allocated) state and batch gives the same memory analysis as
+    the abstract dry run."""
+    import jax
+    import numpy as np
+
+    from umg_jax import sharding, step as step_lib
+    from umg_jax.data import schema
+
+    c, r = replicated
+    mesh = sharding.make_mesh(c.mesh)
+    tx, _ = optim.make_optimizer(c.optim, clip.abstract_params(c.model), c.total_steps)
+    state_sh = step_lib.state_shardings(step_lib.abstract_state(c, tx), mesh)
+    shapes = schema.batch_shapes_from_config(c)
+    fn = step_lib.make_train_step(clip.build_model(c.model), tx, c, mesh, state_sh, shapes)
+    state = jax.jit(lambda k: step_lib.init_state(clip.init_params(c.model, k), tx),
+                    out_shardings=state_sh)(jax.random.key(0))
+    batch = sharding.put_batch({k: np.zeros(s, d) for k, (s, d) in shapes.items()}, mesh)
+    mem = fn.lower(state, batch).compile().memory_analysis()
+    assert mem.temp_size_in_bytes == r["bytes_per_device"]["temp_xla"]
+    assert mem.argument_size_in_bytes == r["bytes_per_device"]["arguments_xla"]
+
+
+def test_cli_does_not_fit_exit_1_and_sweep(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "umg_jax.dryrun", "--config", "configs/tiny.py", "--devices", "4",
+         "--target", "tpu-v5e", "--sweep", "batch_size=32,65536"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-2000:]
+    rows = [x for x in out.stdout.splitlines() if x.startswith("batch_size=") and ":" not in x]
+    assert len(rows) == 2 and " yes " in rows[0] and " NO " in rows[1]
+    assert "batch_size=65536: does not fit by" in out.stdout
