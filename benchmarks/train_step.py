@@ -1,0 +1,171 @@
+"""Train-step speed: our jitted step vs open_clip's PyTorch step, same architecture and batch.
+
+    python benchmarks/train_step.py [--models tiny,b16] [--steps 4] [--batch 16]
+
+For each model: our step (``umg_jax.step.make_train_step`` on a 1-device mesh, AdamW) with the
+CLIP-only loss (image <-> caption; comparable to open_clip) and with the full UMG loss (tags,
+regions, masks, pixels), float32; and open_clip's ``CLIP`` of the same shapes with its
+``ClipLoss`` and ``torch.optim.AdamW``, float32 and bf16 autocast. Random inputs of the batch
+contract. 2 warm-up steps, then ``--steps`` timed steps (median). MFU = analytic model FLOPs
+(``umg_jax.metrics.clip_train_flops``) / step time / ``--peak`` (430 GFLOP/s: the measured fp32
+matmul peak of the 2-core CPU). Prints a table, writes ``benchmarks/results/train_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = {
+    "tiny": ("configs/tiny.py", {}),
+    "b16": ("configs/vit_b16.py", {}),
+}
+
+
+def _config(name: str, batch: int, umg: bool):
+    from umg_jax import config_lib
+
+    path, over = MODELS[name]
+    c = config_lib.load_config(str(ROOT / path))
+    c.batch_size = batch
+    c.mesh.data = 1
+    c.model.remat = False
+    c.model.scan = False
+    c.model.dtype = "float32"
+    if not umg:
+        c.loss.update(w_tags=0.0, w_region=0.0, w_mask=0.0, w_pixel=0.0)
+    for k, v in over.items():
+        c[k] = v
+    return c
+
+
+def time_ours(name: str, batch: int, steps: int, umg: bool) -> dict:
+    import jax
+    import numpy as np
+
+    from umg_jax import metrics, optim, sharding
+    from umg_jax import step as step_lib
+    from umg_jax.data import schema
+    from umg_jax.models import clip
+
+    c = _config(name, batch, umg)
+    mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+    tx, _ = optim.make_optimizer(c.optim, clip.abstract_params(c.model), 1000)
+    state_sh = step_lib.state_shardings(step_lib.abstract_state(c, tx), mesh)
+    shapes = schema.batch_shapes_from_config(c)
+    fn = step_lib.make_train_step(clip.build_model(c.model), tx, c, mesh, state_sh, shapes)
+    state = jax.jit(lambda k: step_lib.init_state(clip.init_params(c.model, k), tx),
+                    out_shardings=state_sh)(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    host = {}
+    for k, (s, d) in shapes.items():
+        if d == np.float32:
+            host[k] = rng.normal(size=s).astype(d) if k == "image" else rng.random(s).astype(d)
+        elif d == np.bool_:
+            host[k] = np.ones(s, bool)
+        else:
+            host[k] = rng.integers(1, 400, s).astype(d)
+    host["pixel_target"] = rng.integers(0, c.data.max_masks, shapes["pixel_target"][0]).astype(
+        np.int32)
+    batch_arr = sharding.put_batch(host, mesh)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        state, m = fn(state, batch_arr)
+        jax.block_until_ready(m["loss"])
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    flops = metrics.clip_train_flops(c.model, batch, step_lib.texts_per_example(c))
+    return {"step_s": t, "img_s": batch / t, "flops": flops}
+
+
+def time_open_clip(name: str, batch: int, steps: int, bf16: bool) -> dict | None:
+    try:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import torch_peers
+
+        torch = torch_peers()
+        import open_clip
+    except Exception as e:  # noqa: BLE001 - optional peer
+        return {"error": f"open_clip unavailable: {e}"}
+    c = _config(name, batch, umg=False)
+    m = c.model
+    vision = open_clip.CLIPVisionCfg(layers=m.vision.layers, width=m.vision.width,
+                                     head_width=m.vision.width // m.vision.heads,
+                                     patch_size=m.vision.patch_size, image_size=m.vision.image_size)
+    text = open_clip.CLIPTextCfg(context_length=m.text.context_length, vocab_size=m.text.vocab_size,
+                                 width=m.text.width, heads=m.text.heads, layers=m.text.layers)
+    model = open_clip.CLIP(m.embed_dim, vision, text, quick_gelu=m.act == "quick_gelu")
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    img = torch.randn(batch, 3, m.vision.image_size, m.vision.image_size)
+    txt = torch.randint(1, 400, (batch, m.text.context_length))
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            f_img, f_txt, scale = model(img, txt)
+            loss = loss_fn(f_img, f_txt, scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"step_s": t, "img_s": batch / t}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="tiny,b16")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch", default="tiny=32,b16=8", help="per-model batch, name=size,...")
+    ap.add_argument("--peak", type=float, default=430e9, help="FLOP/s for MFU")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_step.json"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    batches = dict(kv.split("=") for kv in args.batch.split(","))
+    rows = []
+    for name in args.models.split(","):
+        b = int(batches.get(name, 8))
+        ours_clip = time_ours(name, b, args.steps, umg=False)
+        ours_umg = time_ours(name, b, args.steps, umg=True)
+        oc32 = time_open_clip(name, b, args.steps, bf16=False)
+        oc16 = time_open_clip(name, b, args.steps, bf16=True)
+        row = {"model": name, "batch": b, "ours_clip_f32": ours_clip, "ours_umg_f32": ours_umg,
+               "open_clip_f32": oc32, "open_clip_bf16": oc16,
+               "mfu_ours_clip": ours_clip["flops"] / ours_clip["step_s"] / args.peak,
+               "umg_over_clip_step": ours_umg["step_s"] / ours_clip["step_s"]}
+        if oc32 and "step_s" in oc32:
+            row["speedup_vs_open_clip_f32"] = oc32["step_s"] / ours_clip["step_s"]
+        if oc16 and "step_s" in oc16:
+            row["speedup_vs_open_clip_bf16"] = oc16["step_s"] / ours_clip["step_s"]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
+    head = (f"{'model':<6}{'batch':>6}{'ours img/s':>12}{'MFU':>7}{'open_clip f32':>15}"
+            f"{'x':>7}{'open_clip bf16':>16}{'x':>7}{'UMG/CLIP step':>15}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        oc32 = r["open_clip_f32"].get("img_s", float("nan"))
+        oc16 = r["open_clip_bf16"].get("img_s", float("nan"))
+        print(f"{r['model']:<6}{r['batch']:>6}{r['ours_clip_f32']['img_s']:>12.2f}"
+              f"{100 * r['mfu_ours_clip']:>6.0f}%{oc32:>15.2f}"
+              f"{r.get('speedup_vs_open_clip_f32', float('nan')):>7.2f}{oc16:>16.2f}"
+              f"{r.get('speedup_vs_open_clip_bf16', float('nan')):>7.2f}"
+              f"{r['umg_over_clip_step']:>15.2f}")
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"peak_flops": args.peak, "load": os.getloadavg(), "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
