@@ -176,6 +176,17 @@ def init_config() -> mlc.ConfigDict:
     return i
 
 
+def peft_config() -> mlc.ConfigDict:
+    """Parameter-efficient tuning (owner: umg_jax/peft). On: the backbone is frozen and only LoRA
+    factors train; checkpoints hold {"base", "lora"}, export / inference merge them."""
+    p = mlc.ConfigDict()
+    p.enabled = False  # LoRA on the kernels matched by targets; everything else frozen
+    p.rank = 8  # LoRA rank r
+    p.alpha = 16.0  # LoRA scale numerator: delta = (alpha / rank) * A @ B
+    p.targets = (r"attn/(query|key|value|out)/kernel$", r"mlp/c_(fc|proj)/kernel$")  # regexes
+    return p
+
+
 def eval_config() -> mlc.ConfigDict:
     """Periodic evaluation during training (owner: umg_jax/evaluate.py)."""
     e = mlc.ConfigDict()

@@ -272,14 +272,36 @@ def read_model_config(path: str | pathlib.Path):
     return mlc.ConfigDict(d["model"] if "model" in d and "vision" not in d else d)
 
 
-def load_params(path: str | pathlib.Path, model_cfg) -> PyTree:
+def read_peft_config(path: str | pathlib.Path | None):
+    """The ``config.peft`` section of a workdir ``config.json`` when PEFT was on, else None."""
+    import ml_collections as mlc
+
+    if path is None:
+        return None
+    try:
+        d = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    peft = d.get("peft") if isinstance(d, dict) else None
+    return mlc.ConfigDict(peft) if peft and peft.get("enabled") else None
+
+
+def load_params(path: str | pathlib.Path, model_cfg, peft_cfg=None) -> PyTree:
     """Params of ``model_cfg`` as numpy arrays from a params checkpoint or a training step
-    directory (see :func:`locate`); the optimizer state is not read."""
+    directory (see :func:`locate`); the optimizer state is not read. With ``peft_cfg`` (a PEFT
+    run, :func:`read_peft_config`) the checkpoint holds ``{"base", "lora"}`` and the LoRA deltas
+    are merged: the result is always a plain CLIP tree."""
     from umg_jax.models import clip
 
     dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = clip.abstract_params(model_cfg)
+    if peft_cfg is not None:
+        from umg_jax.peft import lora
+
+        abstract = {"base": abstract, "lora": jax.eval_shape(
+            lambda: lora.init(clip.abstract_params(model_cfg), peft_cfg, jax.random.key(0)))}
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                            clip.abstract_params(model_cfg))
+                            abstract)
     try:
         params = restore_params_only(path, abstract)
     except FileNotFoundError:
@@ -287,4 +309,8 @@ def load_params(path: str | pathlib.Path, model_cfg) -> PyTree:
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a tree mismatch
         raise ValueError(f"cannot restore params of this model config from {path}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if peft_cfg is not None:
+        from umg_jax.peft import lora
+
+        return lora.merge(params["base"], params["lora"], peft_cfg)
     return jax.tree.map(np.asarray, params)

@@ -64,8 +64,9 @@ def analyse(config, *, target: dict, mfu: float = 0.4, devices=None) -> dict:
     config_checks.validate(config, num_devices=len(devices))
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     model = clip.build_model(config.model)
-    tx, _ = optim.make_optimizer(config.optim, clip.abstract_params(config.model),
-                                 config.total_steps)
+    tx, _ = optim.make_optimizer(
+        config.optim, jax.eval_shape(lambda: step_lib.init_params(config, jax.random.key(0))),
+        config.total_steps, freeze=step_lib.frozen_regexes(config))
     abstract = step_lib.abstract_state(config, tx)
     state_sh = step_lib.state_shardings(abstract, mesh)
     shapes = schema.batch_shapes_from_config(config)

@@ -92,7 +92,10 @@ def make_hooks(config: mlc.ConfigDict) -> dict[str, Callable]:
     data_dir = pipeline.ensure_data(config.data, "eval")
     holder: dict = {}
 
+    from umg_jax import step as step_lib
+
     def hook(params) -> dict[str, float]:
+        params = step_lib.effective_params(params, config)  # LoRA merged when PEFT is on
         if "model" not in holder:  # compile once, re-use across evaluations
             holder["model"] = UMGModel(params, config.model)
         holder["model"].params = params

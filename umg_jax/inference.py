@@ -183,7 +183,7 @@ def load(workdir_or_checkpoint: str, step: int | None = None) -> UMGModel:
             raise InputError(f"{workdir_or_checkpoint!r} has neither config.json (training "
                              "workdir) nor model_config.json (import directory)")
         model_cfg = checkpoint.read_model_config(cfg_file)
-        params = checkpoint.load_params(ckpt, model_cfg)
+        params = checkpoint.load_params(ckpt, model_cfg, checkpoint.read_peft_config(cfg_file))
     except (FileNotFoundError, ValueError) as e:
         if isinstance(e, InputError):
             raise

@@ -193,13 +193,16 @@ def scale_by_tree(multipliers: PyTree) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(optim_cfg: mlc.ConfigDict, params_or_abstract: PyTree, total_steps: int
+def make_optimizer(optim_cfg: mlc.ConfigDict, params_or_abstract: PyTree, total_steps: int,
+                   freeze: Sequence[str] | None = None
                    ) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
     """Builds the optimizer from ``config.optim`` (configs/common.py:optim_config).
 
     ``params_or_abstract``: the params tree (arrays or ``ShapeDtypeStruct``), only its structure,
     paths and shapes are used. ``total_steps``: optimizer steps of the run (schedule length).
-    Returns ``(tx, schedule_fn)``; ``schedule_fn(optimizer_step) -> lr`` for logging (the base lr,
+    ``freeze``: regexes of frozen param paths (default ``optim_cfg.freeze``; the trainer passes
+    ``step.frozen_regexes(config)``, which adds the PEFT backbone). Returns
+    ``(tx, schedule_fn)``; ``schedule_fn(optimizer_step) -> lr`` for logging (the base lr,
     before layer-decay multipliers).
     """
     o = optim_cfg
@@ -215,7 +218,7 @@ def make_optimizer(optim_cfg: mlc.ConfigDict, params_or_abstract: PyTree, total_
     if o.grad_accum > 1:
         inner = optax.MultiSteps(inner, every_k_schedule=o.grad_accum).gradient_transformation()
 
-    freeze = tuple(o.freeze or ())
+    freeze = tuple(o.freeze or ()) if freeze is None else tuple(freeze)
     frozen = param_labels(params_or_abstract, freeze)
     for rx in freeze:
         if not any(re.fullmatch(rx, p) for p in flat_paths(params_or_abstract)):

@@ -84,11 +84,43 @@ def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDic
     return out
 
 
+def peft_enabled(config: mlc.ConfigDict) -> bool:
+    return bool(config.get("peft", {}).get("enabled", False))
+
+
+def init_params(config: mlc.ConfigDict, rng: jax.Array, base=None):
+    """The trainable parameter tree: CLIP params, or ``{"base", "lora"}`` with PEFT on
+    (``base``: given backbone params, e.g. imported; else initialised from ``rng``)."""
+    k_base, k_lora = jax.random.split(rng)
+    if base is None:
+        base = clip.init_params(config.model, k_base)
+    if not peft_enabled(config):
+        return base
+    from umg_jax.peft import lora
+
+    return {"base": base, "lora": lora.init(base, config.peft, k_lora)}
+
+
+def effective_params(params, config: mlc.ConfigDict):
+    """The CLIP params the model runs with (LoRA deltas applied when PEFT is on)."""
+    if not peft_enabled(config):
+        return params
+    from umg_jax.peft import lora
+
+    return lora.apply(params["base"], params["lora"], config.peft)
+
+
+def frozen_regexes(config: mlc.ConfigDict) -> tuple[str, ...]:
+    """Param-path regexes the optimizer must not update (the backbone under PEFT)."""
+    return tuple(config.optim.get("freeze", ()) or ()) + (("base/.*",) if peft_enabled(config)
+                                                          else ())
+
+
 def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh):
     """``loss_fn(params, batch) -> (total, metrics)``."""
 
     def loss_fn(params, batch):
-        outputs = model_outputs(model, params, batch, config.loss)
+        outputs = model_outputs(model, effective_params(params, config), batch, config.loss)
         return umg_losses.umg_loss(outputs, batch, config.loss, mesh)
 
     return loss_fn
@@ -105,8 +137,7 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 def abstract_state(config: mlc.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
     """Shapes of the whole train state, nothing allocated."""
-    return jax.eval_shape(lambda: init_state(clip.init_params(config.model, jax.random.key(0)),
-                                             tx))
+    return jax.eval_shape(lambda: init_state(init_params(config, jax.random.key(0)), tx))
 
 
 def state_shardings(abstract: TrainState, mesh: Mesh, rules=None) -> TrainState:
@@ -158,6 +189,8 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: 
 
 
 def clamp_logit_scales(params, cap: float):
-    """Clamps every ``logit_scale*`` top-level param to ``<= cap``."""
+    """Clamps every ``logit_scale*`` top-level CLIP param to ``<= cap``."""
+    if "base" in params and "lora" in params:  # PEFT tree: the scales live in the base
+        return dict(params, base=clamp_logit_scales(params["base"], cap))
     return {k: (jnp.minimum(v, cap) if k.startswith("logit_scale") else v)
             for k, v in params.items()}

@@ -113,8 +113,9 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- model & optimizer
     model = clip.build_model(config.model)
-    abstract_params = clip.abstract_params(config.model)
-    tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+    abstract_params = jax.eval_shape(lambda: step_lib.init_params(config, jax.random.key(0)))
+    tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps,
+                                        freeze=step_lib.frozen_regexes(config))
     abstract = step_lib.abstract_state(config, tx)
     state_sh = step_lib.state_shardings(abstract, mesh)
     train_step = step_lib.make_train_step(model, tx, config, mesh, state_sh, batch_shapes)
@@ -134,16 +135,21 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         if is_main:
             print(f"resumed from {ckpt.directory}/{start}", flush=True)
     else:
-        init_fn = jax.jit(lambda r: step_lib.init_state(clip.init_params(config.model, r), tx),
-                          out_shardings=state_sh)
-        state = init_fn(jax.random.key(config.seed))
+        rng = jax.random.key(config.seed)
         init_from = config.init.get("from", "")
-        if init_from:
-            # An import dir, a training workdir (latest step) or a params checkpoint.
+        if not init_from:
+            state = jax.jit(lambda r: step_lib.init_state(step_lib.init_params(config, r), tx),
+                            out_shardings=state_sh)(rng)
+        else:
+            # An import dir, a training workdir (latest step) or a params checkpoint; with PEFT
+            # these are the frozen backbone's params.
             src, _ = ckpt_lib.locate(init_from)
-            params = ckpt_lib.restore_params_only(src, abstract_sh.params)
+            target = abstract_sh.params["base"] if step_lib.peft_enabled(config) \
+                else abstract_sh.params
+            base = ckpt_lib.restore_params_only(src, target)
             # Built under jit: fresh, distinct output buffers (the state is donated every step).
-            state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+            state = jax.jit(lambda b, r: step_lib.init_state(
+                step_lib.init_params(config, r, base=b), tx), out_shardings=state_sh)(base, rng)
             if is_main:
                 print(f"initialised params from {init_from}", flush=True)
         start = 0
@@ -158,6 +164,10 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         if is_main else None
     if writer and start == 0:
         writer.write_hparams(config.to_dict())
+    if is_main and step_lib.peft_enabled(config):
+        from umg_jax.peft import lora
+
+        print(lora.report(abstract_params["base"], abstract_params["lora"]), flush=True)
     progress = metrics_lib.Progress(config.total_steps, start, batch_size=config.batch_size)
     flops = metrics_lib.clip_train_flops(config.model, config.batch_size,
                                          step_lib.texts_per_example(config))

@@ -1,0 +1,156 @@
+"""LoRA (umg_jax/peft/lora.py) and PEFT training: deltas against hand computations on every kernel
+layout, zero-init is the base model, optimizer state only for LoRA, the backbone bit-identical
+after training, and merged loading / export."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+import umg_jax
+from umg_jax import checkpoint, config_lib, train
+from umg_jax import step as step_lib
+from umg_jax.models import clip
+from umg_jax.peft import lora
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _cfg(**over):
+    c = config_lib.load_config(str(ROOT / "configs/tiny_lora.py"))
+    c.model.vision.update(image_size=32, patch_size=8, width=32, layers=2, heads=2)
+    c.model.text.update(width=32, layers=1, heads=2, context_length=16)
+    c.model.embed_dim = 32
+    c.update(batch_size=8, total_steps=4)
+    c.optim.warmup_steps = 1
+    c.data.update(synthetic_num_train=16, synthetic_num_eval=8, max_tags=2, max_regions=3,
+                  max_masks=3, synthetic_image_size=40)
+    c.ckpt.every_steps = 4
+    c.log.update(every_steps=2, tensorboard=False)
+    for k, v in over.items():
+        node = c
+        *ps, leaf = k.split(".")
+        for p in ps:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _peft(rank=2, alpha=4.0, targets=(r"attn/(query|out)/kernel$", r"mlp/c_fc/kernel$")):
+    return mlc.ConfigDict({"enabled": True, "rank": rank, "alpha": alpha, "targets": targets})
+
+
+def _random_factors(factors, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: {n: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for n, v in f.items()}
+            for k, f in factors.items()}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_deltas_match_hand_computation(scan):
+    c = _cfg()
+    c.model.scan = scan
+    base = clip.init_params(c.model, jax.random.key(0))
+    cfg = _peft()
+    zero = lora.init(base, cfg, jax.random.key(1))
+    same = lora.apply(base, zero, cfg)  # b = 0: exactly the base model
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(same), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    f = _random_factors(zero)
+    eff = lora.apply(base, f, cfg)
+    s = cfg.alpha / cfg.rank
+    blk = "resblocks" if scan else "resblocks_0"
+    root = base["text"]["transformer"][blk]
+    got = eff["text"]["transformer"][blk]
+    key = f"text.transformer.{blk}"
+    take = (lambda x: np.asarray(x)[0]) if scan else np.asarray
+    # query [D, H, Dh]: x @ W' = x @ W + s (x @ A) @ B with B reshaped to [r, H, Dh]
+    a, b = take(f[f"{key}.attn.query.kernel"]["a"]), take(f[f"{key}.attn.query.kernel"]["b"])
+    w = take(root["attn"]["query"]["kernel"])
+    np.testing.assert_allclose(take(got["attn"]["query"]["kernel"]),
+                               w + s * (a @ b).reshape(w.shape), rtol=1e-6, atol=1e-6)
+    # out [H, Dh, D]: input dims (H, Dh) flattened
+    a, b = take(f[f"{key}.attn.out.kernel"]["a"]), take(f[f"{key}.attn.out.kernel"]["b"])
+    w = take(root["attn"]["out"]["kernel"])
+    x = np.random.default_rng(1).normal(size=(5, *w.shape[:2]))
+    np.testing.assert_allclose(np.einsum("nhd,hde->ne", x, take(got["attn"]["out"]["kernel"])),
+                               np.einsum("nhd,hde->ne", x, w) + s * x.reshape(5, -1) @ a @ b,
+                               rtol=1e-5, atol=1e-5)
+    # untargeted kernels are untouched
+    np.testing.assert_array_equal(np.asarray(got["mlp"]["c_proj"]["kernel"]),
+                                  np.asarray(root["mlp"]["c_proj"]["kernel"]))
+
+
+def test_bad_targets_and_report():
+    base = clip.init_params(_cfg().model, jax.random.key(0))
+    with pytest.raises(ValueError, match="match no kernel"):
+        lora.init(base, _peft(targets=("nope",)), jax.random.key(0))
+    f = lora.init(base, _peft(), jax.random.key(0))
+    table = lora.report(base, f)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(f))
+    assert table.splitlines()[-1].split()[2] == f"{n:,}"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UMG_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    c = _cfg()
+    base = clip.init_params(c.model, jax.random.key(7))
+    src = tmp / "backbone"
+    src.mkdir()
+    checkpoint.save_params(src / "params", base)
+    (src / "model_config.json").write_text(c.model.to_json())
+    c.init["from"] = str(src)
+    train.train(c, str(tmp / "wd"))
+    mp.undo()
+    return tmp / "wd", c, base
+
+
+def test_training_changes_only_lora(lora_run):
+    wd, c, base = lora_run
+    abstract = jax.eval_shape(lambda: step_lib.init_params(c, jax.random.key(0)))
+    got = checkpoint.restore_params_only(wd / "checkpoints" / "4", abstract)
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(got["base"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # backbone bit-identical
+    assert any(np.abs(np.asarray(f["b"])).max() > 0 for f in got["lora"].values())
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_optimizer_state_only_for_lora():
+    from umg_jax import optim
+
+    c = _cfg()
+    params = step_lib.init_params(c, jax.random.key(0))
+    tx, _ = optim.make_optimizer(c.optim, params, 10, freeze=step_lib.frozen_regexes(c))
+    state = jax.eval_shape(tx.init, params)
+    n_state = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+    n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["lora"]))
+    assert 2 * n_lora <= n_state <= 2 * n_lora + 16  # Adam mu + nu of the factors, + counters
+
+
+def test_load_and_export_merge(lora_run, tmp_path, torch_mod):
+    wd, c, _ = lora_run
+    m = umg_jax.load(str(wd))
+    abstract = jax.eval_shape(lambda: step_lib.init_params(c, jax.random.key(0)))
+    raw = checkpoint.restore_params_only(wd / "checkpoints" / "4", abstract)
+    merged = lora.apply(raw["base"], raw["lora"], c.peft)
+    np.testing.assert_allclose(
+        np.asarray(m.params["visual"]["transformer"]["resblocks_0"]["attn"]["query"]["kernel"]),
+        np.asarray(merged["visual"]["transformer"]["resblocks_0"]["attn"]["query"]["kernel"]),
+        rtol=1e-6)
+    from safetensors.numpy import load_file
+
+    from umg_jax.interop import export_torch
+
+    export_torch.main([str(wd), "--format", "hf", "--out", str(tmp_path / "hf")])
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    q = sd["vision_model.encoder.layers.0.self_attn.q_proj.weight"]
+    w = np.asarray(merged["visual"]["transformer"]["resblocks_0"]["attn"]["query"]["kernel"])
+    np.testing.assert_allclose(q, w.reshape(w.shape[0], -1).T, rtol=1e-6)

@@ -1,0 +1,1 @@
+"""Parameter-efficient tuning: LoRA on a frozen backbone (``lora.py``)."""
