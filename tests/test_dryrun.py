@@ -77,7 +77,8 @@ def test_dry_run_equals_a_real_compile(replicated):
     import jax
     import numpy as np
 
-    from umg_jax import sharding, step as step_lib
+    from umg_jax import sharding
+    from umg_jax import step as step_lib
     from umg_jax.data import schema
 
     c, r = replicated

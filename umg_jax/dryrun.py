@@ -26,15 +26,20 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_l.py.",
-                                          lock_config=True)
-_DEVICES = flags.DEFINE_integer("devices", 8, "Number of simulated devices.")
-_TARGET = flags.DEFINE_string("target", "tpu-v4", "Device profile (see device_profiles.json).")
-_MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model-FLOPs utilisation for the time estimate.")
-_SWEEP = flags.DEFINE_multi_string(
-    "sweep", [], "key=v1,v2,... over config keys (batch_size, mesh.fsdp, model.remat, ...); "
-    "several --sweep flags form a grid.")
-_JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
+
+# Flags are defined only when the module runs as a program, so that importing it (tests,
+# other tools) never clashes with another module's absl flags of the same name.
+def _define_flags() -> None:
+    global _CONFIG, _DEVICES, _TARGET, _MFU, _SWEEP, _JSON
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_l.py.",
+                                              lock_config=True)
+    _DEVICES = flags.DEFINE_integer("devices", 8, "Number of simulated devices.")
+    _TARGET = flags.DEFINE_string("target", "tpu-v4", "Device profile (see device_profiles.json).")
+    _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model-FLOPs utilisation for the time estimate.")
+    _SWEEP = flags.DEFINE_multi_string(
+        "sweep", [], "key=v1,v2,... over config keys (batch_size, mesh.fsdp, model.remat, ...); "
+        "several --sweep flags form a grid.")
+    _JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
 
 GiB = 1024 ** 3
 PROFILES_FILE = os.path.join(os.path.dirname(__file__), "device_profiles.json")
@@ -220,4 +225,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -35,17 +35,22 @@ from umg_jax import step as step_lib
 from umg_jax.data import pipeline, schema
 from umg_jax.models import clip
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator", None, "host:port of process 0 for multi-host runs (with --num_processes and "
-    "--process_id); on TPU pods / SLURM leave unset, it is auto-detected.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_SHOW_CONFIG = flags.DEFINE_bool(
-    "show_config", False, "Print every --config.<key>=<value> override of the given --config "
-    "with its current value and meaning, then exit.")
+
+# Flags are defined only when the module runs as a program, so that importing it (tests,
+# other tools) never clashes with another module's absl flags of the same name.
+def _define_flags() -> None:
+    global _CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _SHOW_CONFIG
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
+                                              lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+    _COORDINATOR = flags.DEFINE_string(
+        "coordinator", None, "host:port of process 0 for multi-host runs (with --num_processes and "
+        "--process_id); on TPU pods / SLURM leave unset, it is auto-detected.")
+    _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+    _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+    _SHOW_CONFIG = flags.DEFINE_bool(
+        "show_config", False, "Print every --config.<key>=<value> override of the given --config "
+        "with its current value and meaning, then exit.")
 
 
 class TrainingError(RuntimeError):
@@ -294,4 +299,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     jax.config.update("jax_threefry_partitionable", True)
+    _define_flags()
     app.run(main)

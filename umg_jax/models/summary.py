@@ -16,8 +16,13 @@ from ml_collections import config_flags
 
 from umg_jax.models import clip
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py).")
-_DEPTH = flags.DEFINE_integer("depth", 3, "Group parameters by the first N path components.")
+
+# Flags are defined only when the module runs as a program, so that importing it (tests,
+# other tools) never clashes with another module's absl flags of the same name.
+def _define_flags() -> None:
+    global _CONFIG, _DEPTH
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py).")
+    _DEPTH = flags.DEFINE_integer("depth", 3, "Group parameters by the first N path components.")
 
 
 def param_table(params, depth: int = 3) -> list[tuple[str, int, int]]:
@@ -59,4 +64,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
