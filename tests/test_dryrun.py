@@ -69,6 +69,13 @@ def test_cli_table_and_errors(tmp_path):
         [sys.executable, "-m", "umg_jax.dryrun", "--config", "configs/tiny.py", "--devices", "4",
          "--config.batch_size=6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not divisible" in bad.stderr
+    mesh = subprocess.run(
+        [sys.executable, "-m", "umg_jax.dryrun", "--config", "configs/tiny.py", "--devices", "4",
+         "--config.mesh.data=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert mesh.returncode == 2
+    assert mesh.stderr.strip().splitlines()[-1] == (
+        "error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} does not fit 4 devices (4 is not a "
+        "multiple of 3)")
 
 
 def test_dry_run_equals_a_real_compile(replicated):
