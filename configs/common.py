@@ -47,6 +47,9 @@ def model_config(
     m.vision = mlc.ConfigDict()
     m.vision.image_size = image_size  # input resolution (square)
     m.vision.patch_size = patch_size  # patch (conv stride) size
+    m.vision.merge_after = -1  # token merging (ToMe) after this block; -1 = off (needs scan off)
+    m.vision.merge_ratio = 0.0  # fraction of patch tokens merged away (<= 0.5), grid restored
+    m.vision.merge_at_inference = False  # False: inference / evaluation run all tokens
     m.vision.width = vision_width  # transformer width D
     m.vision.layers = vision_layers  # number of residual blocks
     m.vision.heads = vision_heads  # attention heads (head dim = width / heads)

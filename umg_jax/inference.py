@@ -64,6 +64,11 @@ class UMGModel:
 
         self.params = params
         self.config = model_cfg
+        v = model_cfg.vision
+        if v.get("merge_after", -1) >= 0 and not v.get("merge_at_inference", False):
+            # Token merging is a training-cost measure: inference runs every token.
+            model_cfg = mlc.ConfigDict(model_cfg.to_dict())
+            model_cfg.vision.merge_after = -1
         self.model = clip.build_model(model_cfg)
         self.image_size = model_cfg.vision.image_size
         self._tokenizer = get_tokenizer(model_cfg.text.context_length)

@@ -179,10 +179,19 @@ class Transformer(nn.Module):
     scan: bool = False
     last_separate: bool = False
     last_dense_value_path: bool = False
+    merge_after: int = -1  # token merging after this block (-1: off); see token_merge.py
+    merge_r: int = 0  # tokens removed by the merge
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, N, D]`` -> ``[B, N, D]``."""
+        from umg_jax.models import token_merge
+
+        merging = self.merge_after >= 0 and self.merge_r > 0
+        if merging and (self.scan or not self.last_separate
+                        or self.merge_after >= self.layers - 1):
+            raise ValueError("token merging needs scan=False, a separate last block, and "
+                             f"merge_after < layers - 1 (got {self.merge_after})")
         kw = dict(width=self.width, heads=self.heads, layers=self.layers,
                   mlp_ratio=self.mlp_ratio, act=self.act, ln_eps=self.ln_eps, dtype=self.dtype,
                   causal=self.causal)
@@ -198,8 +207,13 @@ class Transformer(nn.Module):
                               split_rngs={"params": True}, length=n_stack)
             x, _ = scanned(**kw, return_carry=True, name="resblocks")(x, None)
         else:
+            assign = None
             for i in range(n_stack):
                 x = block_cls(**kw, name=f"resblocks_{i}")(x)
+                if merging and i == self.merge_after:
+                    x, assign = token_merge.bipartite_merge(x, self.merge_r)
+            if assign is not None:  # the last block and the dense map see the full grid
+                x = token_merge.unmerge(x, assign)
         if self.last_separate:
             x = block_cls(**kw, dense_value_path=self.last_dense_value_path,
                           name=f"resblocks_{self.layers - 1}")(x)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from umg_jax.models import token_merge
 from umg_jax.models.layers import Dtype, Transformer, layer_norm
 
 
@@ -58,6 +59,8 @@ class VisionTransformer(nn.Module):
     remat_policy: str = "nothing_saveable"
     scan: bool = False
     dense_mode: str = "maskclip"
+    merge_after: int = -1  # token merging after this block (-1: off), see token_merge.py
+    merge_ratio: float = 0.0  # fraction of patch tokens removed (<= 0.5)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -81,7 +84,10 @@ class VisionTransformer(nn.Module):
             width=self.width, layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio,
             act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, remat=self.remat,
             remat_policy=self.remat_policy, scan=self.scan, last_separate=True,
-            last_dense_value_path=self.dense_mode == "maskclip", name="transformer")(x)
+            last_dense_value_path=self.dense_mode == "maskclip",
+            merge_after=self.merge_after,
+            merge_r=token_merge.num_merged(gh * gw, self.merge_ratio) if self.merge_after >= 0
+            else 0, name="transformer")(x)
         x = layer_norm(self.ln_eps, "ln_post")(x)
         proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=nn.initializers.normal(scale), name="proj")

@@ -1,0 +1,93 @@
+"""Token merging (umg_jax/models/token_merge.py): merge / unmerge by hand, reduction 0 is the plain
+model exactly, the dense grid keeps its shape, gradients flow, inference runs all tokens."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from umg_jax import config_lib
+from umg_jax.models import clip, token_merge
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def test_merge_by_hand():
+    # class token + 4 patches: A = {p0, p2}, B = {p1, p3}; p2 is a copy of p3 -> merged into it
+    x = jnp.array([[[9.0, 9], [1, 0], [0, 1], [1, 1], [1, 1.01]]])
+    merged, assign = token_merge.bipartite_merge(x, r=1)
+    assert merged.shape == (1, 4, 2)
+    np.testing.assert_allclose(merged[0, 0], [9, 9])  # class token untouched
+    np.testing.assert_allclose(merged[0, 1], [1, 0])  # p0 kept
+    np.testing.assert_allclose(merged[0, 2], [0, 1])  # p1 (B)
+    np.testing.assert_allclose(merged[0, 3], [1, 1.005])  # mean of p2 and p3
+    np.testing.assert_array_equal(assign[0], [1, 2, 3, 3])
+    full = token_merge.unmerge(merged, assign)
+    np.testing.assert_allclose(full[0], [[9, 9], [1, 0], [0, 1], [1, 1.005], [1, 1.005]])
+    same, ident = token_merge.bipartite_merge(x, r=0)
+    np.testing.assert_array_equal(same, x)
+    np.testing.assert_array_equal(token_merge.unmerge(same, ident), x)
+    with pytest.raises(ValueError, match=r"\[0, 0.5\]"):
+        token_merge.num_merged(16, 0.6)
+
+
+def _cfg(ratio, after=0):
+    c = config_lib.load_config(str(ROOT / "configs/tiny.py")).model
+    c.vision.update(image_size=32, patch_size=8, width=32, layers=3, heads=2,
+                    merge_after=after, merge_ratio=ratio)
+    c.text.update(width=32, layers=1, heads=2, context_length=16)
+    c.embed_dim = 32
+    return c
+
+
+def _encode(cfg, params, images):
+    return clip.build_model(cfg).apply({"params": params}, images, method=clip.CLIP.encode_image)
+
+
+def test_zero_ratio_is_the_plain_model_and_merging_keeps_the_grid():
+    plain = _cfg(0.0, after=-1)
+    params = clip.init_params(plain, jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    ref = _encode(plain, params, images)
+    zero = _encode(_cfg(0.0), params, images)
+    for k in ("img", "dense"):
+        np.testing.assert_array_equal(np.asarray(ref[k]), np.asarray(zero[k]))
+    half = _encode(_cfg(0.5), params, images)
+    assert half["dense"].shape == ref["dense"].shape == (2, 4, 4, 32)
+    assert not np.allclose(half["img"], ref["img"])  # fewer tokens -> a different embedding
+    # the merged model has exactly the plain model's parameters
+    assert jax.tree.structure(clip.init_params(_cfg(0.5), jax.random.key(0))) == \
+        jax.tree.structure(params)
+
+
+def test_gradients_flow_through_the_merge():
+    cfg = _cfg(0.5)
+    params = clip.init_params(cfg, jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+    def loss(p):
+        out = _encode(cfg, p, images)
+        return jnp.sum(out["dense"] ** 2) + jnp.sum(out["img"] ** 2)
+
+    g = jax.jit(jax.grad(loss))(params)
+    blk = g["visual"]["transformer"]["resblocks_1"]["attn"]["query"]["kernel"]  # after the merge
+    assert np.isfinite(np.asarray(blk)).all() and np.abs(np.asarray(blk)).max() > 0
+    first = g["visual"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"]  # before it
+    assert np.abs(np.asarray(first)).max() > 0
+
+
+def test_scan_refused_and_inference_runs_all_tokens():
+    cfg = _cfg(0.5)
+    cfg.scan = True
+    with pytest.raises(ValueError, match="scan=False"):
+        clip.init_params(cfg, jax.random.key(0))
+    from umg_jax.inference import UMGModel
+
+    cfg = _cfg(0.5)
+    params = clip.init_params(cfg, jax.random.key(0))
+    m = UMGModel(params, cfg)
+    x = np.asarray(jax.random.normal(jax.random.key(1), (1, 32, 32, 3)))
+    ref = _encode(_cfg(0.0, after=-1), params, x)
+    np.testing.assert_allclose(m.encode_image(x)[0], np.asarray(ref["img"]), atol=1e-5)  # jit
