@@ -172,6 +172,37 @@ def write_shards(
     return [str(out / n) for n in names]
 
 
+def write_shard_file(records: Iterable[bytes | dict[str, Any]], path: str) -> int:
+    """Writes one shard file atomically (temporary name, renamed when complete); returns the
+    record count. For writers that add shards one by one (resumable jobs)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    n = 0
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    try:
+        for rec in records:
+            writer.write(rec if isinstance(rec, bytes) else encode_record(rec))
+            n += 1
+    finally:
+        writer.close()
+    if n == 0:
+        tmp.unlink(missing_ok=True)
+        return 0
+    tmp.rename(target)
+    return n
+
+
+def write_meta(directory: str, meta: dict[str, Any]) -> None:
+    """Writes ``meta.json`` atomically."""
+    p = pathlib.Path(directory) / META_FILE
+    tmp = p.with_name(f".{META_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.rename(p)
+
+
 class RecordSource:
     """Random access over the records of several shards (a Grain ``RandomAccessDataSource``).
 

@@ -1,0 +1,126 @@
+"""Cost of the image tower with 0 / 25 / 50 % of the patch tokens merged away.
+
+    python benchmarks/token_merge.py [--models tiny,b16] [--steps 3] [--quality_steps 0]
+
+For each model: XLA cost-analysis FLOPs and the median time of one image-tower forward + backward
+(loss = sum of squares of the global and dense embeddings) with ``model.vision.merge_ratio`` 0,
+0.25, 0.5 (merge after block ``L // 3``; the last block runs on the restored grid). With
+``--quality_steps N`` it also trains the tiny model N steps at 0 % and 50 % and evaluates both on
+held-out synthetic data (the five tasks). Prints a table, writes
+``benchmarks/results/token_merge.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = {"tiny": ("configs/tiny.py", 32), "b16": ("configs/vit_b16.py", 8)}
+RATIOS = (0.0, 0.25, 0.5)
+
+
+def _model_cfg(name: str, ratio: float):
+    from umg_jax import config_lib
+
+    c = config_lib.load_config(str(ROOT / MODELS[name][0]))
+    m = c.model
+    m.scan, m.remat, m.dtype = False, False, "float32"
+    m.vision.merge_after = m.vision.layers // 3 if ratio > 0 else -1
+    m.vision.merge_ratio = ratio
+    return c
+
+
+def tower_cost(name: str, ratio: float, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from umg_jax.models import clip
+
+    m = _model_cfg(name, ratio).model
+    batch = MODELS[name][1]
+    params = clip.init_params(m, jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (batch, m.vision.image_size,
+                                                   m.vision.image_size, 3))
+    model = clip.build_model(m)
+
+    def loss(p, x):
+        out = model.apply({"params": p}, x, method=clip.CLIP.encode_image)
+        return jnp.sum(out["img"] ** 2) + jnp.sum(out["dense"] ** 2)
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    compiled = fn.lower(params, images).compile()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, images))
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"flops": float(cost.get("flops", 0.0)), "step_s": statistics.median(times),
+            "batch": batch}
+
+
+def quality(steps: int) -> dict:
+    from umg_jax import evaluate, train
+
+    out = {}
+    root = pathlib.Path(tempfile.mkdtemp(prefix="umg_merge-"))
+    for ratio in (0.0, 0.5):
+        c = _model_cfg("tiny", ratio)
+        c.total_steps = steps
+        c.optim.warmup_steps = min(c.optim.warmup_steps, steps // 10)
+        c.ckpt.every_steps = steps
+        c.log.tensorboard = False
+        wd = root / f"r{ratio}"
+        t0 = time.perf_counter()
+        train.train(c, str(wd))
+        res = evaluate.run(str(wd), config=c)
+        res["train_seconds"] = time.perf_counter() - t0
+        out[str(ratio)] = res
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="tiny,b16")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--quality_steps", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/token_merge.json"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    rows = []
+    for name in args.models.split(","):
+        base = None
+        for r in RATIOS:
+            c = tower_cost(name, r, args.steps)
+            base = base or c
+            row = {"model": name, "ratio": r, **c, "flops_ratio": c["flops"] / base["flops"],
+                   "speedup": base["step_s"] / c["step_s"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'model':<6}{'removed':>9}{'GFLOP':>10}{'FLOP ratio':>12}{'step s':>9}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['model']:<6}{100 * r['ratio']:>8.0f}%{r['flops'] / 1e9:>10.1f}"
+              f"{r['flops_ratio']:>12.2f}{r['step_s']:>9.3f}{r['speedup']:>9.2f}")
+    payload = {"rows": rows}
+    if args.quality_steps:
+        payload["quality"] = q = quality(args.quality_steps)
+        keys = ("retrieval/i2t_r1", "region/box_acc", "region/mask_acc", "semseg/miou",
+                "panoptic/pq", "train_seconds")
+        print("\nquality after", args.quality_steps, "steps (tiny):")
+        for ratio, res in q.items():
+            print(f"  {float(ratio):.0%} removed: " + " ".join(f"{k}={res[k]:.3f}" for k in keys))
+    pathlib.Path(args.out).write_text(json.dumps(payload, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
