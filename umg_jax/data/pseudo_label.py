@@ -7,8 +7,8 @@ UMG-CLIP's training data (UMG-41M) has no human region or pixel labels: every ta
 is a model's pseudo-label. This tool does the same with weights you already have:
 
 1. Proposals without extra weights: class-agnostic masks from scikit-image's Felzenszwalb
-   segmentation at several scales (a coarse-to-fine hierarchy: coarser scales merge finer
-   segments), their boxes, and multi-scale sliding windows.
+   segmentation merged hierarchically (adjacent segments by colour similarity, selective-search
+   style: every merge is a proposal), their boxes, and multi-scale sliding windows.
 2. The teacher (a umg_jax training workdir or an imported CLIP) encodes each image batch once
    (jitted); boxes are pooled by RoIAlign and masks by mask pooling from its dense embeddings and
    scored against the prompt-ensembled vocabulary.
@@ -42,26 +42,62 @@ from umg_jax.ops.roi_align import roi_pool_embed
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp")
 
 
+class PseudoLabelError(ValueError):
+    """Bad request (one line; exit status 2)."""
+
+
 # ------------------------------------------------------------------------------ proposals ---
 
 
-def mask_proposals(image: np.ndarray, scales=(64, 256, 1024), min_frac: float = 0.01,
-                   max_masks: int = 24) -> np.ndarray:
-    """``[K, H, W] bool`` class-agnostic masks: Felzenszwalb segments at each scale (coarser
-    scales merge neighbouring finer segments), smaller than 90 % and larger than ``min_frac`` of
-    the image, largest first, duplicates (IoU > 0.9) dropped."""
+def mask_proposals(image: np.ndarray, scale: float = 64.0, min_frac: float = 0.01,
+                   max_masks: int = 24, max_segments: int = 64) -> np.ndarray:
+    """``[K, H, W] bool`` class-agnostic masks, selective-search style: Felzenszwalb segments,
+    then adjacent segments merged greedily by mean-colour similarity until one remains; every
+    segment and every merge is a proposal. Kept: between ``min_frac`` and 90 % of the image,
+    duplicates (IoU > 0.9) dropped, largest first."""
     from skimage.segmentation import felzenszwalb
 
     h, w = image.shape[:2]
+    lab = felzenszwalb(image, scale=scale, sigma=0.8, min_size=max(8, int(min_frac * h * w)))
+    while lab.max() + 1 > max_segments:  # too fine for the O(K^2) merging: coarser segments
+        scale *= 2
+        lab = felzenszwalb(image, scale=scale, sigma=0.8, min_size=max(8, int(min_frac * h * w)))
+    k = int(lab.max()) + 1
+    img = image.reshape(-1, image.shape[-1]).astype(np.float64)
+    flat = lab.reshape(-1)
+    size = np.bincount(flat, minlength=k).astype(np.float64)
+    colour = np.stack([np.bincount(flat, weights=img[:, c], minlength=k) for c in
+                       range(img.shape[1])], -1) / np.maximum(size, 1)[:, None]
+    masks = {i: lab == i for i in range(k)}
+    cols = {i: colour[i] for i in range(k)}
+    sizes = {i: size[i] for i in range(k)}
+    nbrs: dict[int, set[int]] = {i: set() for i in range(k)}
+    for a_, b_ in ((lab[:, :-1], lab[:, 1:]), (lab[:-1], lab[1:])):
+        diff = a_ != b_
+        for i, j in set(zip(a_[diff].tolist(), b_[diff].tolist(), strict=True)):
+            nbrs[i].add(j)
+            nbrs[j].add(i)
+    props = list(masks.values())
+    nxt = k
+    while len(masks) > 1:
+        pairs = [(float(np.sum((cols[i] - cols[j]) ** 2)), i, j)
+                 for i in masks for j in nbrs[i] if i < j and j in masks]
+        if not pairs:
+            break
+        _, i, j = min(pairs)
+        m = masks.pop(i) | masks.pop(j)
+        cols[nxt] = (cols[i] * sizes[i] + cols[j] * sizes[j]) / (sizes[i] + sizes[j])
+        sizes[nxt] = sizes[i] + sizes[j]
+        nbrs[nxt] = (nbrs[i] | nbrs[j]) - {i, j}
+        for n in nbrs[nxt]:
+            nbrs[n] = (nbrs[n] - {i, j}) | {nxt}
+        masks[nxt] = m
+        props.append(m)
+        nxt += 1
     out: list[np.ndarray] = []
-    for s in scales:
-        lab = felzenszwalb(image, scale=s, sigma=0.8, min_size=max(8, int(min_frac * h * w)))
-        for k in np.unique(lab):
-            m = lab == k
-            frac = m.mean()
-            if min_frac <= frac <= 0.9 and not any(mask_iou(m, o) > 0.9 for o in out):
-                out.append(m)
-    out.sort(key=lambda m: -int(m.sum()))
+    for m in sorted(props, key=lambda m: -int(m.sum())):
+        if min_frac <= m.mean() <= 0.9 and not any(mask_iou(m, o) > 0.9 for o in out):
+            out.append(m)
     return np.stack(out[:max_masks]) if out else np.zeros((0, h, w), bool)
 
 
@@ -163,7 +199,7 @@ class Scorer:
 
     def caption_score(self, img_emb: np.ndarray, captions: list[str]) -> np.ndarray:
         t = np.asarray(self.t.encode_text(self.t.tokenize(captions)), np.float32)
-        t /= np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-8)
+        t = t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-8)
         e = img_emb / max(np.linalg.norm(img_emb), 1e-8)
         return t @ e
 
@@ -206,7 +242,9 @@ def label_image(image, probs, box_props, box_probs, masks, mask_probs, vocab, *,
                              "region": -1})
             kept_p.append(float(sc[i]))
     tags = [vocab[c] for c in np.nonzero(probs >= threshold)[0]]
-    tags += [r["tags"][0] for r in regions + segments if r["tags"][0] not in tags]
+    for r in regions + segments:
+        if r["tags"][0] not in tags:
+            tags.append(r["tags"][0])
     conf = float(np.mean(kept_p)) if kept_p else float(probs.max())
     return {"tags": tags, "regions": regions, "segments": segments, "confidence": conf}
 
@@ -335,23 +373,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vocab_path = pathlib.Path(args.vocab)
         if not vocab_path.is_file():
-            raise ValueError(f"--vocab {args.vocab} does not exist")
+            raise PseudoLabelError(f"--vocab {args.vocab} does not exist")
         vocab = [v.strip() for v in vocab_path.read_text().splitlines() if v.strip()]
         if not vocab:
-            raise ValueError(f"--vocab {args.vocab} is empty")
+            raise PseudoLabelError(f"--vocab {args.vocab} is empty")
         items = list_inputs(args.images)
         if not items:
-            raise ValueError(f"no images found in {args.images}")
+            raise PseudoLabelError(f"no images found in {args.images}")
         from umg_jax.inference import InputError, load
 
         try:
             teacher = load(args.teacher)
         except InputError as e:
-            raise ValueError(f"--teacher: {e}") from None
+            raise PseudoLabelError(f"--teacher: {e}") from None
         scorer = Scorer(teacher, vocab)
         counts = run(items, scorer, vocab, args.out, args,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
-    except (ValueError, FileNotFoundError) as e:
+    except (PseudoLabelError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"labelled {counts['examples']} images: {counts['regions']} regions, "

@@ -1,0 +1,145 @@
+"""Pseudo-annotation (umg_jax/data/pseudo_label.py): proposals, NMS by hand, a fake teacher whose
+answer is known, output readable by the pipeline, resume, thresholds, bad input."""
+
+import argparse
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from umg_jax.data import pseudo_label as pl
+from umg_jax.data import records, transforms
+
+VOCAB = ["red", "blue"]
+
+
+def _scene(seed=0, h=48, w=48):
+    """Blue background with a red square."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 2] = 200
+    rng = np.random.default_rng(seed)
+    y, x = rng.integers(4, 20, 2)
+    img[y:y + 20, x:x + 20] = [220, 0, 0]
+    return img
+
+
+class FakeTeacher:
+    """Dense features: each cell's embedding is e_red or e_blue by its dominant colour; the text
+    of "red" is e_0 and of "blue" e_1. Images arrive 'preprocessed' as raw [S, S, 3] floats."""
+
+    logit_scale = 50.0
+
+    def preprocess(self, img):
+        return np.asarray(Image.fromarray(img).resize((32, 32), Image.NEAREST), np.float32)
+
+    def encode_image(self, x):
+        cells = x.reshape(len(x), 4, 8, 4, 8, 3).mean((2, 4))  # [B, 4, 4, 3]
+        red = (cells[..., 0] > cells[..., 2]).astype(np.float32)
+        dense = np.stack([red, 1 - red], -1)
+        return dense.mean((1, 2)), dense
+
+    def encode_text_labels(self, labels, templates=()):
+        return np.eye(2)[[VOCAB.index(x) for x in labels]]
+
+    def tokenize(self, texts):
+        return np.array([[1 if "red" in t else 0] for t in texts])
+
+    def encode_text(self, toks):
+        return np.eye(2)[1 - np.asarray(toks)[:, 0]]
+
+
+def _args(**kw):
+    a = dict(threshold=0.5, top_k=6, nms_iou=0.5, mask_iou=0.7, caption_threshold=0.2,
+             min_area=0.01, batch=4, shard_size=3, teacher="fake")
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def test_proposals_and_nms_by_hand():
+    img = _scene()
+    masks = pl.mask_proposals(img)
+    assert len(masks) >= 2 and masks.dtype == bool
+    assert any(pl.mask_iou(m, np.all(img == [220, 0, 0], -1)) > 0.9 for m in masks)
+    wins = pl.window_proposals(48, 48)
+    assert wins.min() >= 0 and wins[:, 2].max() <= 48 and len(wins) == 1 + 4 + 1 + 9 + 4
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [20, 20, 30, 30]], float)
+    # IoU(box0, box1) = 81 / 119 = 0.68 > 0.5: box1 suppressed; box2 has another label
+    keep = pl.nms(boxes, np.array([0.9, 0.8, 0.7, 0.6]), np.array([0, 0, 1, 0]), 0.5)
+    assert keep.tolist() == [0, 2, 3]
+
+
+def test_fake_teacher_labels_the_red_square(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(5):
+        Image.fromarray(_scene(i)).save(d / f"{i}.png")
+    items = pl.list_inputs(str(d))
+    out = tmp_path / "out"
+    counts = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out), _args(),
+                    log=lambda s: None)
+    assert counts["examples"] == 5 and len(records.shard_paths(str(out))) == 2
+    for rec in records.iter_records(str(out)):
+        truth = np.all(records.decode_image(rec["image"]) == [220, 0, 0], -1)
+        red = [r for r in rec["regions"] if r["tags"] == ["red"]]
+        assert red, rec["regions"]
+        x0, y0, x1, y1 = red[0]["box"]
+        ys, xs = np.nonzero(truth)
+        assert abs(x0 - xs.min()) <= 6 and abs(y1 - ys.max() - 1) <= 6
+        assert {"red", "blue"} <= set(rec["tags"]) and len(set(rec["tags"])) == len(rec["tags"])
+        assert rec["captions"] and 0 < rec["confidence"] <= 1
+        transforms.decode(records.encode_record(rec), strict=True)  # valid record
+    meta = records.read_meta(str(out))
+    assert [c["name"] for c in meta["categories"]] == VOCAB
+
+    # resume: finished shards are not rewritten, a missing one is redone
+    first = sorted(records.shard_paths(str(out)))
+    mtime = os.path.getmtime(first[0])
+    os.remove(first[1])
+    counts = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out), _args(),
+                    log=lambda s: None)
+    assert counts["skipped_shards"] == 1 and counts["examples"] == 2
+    assert os.path.getmtime(first[0]) == mtime and pathlib.Path(first[1]).exists()
+
+    # a higher threshold never keeps more
+    hi = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(tmp_path / "hi"),
+                _args(threshold=0.999), log=lambda s: None)
+    lo = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(tmp_path / "lo"),
+                _args(threshold=0.3), log=lambda s: None)
+    assert hi["regions"] <= lo["regions"] and hi["masks"] <= lo["masks"]
+
+
+def test_captions_from_shards_are_filtered(tmp_path):
+    img = _scene(3)
+    recs = [{"source": "s:0", "image": records.encode_image(img), "height": 48, "width": 48,
+             "captions": ["a red square", "blue only"], "tags": [], "regions": [],
+             "segments": []}]
+    src = tmp_path / "src"
+    records.write_shards(recs, str(src))
+    out = tmp_path / "out"
+    pl.run(pl.list_inputs(str(src)), pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out),
+           _args(caption_threshold=0.5), log=lambda s: None)
+    (rec,) = records.iter_records(str(out))
+    # image embedding leans blue (most cells): only the "blue" caption survives
+    assert rec["captions"] == ["blue only"] and rec["source"] == "s:0"
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("\n\n")
+    assert pl.main(["--images", str(tmp_path), "--teacher", str(tmp_path), "--vocab",
+                    str(vocab), "--out", str(tmp_path / "o")]) == 2
+    vocab.write_text("red\n")
+    assert pl.main(["--images", str(tmp_path / "none"), "--teacher", str(tmp_path), "--vocab",
+                    str(vocab), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(_scene()).save(tmp_path / "imgs" / "a.png")
+    assert pl.main(["--images", str(tmp_path / "imgs"), "--teacher", str(tmp_path / "nope"),
+                    "--vocab", str(vocab), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is empty" in err and "does not exist" in err and "--teacher" in err
+
+
+def test_template_caption():
+    assert pl.template_caption(["a", "b", "c"]) == "a photo of a, b and c."
+    assert pl.template_caption([]) == "a photo."
