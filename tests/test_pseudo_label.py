@@ -74,11 +74,13 @@ def test_fake_teacher_labels_the_red_square(tmp_path):
     d.mkdir()
     for i in range(5):
         Image.fromarray(_scene(i)).save(d / f"{i}.png")
+    (d / "5.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")  # reported and skipped
     items = pl.list_inputs(str(d))
     out = tmp_path / "out"
     counts = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out), _args(),
                     log=lambda s: None)
-    assert counts["examples"] == 5 and len(records.shard_paths(str(out))) == 2
+    assert counts["examples"] == 5 and counts["unreadable"] == 1
+    assert len(records.shard_paths(str(out))) == 2
     for rec in records.iter_records(str(out)):
         truth = np.all(records.decode_image(rec["image"]) == [220, 0, 0], -1)
         red = [r for r in rec["regions"] if r["tags"] == ["red"]]
@@ -98,7 +100,7 @@ def test_fake_teacher_labels_the_red_square(tmp_path):
     os.remove(first[1])
     counts = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out), _args(),
                     log=lambda s: None)
-    assert counts["skipped_shards"] == 1 and counts["examples"] == 2
+    assert counts["skipped_shards"] == 1 and counts["examples"] == 3 - 1  # the corrupt one
     assert os.path.getmtime(first[0]) == mtime and pathlib.Path(first[1]).exists()
 
     # a higher threshold never keeps more
