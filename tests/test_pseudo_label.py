@@ -90,9 +90,23 @@ def test_fake_teacher_labels_the_red_square(tmp_path):
         assert abs(x0 - xs.min()) <= 6 and abs(y1 - ys.max() - 1) <= 6
         assert {"red", "blue"} <= set(rec["tags"]) and len(set(rec["tags"])) == len(rec["tags"])
         assert rec["captions"] and 0 < rec["confidence"] <= 1
+        linked = [g for g in rec["segments"] if g["region"] >= 0]
+        assert all(rec["regions"][g["region"]]["tags"] == g["tags"] for g in linked)
         transforms.decode(records.encode_record(rec), strict=True)  # valid record
     meta = records.read_meta(str(out))
-    assert [c["name"] for c in meta["categories"]] == VOCAB
+    assert [c["name"] for c in meta["categories"]] == VOCAB and meta["num_examples"] == 5
+    # the output feeds the training pipeline
+    import ml_collections as mlc
+
+    from umg_jax.data import pipeline
+
+    d = mlc.ConfigDict({"max_tags": 2, "max_regions": 4, "max_masks": 4, "crop_scale": (0.6, 1),
+                        "flip": False, "min_region_frac": 0.0, "strict": True, "num_workers": 0})
+    m = mlc.ConfigDict({"vision": {"image_size": 32, "patch_size": 8},
+                        "text": {"context_length": 16}})
+    b = next(pipeline.make_iterator(d, m, batch_size=2, train=False, seed=0, path=str(out),
+                                    process_index=0, process_count=1))
+    assert b["region_valid"].sum() >= 2 and b["mask_valid"].sum() >= 2
 
     # resume: finished shards are not rewritten, a missing one is redone
     first = sorted(records.shard_paths(str(out)))
@@ -143,5 +157,5 @@ def test_cli_bad_input(tmp_path, capsys):
 
 
 def test_template_caption():
-    assert pl.template_caption(["a", "b", "c"]) == "a photo of a, b and c."
+    assert pl.template_caption(["apple", "b", "c"]) == "a photo of an apple, a b and a c."
     assert pl.template_caption([]) == "a photo."

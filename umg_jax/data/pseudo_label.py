@@ -241,6 +241,13 @@ def label_image(image, probs, box_props, box_probs, masks, mask_probs, vocab, *,
                              "tags": [vocab[lab[i]]], "category": int(lab[i]), "isthing": True,
                              "region": -1})
             kept_p.append(float(sc[i]))
+    # a segment outlines a kept region when they agree on the label and the boxes overlap
+    for seg, m in zip(segments, kept_masks, strict=True):
+        for j, r in enumerate(regions):
+            if r["category"] == seg["category"] and box_iou(
+                    np.asarray([mask_box(m)]), np.asarray([r["box"]]))[0, 0] >= 0.7:
+                seg["region"] = j
+                break
     tags = [vocab[c] for c in np.nonzero(probs >= threshold)[0]]
     for r in regions + segments:
         if r["tags"][0] not in tags:
@@ -250,9 +257,11 @@ def label_image(image, probs, box_props, box_probs, masks, mask_probs, vocab, *,
 
 
 def template_caption(tags: list[str]) -> str:
+    """``["circle", "star"]`` -> ``"a photo of a circle and a star."``."""
     if not tags:
         return "a photo."
-    listing = tags[0] if len(tags) == 1 else ", ".join(tags[:-1]) + " and " + tags[-1]
+    items = [f"{'an' if t[0].lower() in 'aeiou' else 'a'} {t}" for t in tags]
+    listing = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
     return f"a photo of {listing}."
 
 
@@ -311,8 +320,11 @@ def run(items: list, scorer: Scorer, vocab: list[str], out: str, args, log=print
         log(f"shard {s + 1}/{n_shards}: {done}/{len(items)} images, {rate:.1f}/s, "
             f"ETA {(len(items) - done) / max(rate, 1e-9):.0f}s")
     categories = [{"id": i, "name": v, "isthing": True} for i, v in enumerate(vocab)]
+    written = records.shard_paths(str(outp))
+    total = len(records.RecordSource(written)) if written else 0
     records.write_meta(str(outp), {"name": "pseudo-labelled", "categories": categories,
-                                   "num_shards": n_shards, "teacher": str(args.teacher)})
+                                   "num_shards": len(written), "num_examples": total,
+                                   "teacher": str(args.teacher)})
     return counts
 
 
