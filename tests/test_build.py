@@ -200,3 +200,53 @@ def test_vg_and_perimage(tmp_path):
     assert _run("perimage", "--src", tar, "--out", out2) == 0
     (r2,) = records.iter_records(str(out2))
     assert r2["regions"] == r["regions"] and r2["segments"] == r["segments"]
+
+
+def test_cutout_composites_masks_equal_pasted_alpha(tmp_path):
+    """Composites of RGBA cut-outs: each segment equals the visible, thresholded alpha of its
+    cut-out, recomputed here independently by pasting in the same order."""
+    from umg_jax.data.sources import cutouts
+
+    stamps = tmp_path / "stamps" / "animals"
+    stamps.mkdir(parents=True)
+    yy, xx = np.mgrid[0:40, 0:40]
+    disc = ((yy - 20) ** 2 + (xx - 20) ** 2 < 18 ** 2)
+    for name, colour in (("lion", (200, 150, 40)), ("frog", (40, 200, 60))):
+        rgba = np.zeros((40, 40, 4), np.uint8)
+        rgba[..., :3] = colour
+        rgba[..., 3] = np.where(disc, 255, 0)
+        Image.fromarray(rgba).save(stamps / f"{name}.png")
+        (stamps / f"{name}.txt").write_text(f"A {name}.\nfr.utf8=Un {name}.\n")
+    Image.fromarray(np.zeros((40, 40, 4), np.uint8)).save(stamps / "empty.png")  # no caption
+    out = tmp_path / "out"
+    assert _run("cutouts", "--stamps", tmp_path / "stamps", "--num", 6, "--size", 64,
+                "--out", out) == 0
+    report = _dropped_kinds(out)
+    assert report == {"missing_caption": 1}
+    recs = list(records.iter_records(str(out)))
+    assert len(recs) == 6
+    meta = records.read_meta(str(out))
+    assert [c["name"] for c in meta["categories"]] == ["frog", "lion"]
+    stamp_list = cutouts.load_stamps(str(tmp_path / "stamps"), cutouts.Report())
+    for i, rec in enumerate(recs):
+        # independent re-composition: paste solid alpha in order, later covers earlier
+        rng = np.random.default_rng([0, i])
+        cutouts._background(rng, 64, [])
+        owner = np.full((64, 64), -1)
+        for k in range(int(rng.integers(1, 4))):
+            st = stamp_list[int(rng.integers(len(stamp_list)))]
+            side = rng.uniform(0.25, 0.6) * 64
+            w = h = max(4, int(40 * side / 40))
+            a = np.asarray(Image.fromarray(st["rgba"]).resize((w, h), Image.BILINEAR))[..., 3]
+            x, y = int(rng.integers(0, 64 - w + 1)), int(rng.integers(0, 64 - h + 1))
+            owner[y:y + h, x:x + w][a > 127] = k
+        visible = [owner == k for k in range(owner.max() + 1) if (owner == k).sum() >= 16]
+        assert len(visible) == len(rec["segments"])
+        for m, seg in zip(visible, rec["segments"], strict=True):
+            np.testing.assert_array_equal(records.rle_to_mask(seg["rle"]), m)
+            assert seg["caption"] in ("A lion.", "A frog.") and seg["tags"][0] == "animals"
+        assert rec["captions"][0].startswith("a photo of a ")
+
+
+def _dropped_kinds(out):
+    return json.loads((out / "build_report.json").read_text())["dropped_by_kind"]
