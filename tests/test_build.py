@@ -250,3 +250,46 @@ def test_cutout_composites_masks_equal_pasted_alpha(tmp_path):
 
 def _dropped_kinds(out):
     return json.loads((out / "build_report.json").read_text())["dropped_by_kind"]
+
+
+def test_tfds_source_with_a_tiny_builder(tmp_path):
+    """A TFDS builder defined here (uint8 Tensor image: preparing Image features needs TF),
+    prepared in array_record format, read back through the spec."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class TinyUmg(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(20, 30, 3), dtype=np.uint8),
+                "caption": tfds.features.Text(),
+                "objects": tfds.features.Sequence({
+                    "bbox": tfds.features.BBoxFeature(),
+                    "label": tfds.features.ClassLabel(names=["cat", "dog"])}),
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(3):
+                yield i, {"image": np.full((20, 30, 3), 40 * i, np.uint8),
+                          "caption": f"picture {i}",
+                          "objects": {"bbox": np.array([[0.1, 0.2, 0.5, 0.6], [0, 0, 1, 1]],
+                                                       np.float32), "label": [i % 2, 1]}}
+
+    b = TinyUmg(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    b.download_and_prepare()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"image": "image", "captions": "caption", "boxes": "objects/bbox",
+                                "box_labels": "objects/label"}))
+    out = tmp_path / "out"
+    assert _run("tfds", "--dir", b.data_dir, "--spec", spec, "--out", out) == 0
+    recs = sorted(records.iter_records(str(out)), key=lambda r: r["source"])
+    assert [r["captions"] for r in recs] == [["picture 0"], ["picture 1"], ["picture 2"]]
+    # yxyx normalised (0.1, 0.2, 0.5, 0.6) on a 30 x 20 image -> x 6..18, y 2..10
+    np.testing.assert_allclose(recs[1]["regions"][0]["box"], [6, 2, 18, 10], atol=1e-4)
+    assert [r["tags"] for r in recs[1]["regions"]] == [["dog"], ["dog"]]
+    assert records.decode_image(recs[2]["image"])[0, 0].tolist() == [80, 80, 80]
+    assert [c["name"] for c in records.read_meta(str(out))["categories"]] == ["cat", "dog"]

@@ -5,6 +5,8 @@ r"""Turns annotations in public formats into multi-granularity ArrayRecord shard
         --panoptic_dir panoptic_train2017/ --out /data/coco_umg --num_shards 64
     python -m umg_jax.data.build vg --images VG_100K/ --regions region_descriptions.json --out DIR
     python -m umg_jax.data.build perimage --src shards_or_folder/ --out DIR
+    python -m umg_jax.data.build tfds --dir ~/tensorflow_datasets/coco/2017/1.1.0 --spec spec.json \
+        --tfds_split validation --out DIR
     python -m umg_jax.data.build cutouts --stamps /usr/share/tuxpaint/stamps --num 5000 --out DIR
 
 Writes ``<split>-*.array_record`` + ``meta.json`` (categories) + ``build_report.json`` (every
@@ -12,8 +14,6 @@ dropped input with its source id and why) into ``--out``, atomically (a temporar
 at the end: an interrupted build leaves the previous output untouched). Bad inputs are dropped and
 reported; ``--strict`` stops at the first with one line and exit status 2. Output is deterministic
 (images in id / name order). Train with ``--config.data.path=OUT``.
-
-Not yet supported here: TFDS data sources (see the README status table).
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ def build(kind: str, args: argparse.Namespace) -> Report:
         from umg_jax.data.sources.perimage import perimage_records
 
         it, cats = perimage_records(args.src, report=report)
+    elif kind == "tfds":
+        from umg_jax.data.sources.tfds_source import tfds_records
+
+        it, cats = tfds_records(args.dir, args.tfds_split, args.spec, report=report)
     elif kind == "cutouts":
         from umg_jax.data.sources.cutouts import cutout_records
 
@@ -100,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p = sub.add_parser("perimage", help="image + JSON side by side, folders or .tar shards")
     p.add_argument("--src", required=True, help="folder (recursive) or .tar file / folder of .tar")
+    common(p)
+    p = sub.add_parser("tfds", help="a TFDS data set prepared in array_record format + a spec")
+    p.add_argument("--dir", required=True,
+                   help="prepared builder directory (.../<name>/<version>, with dataset_info.json)")
+    p.add_argument("--tfds_split", default="train", help="TFDS split to read")
+    p.add_argument("--spec", required=True,
+                   help="JSON feature mapping (see umg_jax/data/sources/tfds_source.py)")
     common(p)
     p = sub.add_parser("cutouts", help="RGBA object photos + captions pasted onto backgrounds")
     p.add_argument("--stamps", default="/usr/share/tuxpaint/stamps",
