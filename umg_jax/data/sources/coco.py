@@ -102,6 +102,8 @@ def coco_records(images_dir: str, *, captions: str | None = None, instances: str
             continue
         by_image["pan"][iid] = a
 
+    report.total = len(images)
+
     def gen() -> Iterator[dict]:
         for iid in sorted(images):
             im = images[iid]

@@ -23,6 +23,7 @@ class Report:
         self.dropped: list[dict[str, str]] = []
         self.kinds: Counter = Counter()
         self.written = Counter()
+        self.total: int | None = None  # inputs to go through, when the source knows (for ETA)
 
     def drop(self, source: str, kind: str, detail: str) -> None:
         if self.strict:

@@ -148,6 +148,8 @@ def cutout_records(stamps_dir: str, *, num: int, report: Report, seed: int = 0, 
         if not bgs:
             raise FileNotFoundError(f"no background images in {backgrounds_dir}")
 
+    report.total = num
+
     def gen() -> Iterator[dict]:
         for i in range(num):
             rec, _ = compose(i, stamps, seed=seed, size=size, max_objects=max_objects,

@@ -66,6 +66,8 @@ def perimage_records(src_dir: str, *, report: Report, name: str = "perimage"
     categories = [{"id": i, "name": n, "isthing": True} for i, n in enumerate(names)]
     index = {n: i for i, n in enumerate(names)}
 
+    report.total = len(items)
+
     def gen() -> Iterator[dict]:
         for key, img, js in items:
             source = f"{name}/{key}"

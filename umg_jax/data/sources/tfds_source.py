@@ -85,6 +85,8 @@ def tfds_records(builder_dir: str, split: str, spec: dict | str, *, report: Repo
     tag_names = list(getattr(tag_feat, "names", []) or []) if tag_feat is not None else []
     name = pathlib.Path(builder_dir).parent.name or "tfds"
 
+    report.total = len(source)
+
     def gen() -> Iterator[dict]:
         for i in range(len(source)):
             sid = f"tfds/{name}/{split}:{i}"

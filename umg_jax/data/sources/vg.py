@@ -22,6 +22,8 @@ def vg_records(images_dir: str, regions_json: str, *, report: Report,
     if not isinstance(entries, list):
         raise ValueError(f"{regions_json}: expected a list of {{'id', 'regions'}} entries")
 
+    report.total = len(entries)
+
     def gen() -> Iterator[dict]:
         for e in sorted(entries, key=lambda e: int(e["id"])):
             iid = int(e["id"])
