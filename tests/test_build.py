@@ -293,3 +293,18 @@ def test_tfds_source_with_a_tiny_builder(tmp_path):
     assert [r["tags"] for r in recs[1]["regions"]] == [["dog"], ["dog"]]
     assert records.decode_image(recs[2]["image"])[0, 0].tolist() == [80, 80, 80]
     assert [c["name"] for c in records.read_meta(str(out))["categories"]] == ["cat", "dog"]
+
+
+def test_non_utf8_text_is_dropped(tmp_path):
+    src = tmp_path / "pi"
+    src.mkdir()
+    _png(src / "a.png", 1)
+    (src / "a.json").write_bytes(b'{"caption": "caf\xe9"}')  # latin-1, not UTF-8
+    _png(src / "b.png", 2)
+    (src / "b.json").write_text(json.dumps({"caption": "fine", "regions": [
+        {"box": [1, 1, 5, 5], "caption": "\ufffd broken", "tags": []}]}))
+    out = tmp_path / "out"
+    assert _run("perimage", "--src", src, "--out", out) == 0
+    (rec,) = records.iter_records(str(out))
+    assert rec["captions"] == ["fine"] and rec["regions"] == []  # no caption, no tags: dropped
+    assert _dropped_kinds(out) == {"bad_json": 1, "bad_text": 1}

@@ -122,8 +122,11 @@ def _record(source, img, h, w, meta, index, report) -> dict:
         if box is None:
             report.drop(f"{source}:region{i}", "bad_box", why)
             continue
-        tags = _texts(r.get("tags"))
-        regions.append({"box": box, "caption": clean_text(r.get("caption")), "tags": tags,
+        tags, cap = _texts(r.get("tags")), clean_text(r.get("caption"))
+        if cap is None and not tags:
+            report.drop(f"{source}:region{i}", "bad_text", "no valid caption or tag")
+            continue
+        regions.append({"box": box, "caption": cap, "tags": tags,
                         "category": index.get(tags[0], -1) if tags else -1})
     segments = []
     for i, s in enumerate(meta.get("segments", [])):
@@ -133,6 +136,9 @@ def _record(source, img, h, w, meta, index, report) -> dict:
             report.drop(f"{source}:segment{i}", "bad_mask", str(e))
             continue
         tags = _texts(s.get("tags"))
+        if clean_text(s.get("caption")) is None and not tags:
+            report.drop(f"{source}:segment{i}", "bad_text", "no valid caption or tag")
+            continue
         segments.append({"rle": records.mask_to_rle(mask), "caption": clean_text(s.get("caption")),
                          "tags": tags, "category": index.get(tags[0], -1) if tags else -1,
                          "isthing": bool(s.get("isthing", True)),
