@@ -110,7 +110,7 @@ def _record(source, img, h, w, meta, index, report) -> dict:
     from umg_jax.data.sources.coco import _ann_mask
 
     caps = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
-    regions = []
+    regions, kept = [], {}  # kept: input region index -> output index
     for i, r in enumerate(meta.get("regions", [])):
         box = r.get("box") or (None if "bbox" not in r else
                                [r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2],
@@ -126,6 +126,7 @@ def _record(source, img, h, w, meta, index, report) -> dict:
         if cap is None and not tags:
             report.drop(f"{source}:region{i}", "bad_text", "no valid caption or tag")
             continue
+        kept[i] = len(regions)
         regions.append({"box": box, "caption": cap, "tags": tags,
                         "category": index.get(tags[0], -1) if tags else -1})
     segments = []
@@ -142,7 +143,7 @@ def _record(source, img, h, w, meta, index, report) -> dict:
         segments.append({"rle": records.mask_to_rle(mask), "caption": clean_text(s.get("caption")),
                          "tags": tags, "category": index.get(tags[0], -1) if tags else -1,
                          "isthing": bool(s.get("isthing", True)),
-                         "region": int(s.get("region", -1))})
+                         "region": kept.get(int(s.get("region", -1)), -1)})
     return {"source": source, "image": img, "height": h, "width": w, "captions": _texts(caps),
             "tags": _texts(meta.get("tags")), "regions": regions, "segments": segments,
             "confidence": float(meta.get("confidence", 1.0))}
