@@ -6,7 +6,8 @@ For each model: XLA cost-analysis FLOPs and the median time of one image-tower f
 (loss = sum of squares of the global and dense embeddings) with ``model.vision.merge_ratio`` 0,
 0.25, 0.5 (merge after block ``L // 3``; the last block runs on the restored grid). With
 ``--quality_steps N`` it also trains the tiny model N steps at 0 % and 50 % and evaluates both on
-held-out synthetic data (the five tasks). Prints a table, writes
+held-out synthetic data (the five tasks); add ``--wallclock_s S`` to give both runs the same
+training time instead (the schedule is still that of N steps). Prints a table, writes
 ``benchmarks/results/token_merge.json``.
 """
 
@@ -67,7 +68,7 @@ def tower_cost(name: str, ratio: float, steps: int) -> dict:
             "batch": batch}
 
 
-def quality(steps: int) -> dict:
+def quality(steps: int, budget_s: float = 0.0) -> dict:
     from umg_jax import evaluate, train
 
     out = {}
@@ -78,11 +79,13 @@ def quality(steps: int) -> dict:
         c.optim.warmup_steps = min(c.optim.warmup_steps, steps // 10)
         c.ckpt.every_steps = steps
         c.log.tensorboard = False
+        c.train.time_budget_s = budget_s  # equal wall-clock comparison when > 0
         wd = root / f"r{ratio}"
         t0 = time.perf_counter()
         train.train(c, str(wd))
         res = evaluate.run(str(wd), config=c)
         res["train_seconds"] = time.perf_counter() - t0
+        res["steps_done"] = json.loads((wd / "final_metrics.json").read_text())["step"]
         out[str(ratio)] = res
     return out
 
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,b16")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quality_steps", type=int, default=0)
+    ap.add_argument("--wallclock_s", type=float, default=0.0,
+                    help="with --quality_steps: stop each run after this many seconds instead")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/token_merge.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -111,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['flops_ratio']:>12.2f}{r['step_s']:>9.3f}{r['speedup']:>9.2f}")
     payload = {"rows": rows}
     if args.quality_steps:
-        payload["quality"] = q = quality(args.quality_steps)
+        payload["quality"] = q = quality(args.quality_steps, args.wallclock_s)
         keys = ("retrieval/i2t_r1", "region/box_acc", "region/mask_acc", "semseg/miou",
-                "panoptic/pq", "train_seconds")
+                "panoptic/pq", "train_seconds", "steps_done")
         print("\nquality after", args.quality_steps, "steps (tiny):")
         for ratio, res in q.items():
             print(f"  {float(ratio):.0%} removed: " + " ".join(f"{k}={res[k]:.3f}" for k in keys))

@@ -169,6 +169,7 @@ def train_config() -> mlc.ConfigDict:
     """Training-loop behaviour (owner: umg_jax/train.py)."""
     t = mlc.ConfigDict()
     t.max_nonfinite = 5  # stop after this many non-finite losses in a row (updates are skipped)
+    t.time_budget_s = 0.0  # > 0: stop (with a checkpoint) after this many seconds of training
     return t
 
 

@@ -224,3 +224,13 @@ def test_init_from_params_checkpoint(tmp_path):
     _, got = _final_params(str(tmp_path / "wd"), config)
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_time_budget_stops_with_a_checkpoint(tmp_path):
+    config = _config(tmp_path, **{"train.time_budget_s": 1e-6, "total_steps": 40,
+                                  "ckpt.every_steps": 40})
+    last = train.train(config, str(tmp_path / "wd"))
+    step, _ = _final_params(str(tmp_path / "wd"), config)
+    assert step == 2 < 40  # first sync point (log.every_steps = 2), saved although not due
+    assert json.loads((tmp_path / "wd" / "final_metrics.json").read_text())["step"] == 2
+    assert "loss" in last

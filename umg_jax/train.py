@@ -186,6 +186,9 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     try:
         with _StopSignal() as stop:
             step = start
+            budget = float(config.train.get("time_budget_s", 0.0) or 0.0)
+            t_start = time.perf_counter()
+            out_of_time = False
             for step in range(start + 1, config.total_steps + 1):
                 with progress.timer("data"):
                     batch = sharding.put_batch(next(data_iter), mesh)
@@ -224,13 +227,15 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
                     if writer:
                         writer.write_scalars(step, results)
                     last.update(results)
-                final = step == config.total_steps or stop.received is not None
+                if budget and step % sync_every == 0:
+                    out_of_time = _all_agree(time.perf_counter() - t_start > budget)
+                final = step == config.total_steps or stop.received is not None or out_of_time
                 if ckpt.should_save(step, force=final):
                     jax.block_until_ready(state)
                     ckpt.save(step, state, data_state=data_iter.get_state(),
                               meta={"step": step, "dropped": pipeline.drop_counts(data_iter)},
                               metrics=last or None, force=final)
-                if stop.received is not None:
+                if stop.received is not None or out_of_time:
                     break
     finally:
         ckpt.close()
@@ -241,10 +246,21 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     if is_main:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump({"step": step, **last}, f, indent=2)
+        if out_of_time:
+            print(f"time budget of {budget:.0f}s used up at step {step}", flush=True)
         if stop.received is not None:
             print(f"stopped by signal at step {step}; re-run the same command to resume",
                   flush=True)
     return last
+
+
+def _all_agree(flag: bool) -> bool:
+    """Process 0's decision, on every process (each host has its own clock)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def _read_final(workdir: str) -> dict:
