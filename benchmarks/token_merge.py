@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,b16")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quality_steps", type=int, default=0)
+    ap.add_argument("--train_step", action="store_true",
+                    help="also time the whole UMG train step at 0 %% and 50 %%")
     ap.add_argument("--wallclock_s", type=float, default=0.0,
                     help="with --quality_steps: stop each run after this many seconds instead")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/token_merge.json"))
@@ -115,6 +117,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:<6}{100 * r['ratio']:>8.0f}%{r['flops'] / 1e9:>10.1f}"
               f"{r['flops_ratio']:>12.2f}{r['step_s']:>9.3f}{r['speedup']:>9.2f}")
     payload = {"rows": rows}
+    if args.train_step:
+        # the whole UMG train step (both towers, all losses, AdamW), 0 % vs 50 % merged
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from train_step import time_ours
+
+        steps_rows = []
+        for name in args.models.split(","):
+            b = MODELS[name][1]
+            layers = _model_cfg(name, 0.0).model.vision.layers
+            base = time_ours(name, b, args.steps, umg=True)
+            half = time_ours(name, b, args.steps, umg=True, overrides={
+                "model.vision.merge_after": layers // 3, "model.vision.merge_ratio": 0.5})
+            steps_rows.append({"model": name, "batch": b, "step_s_0": base["step_s"],
+                               "step_s_50": half["step_s"],
+                               "speedup": base["step_s"] / half["step_s"]})
+            print(f"{name}: full UMG train step {base['step_s']:.3f}s -> {half['step_s']:.3f}s "
+                  f"at 50 % merged ({base['step_s'] / half['step_s']:.2f}x)", flush=True)
+        payload["train_step"] = steps_rows
     if args.quality_steps:
         payload["quality"] = q = quality(args.quality_steps, args.wallclock_s)
         keys = ("retrieval/i2t_r1", "region/box_acc", "region/mask_acc", "semseg/miou",

@@ -28,7 +28,7 @@ MODELS = {
 }
 
 
-def _config(name: str, batch: int, umg: bool):
+def _config(name: str, batch: int, umg: bool, overrides: dict | None = None):
     from umg_jax import config_lib
 
     path, over = MODELS[name]
@@ -40,12 +40,17 @@ def _config(name: str, batch: int, umg: bool):
     c.model.dtype = "float32"
     if not umg:
         c.loss.update(w_tags=0.0, w_region=0.0, w_mask=0.0, w_pixel=0.0)
-    for k, v in over.items():
-        c[k] = v
+    for k, v in {**over, **(overrides or {})}.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
     return c
 
 
-def time_ours(name: str, batch: int, steps: int, umg: bool) -> dict:
+def time_ours(name: str, batch: int, steps: int, umg: bool, overrides: dict | None = None
+              ) -> dict:
     import jax
     import numpy as np
 
@@ -54,7 +59,7 @@ def time_ours(name: str, batch: int, steps: int, umg: bool) -> dict:
     from umg_jax.data import schema
     from umg_jax.models import clip
 
-    c = _config(name, batch, umg)
+    c = _config(name, batch, umg, overrides)
     mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
     tx, _ = optim.make_optimizer(c.optim, clip.abstract_params(c.model), 1000)
     state_sh = step_lib.state_shardings(step_lib.abstract_state(c, tx), mesh)
