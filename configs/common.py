@@ -191,6 +191,32 @@ def peft_config() -> mlc.ConfigDict:
     return p
 
 
+def seg_config() -> mlc.ConfigDict:
+    """Open-vocabulary segmentation head on the frozen backbone (owner: umg_jax/models/
+    mask_decoder.py, losses/segmentation.py, evaluators/segmentation.py). On: the train step
+    trains only the decoder (plus LoRA factors if peft.enabled); checkpoints hold
+    {"base", "seg"}."""
+    s = mlc.ConfigDict()
+    s.enabled = False  # train / evaluate the mask decoder instead of the UMG-CLIP losses
+    s.num_queries = 16  # N learned queries (>= segments per image)
+    s.width = 128  # decoder width D
+    s.layers = 2  # decoder layers (cross-attention, self-attention, MLP)
+    s.heads = 4  # attention heads of the decoder
+    s.mask_stride = 4  # masks predicted at image_size / mask_stride (power of two)
+    s.stem_channels = 32  # conv stem on the raw image for sharp mask boundaries (0 = off)
+    s.holdout = ()  # category names kept out of training (zero-shot evaluation on them)
+    s.w_class = 2.0  # class cross-entropy weight (also in the matching cost)
+    s.w_bce = 5.0  # mask sigmoid-BCE weight
+    s.w_dice = 5.0  # mask dice weight
+    s.void_weight = 0.1  # class-loss weight of unmatched queries (target "void")
+    s.ensemble = True  # classify masks with the head x frozen mask-pooled geometric ensemble
+    s.ensemble_alpha = 0.4  # frozen-backbone exponent on seen classes (FC-CLIP)
+    s.ensemble_beta = 0.8  # frozen-backbone exponent on unseen classes (FC-CLIP)
+    s.object_threshold = 0.5  # panoptic: min class probability of a kept query
+    s.overlap_threshold = 0.8  # panoptic: min fraction of its own mask a query must keep
+    return s
+
+
 def eval_config() -> mlc.ConfigDict:
     """Periodic evaluation during training (owner: umg_jax/evaluate.py)."""
     e = mlc.ConfigDict()

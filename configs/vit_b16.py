@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.init = common.init_config()
     config.eval = common.eval_config()
     config.peft = common.peft_config()
+    config.seg = common.seg_config()
     config.ckpt = common.ckpt_config()
     config.log = common.log_config()
     return config

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import umg_jax
-from umg_jax import checkpoint, config_lib, train
+from umg_jax import checkpoint, config_lib, optim, train
 from umg_jax import step as step_lib
 from umg_jax.models import clip
 from umg_jax.peft import lora
@@ -90,7 +90,7 @@ def test_bad_targets_and_report():
     with pytest.raises(ValueError, match="match no kernel"):
         lora.init(base, _peft(targets=("nope",)), jax.random.key(0))
     f = lora.init(base, _peft(), jax.random.key(0))
-    table = lora.report(base, f)
+    table = optim.trainable_report({"base": base, "lora": f}, ("base/.*",))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(f))
     assert table.splitlines()[-1].split()[2] == f"{n:,}"
 

@@ -286,31 +286,64 @@ def read_peft_config(path: str | pathlib.Path | None):
     return mlc.ConfigDict(peft) if peft and peft.get("enabled") else None
 
 
-def load_params(path: str | pathlib.Path, model_cfg, peft_cfg=None) -> PyTree:
+def read_seg_config(path: str | pathlib.Path | None):
+    """The full config of a workdir ``config.json`` whose run trained the segmentation head
+    (params ``{"base", "seg", ...}``), else None."""
+    import ml_collections as mlc
+
+    if path is None:
+        return None
+    try:
+        d = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    seg = d.get("seg") if isinstance(d, dict) else None
+    return mlc.ConfigDict(d) if seg and seg.get("enabled") else None
+
+
+def _restore_cpu(path: str | pathlib.Path, abstract: PyTree) -> PyTree:
+    """:func:`restore_params_only` onto the CPU with a one-line ``ValueError`` on mismatch."""
+    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                            abstract)
+    try:
+        return restore_params_only(path, abstract)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a tree mismatch
+        raise ValueError(f"cannot restore params of this model config from {path}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_params(path: str | pathlib.Path, model_cfg, peft_cfg=None, nested: bool = False
+                ) -> PyTree:
     """Params of ``model_cfg`` as numpy arrays from a params checkpoint or a training step
     directory (see :func:`locate`); the optimizer state is not read. With ``peft_cfg`` (a PEFT
     run, :func:`read_peft_config`) the checkpoint holds ``{"base", "lora"}`` and the LoRA deltas
-    are merged: the result is always a plain CLIP tree."""
+    are merged; ``nested``: the CLIP params live under ``base`` (a segmentation-head run,
+    :func:`read_seg_config`). The result is always a plain CLIP tree."""
     from umg_jax.models import clip
 
-    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = clip.abstract_params(model_cfg)
     if peft_cfg is not None:
         from umg_jax.peft import lora
 
         abstract = {"base": abstract, "lora": jax.eval_shape(
             lambda: lora.init(clip.abstract_params(model_cfg), peft_cfg, jax.random.key(0)))}
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                            abstract)
-    try:
-        params = restore_params_only(path, abstract)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - orbax raises many types for a tree mismatch
-        raise ValueError(f"cannot restore params of this model config from {path}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    elif nested:
+        abstract = {"base": abstract}
+    params = _restore_cpu(path, abstract)
     if peft_cfg is not None:
         from umg_jax.peft import lora
 
         return lora.merge(params["base"], params["lora"], peft_cfg)
-    return jax.tree.map(np.asarray, params)
+    return jax.tree.map(np.asarray, params["base"] if nested else params)
+
+
+def load_seg_params(path: str | pathlib.Path, config) -> PyTree:
+    """The mask decoder's params (numpy) of a segmentation-head run (``config``: its full
+    config, :func:`read_seg_config`)."""
+    from umg_jax.models import mask_decoder
+
+    abstract = jax.eval_shape(lambda: mask_decoder.init_params(config, jax.random.key(0)))
+    return jax.tree.map(np.asarray, _restore_cpu(path, {"seg": abstract})["seg"])

@@ -54,6 +54,14 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
         path = config.data.get(key, "")
         if path and not os.path.isdir(path):
             raise ConfigError(f"data.{key} {path!r} does not exist")
+    seg = config.get("seg")
+    if seg is not None and seg.get("enabled", False):
+        from umg_jax.models.mask_decoder import check_config
+
+        try:
+            check_config(seg, m.vision.image_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     init_from = config.get("init", {}).get("from", "")
     if init_from and not os.path.exists(init_from):
         raise ConfigError(f"init.from {init_from!r} does not exist")

@@ -84,8 +84,34 @@ def evaluate_model(model, config: mlc.ConfigDict, data_dir: str, names=ALL,
     return results
 
 
+def evaluate_seg_head(model, seg_params, config: mlc.ConfigDict, data_dir: str,
+                      num_examples: int | None = None, decode=None) -> dict[str, float]:
+    """The segmentation head (``seg_params``; ``None``: only the training-free baseline) on the
+    frozen backbone ``model``: mIoU / PQ on all, seen and held-out (``seg.holdout``) classes,
+    for the variants of ``umg_jax.evaluators.segmentation``. ``decode``: a cached
+    ``make_decode(config)`` (compiled once across calls)."""
+    import functools
+
+    from umg_jax.evaluators import segmentation as seg_eval
+
+    n = int(num_examples or config.eval.num_examples)
+    bs = min(int(config.eval.batch_size), n)
+    names, isthing = categories(data_dir)
+    holdout = set(config.seg.holdout)
+    seen = [name not in holdout for name in names]
+    if seg_params is None:
+        fn, variants = None, ("free",)
+    else:
+        fn = functools.partial(decode or seg_eval.make_decode(config), seg_params)
+        variants = seg_eval.VARIANTS
+    results = seg_eval.evaluate_segmentation(model, fn, eval_batches(config, data_dir, n, bs),
+                                             names, isthing, seen, config.seg, variants)
+    return {f"seg/{k}": v for k, v in results.items()}
+
+
 def make_hooks(config: mlc.ConfigDict) -> dict[str, Callable]:
-    """``{"umg": fn(params) -> metrics}`` for the trainer (held-out split of ``config.data``)."""
+    """``{"umg" or "seg": fn(params) -> metrics}`` for the trainer (held-out split of
+    ``config.data``)."""
     from umg_jax.data import pipeline
     from umg_jax.inference import UMGModel
 
@@ -95,13 +121,19 @@ def make_hooks(config: mlc.ConfigDict) -> dict[str, Callable]:
     from umg_jax import step as step_lib
 
     def hook(params) -> dict[str, float]:
-        params = step_lib.effective_params(params, config)  # LoRA merged when PEFT is on
+        clip_params = step_lib.effective_params(params, config)  # LoRA merged when PEFT is on
         if "model" not in holder:  # compile once, re-use across evaluations
-            holder["model"] = UMGModel(params, config.model)
-        holder["model"].params = params
+            holder["model"] = UMGModel(clip_params, config.model)
+        holder["model"].params = clip_params
+        if step_lib.seg_enabled(config):
+            from umg_jax.evaluators.segmentation import make_decode
+
+            holder.setdefault("decode", make_decode(config))
+            return evaluate_seg_head(holder["model"], params["seg"], config, data_dir,
+                                     decode=holder["decode"])
         return evaluate_model(holder["model"], config, data_dir)
 
-    return {"umg": hook}
+    return {"seg" if step_lib.seg_enabled(config) else "umg": hook}
 
 
 def format_table(results: dict[str, float]) -> str:
@@ -138,7 +170,14 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
     else:
         data_dir = pipeline.ensure_data(config.data, "eval")
     t0 = time.perf_counter()
-    results = evaluate_model(model, config, data_dir, names, num_examples)
+    if config.get("seg", {}).get("enabled", False):  # a segmentation-head run
+        try:
+            seg_params = checkpoint.load_seg_params(ckpt_dir, config)
+        except (FileNotFoundError, ValueError) as e:
+            raise EvalError(str(e)) from None
+        results = evaluate_seg_head(model, seg_params, config, data_dir, num_examples)
+    else:
+        results = evaluate_model(model, config, data_dir, names, num_examples)
     results["eval_seconds"] = time.perf_counter() - t0
     label = ckpt_dir.name if ckpt_dir.name.isdigit() else "import"
     out = pathlib.Path(workdir) / "eval" / label

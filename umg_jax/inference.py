@@ -188,7 +188,8 @@ def load(workdir_or_checkpoint: str, step: int | None = None) -> UMGModel:
             raise InputError(f"{workdir_or_checkpoint!r} has neither config.json (training "
                              "workdir) nor model_config.json (import directory)")
         model_cfg = checkpoint.read_model_config(cfg_file)
-        params = checkpoint.load_params(ckpt, model_cfg, checkpoint.read_peft_config(cfg_file))
+        params = checkpoint.load_params(ckpt, model_cfg, checkpoint.read_peft_config(cfg_file),
+                                        nested=checkpoint.read_seg_config(cfg_file) is not None)
     except (FileNotFoundError, ValueError) as e:
         if isinstance(e, InputError):
             raise

@@ -98,6 +98,26 @@ def count_params(tree: PyTree) -> int:
     return int(sum(math.prod(getattr(x, "shape", ())) for x in jax.tree.leaves(tree)))
 
 
+def trainable_report(params: PyTree, freeze: Sequence[str]) -> str:
+    """Frozen vs trainable parameter counts per module (``base/visual``, ``lora/text``,
+    ``seg/layer_0``, ...; LoRA keys are ``.``-joined paths) as a printable table."""
+    frozen = jax.tree.leaves(param_labels(params, freeze))
+    groups: dict[str, list[int]] = {}
+    for (p, leaf), is_frozen in zip(jax.tree_util.tree_flatten_with_path(params)[0], frozen,
+                                    strict=True):
+        parts = path_str(p).split("/")
+        g = "/".join([parts[0], parts[1].split(".")[0]] if len(parts) > 1 else parts[:1])
+        groups.setdefault(g, [0, 0])[0 if is_frozen else 1] += math.prod(
+            getattr(leaf, "shape", ()))
+    total_f = sum(v[0] for v in groups.values())
+    total_t = sum(v[1] for v in groups.values())
+    lines = [f"{'module':<32}{'frozen':>14}{'trainable':>14}"]
+    lines += [f"{g:<32}{f:>14,}{t:>14,}" for g, (f, t) in sorted(groups.items())]
+    pct = 100 * total_t / max(total_f + total_t, 1)
+    lines.append(f"{'total':<32}{total_f:>14,}{total_t:>14,}  ({pct:.2f} % trainable)")
+    return "\n".join(lines)
+
+
 def count_float_elements(tree: PyTree) -> int:
     """Elements over the floating-point leaves only (optimizer moments, not step counters)."""
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)

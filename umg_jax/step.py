@@ -88,23 +88,42 @@ def peft_enabled(config: mlc.ConfigDict) -> bool:
     return bool(config.get("peft", {}).get("enabled", False))
 
 
+def seg_enabled(config: mlc.ConfigDict) -> bool:
+    return bool(config.get("seg", {}).get("enabled", False))
+
+
+def nested_params(config: mlc.ConfigDict) -> bool:
+    """True when the train state's params are ``{"base": CLIP, ...}`` (frozen backbone)."""
+    return peft_enabled(config) or seg_enabled(config)
+
+
 def init_params(config: mlc.ConfigDict, rng: jax.Array, base=None):
-    """The trainable parameter tree: CLIP params, or ``{"base", "lora"}`` with PEFT on
-    (``base``: given backbone params, e.g. imported; else initialised from ``rng``)."""
+    """The trainable parameter tree: CLIP params, or with a frozen backbone ``{"base": CLIP,
+    "lora": LoRA factors (PEFT on), "seg": mask decoder (seg on)}`` (``base``: given backbone
+    params, e.g. imported; else initialised from ``rng``)."""
     k_base, k_lora = jax.random.split(rng)
     if base is None:
         base = clip.init_params(config.model, k_base)
-    if not peft_enabled(config):
+    if not nested_params(config):
         return base
-    from umg_jax.peft import lora
+    out = {"base": base}
+    if peft_enabled(config):
+        from umg_jax.peft import lora
 
-    return {"base": base, "lora": lora.init(base, config.peft, k_lora)}
+        out["lora"] = lora.init(base, config.peft, k_lora)
+    if seg_enabled(config):
+        from umg_jax.models import mask_decoder
+
+        out["seg"] = mask_decoder.init_params(config, jax.random.fold_in(rng, 2))
+    return out
 
 
 def effective_params(params, config: mlc.ConfigDict):
     """The CLIP params the model runs with (LoRA deltas applied when PEFT is on)."""
-    if not peft_enabled(config):
+    if not nested_params(config):
         return params
+    if not peft_enabled(config):
+        return params["base"]
     from umg_jax.peft import lora
 
     return lora.apply(params["base"], params["lora"], config.peft)
@@ -112,18 +131,72 @@ def effective_params(params, config: mlc.ConfigDict):
 
 def frozen_regexes(config: mlc.ConfigDict) -> tuple[str, ...]:
     """Param-path regexes the optimizer must not update (the backbone under PEFT)."""
-    return tuple(config.optim.get("freeze", ()) or ()) + (("base/.*",) if peft_enabled(config)
+    return tuple(config.optim.get("freeze", ()) or ()) + (("base/.*",) if nested_params(config)
                                                           else ())
 
 
 def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh):
     """``loss_fn(params, batch) -> (total, metrics)``."""
+    if seg_enabled(config):
+        return make_seg_loss_fn(model, config)
 
     def loss_fn(params, batch):
         outputs = model_outputs(model, effective_params(params, config), batch, config.loss)
         return umg_losses.umg_loss(outputs, batch, config.loss, mesh)
 
     return loss_fn
+
+
+def make_seg_loss_fn(model: clip.CLIP, config: mlc.ConfigDict):
+    """Loss of the segmentation head on the frozen backbone: the backbone (with LoRA, if on)
+    gives normalised dense features and the training vocabulary's text embeddings; without LoRA
+    they are ``stop_gradient``-ed so no backward pass runs through the backbone at all."""
+    from umg_jax.losses import segmentation as seg_losses
+    from umg_jax.models.mask_decoder import MaskDecoder
+
+    vocab = train_vocabulary(config)
+    tokens = jnp.asarray(vocab["tokens"])  # [C, K, L]
+    class_map = jnp.asarray(vocab["class_map"])
+    decoder = MaskDecoder(config.seg, config.model.embed_dim)
+    norm = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)  # noqa
+
+    def loss_fn(params, batch):
+        cp = effective_params(params, config)
+        if not peft_enabled(config):
+            cp = jax.lax.stop_gradient(cp)
+        v = {"params": cp}
+        dense = norm(model.apply(v, batch["image"], method=clip.CLIP.encode_image)["dense"])
+        text = norm(norm(model.apply(v, tokens, method=clip.CLIP.encode_text)).mean(1))
+        out = decoder.apply({"params": params["seg"]}, batch["image"], dense)
+        return seg_losses.seg_loss(out, text, batch, class_map, config.seg)
+
+    return loss_fn
+
+
+def train_vocabulary(config: mlc.ConfigDict) -> dict:
+    """The segmentation head's training vocabulary from the training data's categories minus
+    ``seg.holdout``: ``names [C]``, ``seen [K]`` bool per data-set category, ``class_map [K]``
+    int32 (data-set category -> vocabulary index, -1 held out), ``tokens [C, T, L]`` int32
+    (prompt templates of ``evaluators.common.DEFAULT_TEMPLATES``)."""
+    import numpy as np
+
+    from umg_jax.data import pipeline, records, tokenizer
+    from umg_jax.evaluators.common import DEFAULT_TEMPLATES
+
+    cats = records.read_meta(pipeline.ensure_data(config.data, "train")).get("categories") or []
+    names = [c["name"] for c in cats]
+    unknown = sorted(set(config.seg.holdout) - set(names))
+    if unknown:
+        raise ValueError(f"seg.holdout names {unknown} are not categories of the training data "
+                         f"({', '.join(names)})")
+    seen = np.array([n not in set(config.seg.holdout) for n in names])
+    if not seen.any():
+        raise ValueError("seg.holdout removes every category: nothing to train on")
+    class_map = np.where(seen, np.cumsum(seen) - 1, -1).astype(np.int32)
+    train_names = [n for n, s in zip(names, seen, strict=True) if s]
+    tok = tokenizer.get_tokenizer(config.model.text.context_length)
+    tokens = np.stack([tok([t.format(n) for t in DEFAULT_TEMPLATES]) for n in train_names])
+    return {"names": train_names, "seen": seen, "class_map": class_map, "tokens": tokens}
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -190,7 +263,7 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: 
 
 def clamp_logit_scales(params, cap: float):
     """Clamps every ``logit_scale*`` top-level CLIP param to ``<= cap``."""
-    if "base" in params and "lora" in params:  # PEFT tree: the scales live in the base
+    if "base" in params:  # frozen-backbone tree: the scales live in the base
         return dict(params, base=clamp_logit_scales(params["base"], cap))
     return {k: (jnp.minimum(v, cap) if k.startswith("logit_scale") else v)
             for k, v in params.items()}

@@ -149,7 +149,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
             # An import dir, a training workdir (latest step) or a params checkpoint; with PEFT
             # these are the frozen backbone's params.
             src, _ = ckpt_lib.locate(init_from)
-            target = abstract_sh.params["base"] if step_lib.peft_enabled(config) \
+            target = abstract_sh.params["base"] if step_lib.nested_params(config) \
                 else abstract_sh.params
             base = ckpt_lib.restore_params_only(src, target)
             # Built under jit: fresh, distinct output buffers (the state is donated every step).
@@ -169,10 +169,9 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         if is_main else None
     if writer and start == 0:
         writer.write_hparams(config.to_dict())
-    if is_main and step_lib.peft_enabled(config):
-        from umg_jax.peft import lora
-
-        print(lora.report(abstract_params["base"], abstract_params["lora"]), flush=True)
+    if is_main and step_lib.nested_params(config):
+        print(optim.trainable_report(abstract_params, step_lib.frozen_regexes(config)),
+              flush=True)
     progress = metrics_lib.Progress(config.total_steps, start, batch_size=config.batch_size)
     flops = metrics_lib.clip_train_flops(config.model, config.batch_size,
                                          step_lib.texts_per_example(config))
@@ -211,7 +210,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
                         line = progress.update(step, scalars)
                         scalars["lr"] = float(schedule(step - 1))
                         scalars.update(progress.last)
-                        if peak:
+                        if peak and not step_lib.seg_enabled(config):  # FLOPs: CLIP only
                             scalars["mfu"] = metrics_lib.mfu(
                                 flops, 1.0 / max(progress.last["steps_per_sec"], 1e-9), peak)
                         dropped = pipeline.drop_counts(data_iter)

@@ -111,9 +111,13 @@ class PanopticAccumulator:
                 continue  # mostly on unlabeled pixels: not counted against the prediction
             self.fp[c] += 1
 
-    def scores(self) -> dict[str, float]:
+    def scores(self, classes: np.ndarray | None = None) -> dict[str, float]:
+        """PQ / SQ / RQ (all, things, stuff) averaged over the categories that occur, restricted
+        to ``classes`` (bool ``[C]``) when given."""
         out = {}
         seen = (self.tp + self.fp + self.fn) > 0
+        if classes is not None:
+            seen = seen & np.asarray(classes, bool)
         denom = self.tp + 0.5 * self.fp + 0.5 * self.fn
         pq = np.where(seen, self.iou / np.maximum(denom, 1e-9), np.nan)
         sq = np.where(self.tp > 0, self.iou / np.maximum(self.tp, 1), 0.0)

@@ -29,6 +29,17 @@ def merge_stuff(pred_cls: np.ndarray, isthing: np.ndarray) -> np.ndarray:
     return ids
 
 
+def panoptic_target(segmap: np.ndarray, valid: np.ndarray, mask_class: np.ndarray
+                    ) -> tuple[np.ndarray, dict[int, int]]:
+    """One image's ground truth: ``segmap [H, W]`` (mask index, -1), ``valid [M]``,
+    ``mask_class [M]`` -> ``(gt_seg [H, W]`` (-1 where unlabeled or not a valid, classed mask),
+    ``{mask index: category}``)."""
+    ok = valid.astype(bool) & (mask_class >= 0)
+    keep = np.nonzero(ok)[0]
+    gt_seg = np.where(np.isin(segmap, keep), segmap, -1)
+    return gt_seg, {int(m): int(mask_class[m]) for m in keep}
+
+
 class Panoptic(Evaluator):
     name = "panoptic"
     needs = ("segmap", "mask_area", "mask_valid", "mask_class")
@@ -46,12 +57,10 @@ class Panoptic(Evaluator):
             emb = np.asarray(mask_pool(jnp.asarray(b["dense_emb"]), jnp.asarray(b["mask_area"])))
             pred_all = np.argmax(normalize(emb) @ text.T, -1)
             for i in range(len(emb)):
-                valid = b["mask_valid"][i].astype(bool) & (b["mask_class"][i] >= 0)
-                seg = b["segmap"][i]
-                gt_seg = np.where(np.isin(seg, np.nonzero(valid)[0]), seg, -1)
-                gt_cls = {int(m): int(b["mask_class"][i, m]) for m in np.nonzero(valid)[0]}
+                gt_seg, gt_cls = panoptic_target(b["segmap"][i], b["mask_valid"][i],
+                                                 b["mask_class"][i])
                 ids = merge_stuff(pred_all[i], self.isthing)
                 pred_seg = np.where(gt_seg >= 0, ids[np.clip(gt_seg, 0, None)], -1)
-                pred_cls = {int(ids[m]): int(pred_all[i, m]) for m in np.nonzero(valid)[0]}
+                pred_cls = {int(ids[m]): int(pred_all[i, m]) for m in gt_cls}
                 acc.update(pred_seg, pred_cls, gt_seg, gt_cls)
         return acc.scores()

@@ -181,13 +181,14 @@ def _torch():
 
 
 # ------------------------------------------------------------------------------ reading
-def restore_params(path: str | pathlib.Path, model_cfg: mlc.ConfigDict, peft_cfg=None) -> dict:
-    """``umg_jax.checkpoint.load_params`` (LoRA merged for a PEFT run) with its errors as
-    :class:`InteropError`."""
+def restore_params(path: str | pathlib.Path, model_cfg: mlc.ConfigDict, peft_cfg=None,
+                   nested: bool = False) -> dict:
+    """``umg_jax.checkpoint.load_params`` (LoRA merged for a PEFT run; the backbone of a
+    segmentation-head run) with its errors as :class:`InteropError`."""
     from umg_jax import checkpoint
 
     try:
-        return checkpoint.load_params(path, model_cfg, peft_cfg)
+        return checkpoint.load_params(path, model_cfg, peft_cfg, nested)
     except (OSError, ValueError) as e:
         raise InteropError(str(e)) from None
 
@@ -233,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
             model_cfg = read_model_config(cfg_path)
         else:
             raise InteropError(f"no model config found with {args.src}; pass --config")
-        from umg_jax.checkpoint import read_peft_config
+        from umg_jax.checkpoint import read_peft_config, read_seg_config
 
-        params = restore_params(ckpt, model_cfg, read_peft_config(cfg_path))
+        params = restore_params(ckpt, model_cfg, read_peft_config(cfg_path),
+                                read_seg_config(cfg_path) is not None)
         info = export_params(params, model_cfg, args.format, args.out)
     except InteropError as e:
         print(f"error: {e}", file=sys.stderr)

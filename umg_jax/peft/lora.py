@@ -98,21 +98,3 @@ def apply(params: PyTree, lora: dict[str, dict[str, jax.Array]], peft_cfg) -> Py
 def merge(params: PyTree, lora: dict, peft_cfg) -> PyTree:
     """Plain CLIP params with the LoRA deltas folded in (for export and inference), numpy."""
     return jax.tree.map(np.asarray, apply(params, lora, peft_cfg))
-
-
-def report(params: PyTree, lora: dict) -> str:
-    """Trainable vs total parameters, per top-level module, as a table."""
-    groups: dict[str, list[int]] = {}
-    for p, v in _flat(params).items():
-        g = "/".join(p.split("/")[:2])
-        groups.setdefault(g, [0, 0])[0] += int(np.prod(v.shape))
-    for k, f in lora.items():
-        g = "/".join(k.split(SEP)[:2])
-        groups.setdefault(g, [0, 0])[1] += sum(int(np.prod(x.shape)) for x in f.values())
-    total = sum(v[0] for v in groups.values())
-    train = sum(v[1] for v in groups.values())
-    lines = [f"{'module':<40}{'frozen':>14}{'LoRA (trainable)':>18}"]
-    for g in sorted(groups):
-        lines.append(f"{g:<40}{groups[g][0]:>14,}{groups[g][1]:>18,}")
-    lines.append(f"{'total':<40}{total:>14,}{train:>18,}  ({100 * train / max(total, 1):.2f} %)")
-    return "\n".join(lines)
