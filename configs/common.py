@@ -54,6 +54,7 @@ def model_config(
     m.vision.layers = vision_layers  # number of residual blocks
     m.vision.heads = vision_heads  # attention heads (head dim = width / heads)
     m.vision.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width
+    m.vision.adapter_dim = 0  # bottleneck adapter after every block (peft.method="adapter")
     m.text = mlc.ConfigDict()
     m.text.context_length = context_length  # token sequence length L
     m.text.vocab_size = vocab_size  # CLIP BPE vocabulary (49408)
@@ -61,6 +62,7 @@ def model_config(
     m.text.layers = text_layers  # number of residual blocks
     m.text.heads = text_heads  # attention heads
     m.text.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width
+    m.text.adapter_dim = 0  # bottleneck adapter after every block (peft.method="adapter")
     return m
 
 
@@ -181,10 +183,12 @@ def init_config() -> mlc.ConfigDict:
 
 
 def peft_config() -> mlc.ConfigDict:
-    """Parameter-efficient tuning (owner: umg_jax/peft). On: the backbone is frozen and only LoRA
-    factors train; checkpoints hold {"base", "lora"}, export / inference merge them."""
+    """Parameter-efficient tuning (owner: umg_jax/peft). On: the backbone is frozen; only LoRA
+    factors (checkpoints hold {"base", "lora"}; export / inference merge them) or bottleneck
+    adapters (model.{vision,text}.adapter_dim > 0; cannot merge into plain CLIP weights) train."""
     p = mlc.ConfigDict()
-    p.enabled = False  # LoRA on the kernels matched by targets; everything else frozen
+    p.enabled = False  # PEFT on: the backbone frozen except what `method` adds
+    p.method = "lora"  # "lora" (kernels matched by targets) or "adapter" (bottleneck adapters)
     p.rank = 8  # LoRA rank r
     p.alpha = 16.0  # LoRA scale numerator: delta = (alpha / rank) * A @ B
     p.targets = (r"attn/(query|key|value|out)/kernel$", r"mlp/c_(fc|proj)/kernel$")  # regexes

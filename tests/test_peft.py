@@ -154,3 +154,93 @@ def test_load_and_export_merge(lora_run, tmp_path, torch_mod):
     q = sd["vision_model.encoder.layers.0.self_attn.q_proj.weight"]
     w = np.asarray(merged["visual"]["transformer"]["resblocks_0"]["attn"]["query"]["kernel"])
     np.testing.assert_allclose(q, w.reshape(w.shape[0], -1).T, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------- bottleneck adapters
+
+
+def _adapter_cfg():
+    c = _cfg()
+    c.peft.method = "adapter"
+    c.model.vision.adapter_dim = 8
+    c.model.text.adapter_dim = 4
+    return c
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fresh_adapters_reproduce_the_base_model(scan):
+    c = _adapter_cfg()
+    c.model.scan = scan
+    plain_cfg = mlc.ConfigDict(c.model.to_dict())
+    plain_cfg.vision.adapter_dim = plain_cfg.text.adapter_dim = 0
+    base = clip.init_params(plain_cfg, jax.random.key(3))
+    params = step_lib.init_params(c, jax.random.key(0), base=base)
+    assert "adapter" in params["visual"]["transformer"]["resblocks_0" if not scan
+                                                        else "resblocks"]
+    assert "adapter" in params["text"]["transformer"]["resblocks_0" if not scan else "resblocks"]
+    img = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    tok = jnp.array([[49406, 320, 1929, 49407] + [0] * 12] * 2, jnp.int32)
+    ours, ref = clip.build_model(c.model), clip.build_model(plain_cfg)
+    for method, arg in ((clip.CLIP.encode_image, img), (clip.CLIP.encode_text, tok)):
+        a = ours.apply({"params": params}, arg, method=method)
+        b = ref.apply({"params": base}, arg, method=method)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # A non-zero adapter changes the output (the adapter is really in the forward pass).
+    up = params["visual"]["transformer"]["resblocks_0" if not scan else "resblocks"]["adapter"][
+        "up"]
+    up["kernel"] = 0.1 * jax.random.normal(jax.random.key(5), up["kernel"].shape)
+    a = ours.apply({"params": params}, img, method=clip.CLIP.encode_image)["img"]
+    b = ref.apply({"params": base}, img, method=clip.CLIP.encode_image)["img"]
+    assert float(jnp.abs(a - b).max()) > 1e-4
+
+
+def test_adapter_optimizer_state_and_config_errors():
+    from umg_jax import config_checks
+
+    c = _adapter_cfg()
+    params = jax.eval_shape(lambda: step_lib.init_params(c, jax.random.key(0)))
+    tx, _ = optim.make_optimizer(c.optim, params, 10, freeze=step_lib.frozen_regexes(c))
+    n_state = optim.count_float_elements(jax.eval_shape(tx.init, params))
+    n_adapter = sum(int(np.prod(v.shape)) for p, v in jax.tree_util.tree_leaves_with_path(params)
+                    if "adapter" in jax.tree_util.keystr(p))
+    assert n_adapter > 0 and n_state == 2 * n_adapter  # Adam moments of the adapters only
+    bad = _adapter_cfg()
+    bad.model.vision.adapter_dim = bad.model.text.adapter_dim = 0
+    with pytest.raises(config_checks.ConfigError, match="adapter_dim"):
+        config_checks.validate(bad)
+    bad = _adapter_cfg()
+    bad.peft.method = "prefix"
+    with pytest.raises(config_checks.ConfigError, match="peft.method"):
+        config_checks.validate(bad)
+
+
+def test_adapter_training_from_a_pretrained_backbone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("UMG_JAX_CACHE", str(tmp_path / "cache"))
+    c = _adapter_cfg()
+    plain_cfg = mlc.ConfigDict(c.model.to_dict())
+    plain_cfg.vision.adapter_dim = plain_cfg.text.adapter_dim = 0
+    base = clip.init_params(plain_cfg, jax.random.key(7))
+    src = tmp_path / "backbone"
+    src.mkdir()
+    checkpoint.save_params(src / "params", base)
+    (src / "model_config.json").write_text(plain_cfg.to_json())
+    c.init["from"] = str(src)
+    train.train(c, str(tmp_path / "wd"))
+    assert "trainable" in capsys.readouterr().out  # the start-of-run report
+    m = umg_jax.load(str(tmp_path / "wd"))
+    flat_new = dict(jax.tree_util.tree_leaves_with_path(m.params))
+    moved = 0
+    for p, v in jax.tree_util.tree_leaves_with_path(base):
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(flat_new[p]))  # frozen
+    for p, v in flat_new.items():
+        if "adapter" in jax.tree_util.keystr(p) and "up" in jax.tree_util.keystr(p):
+            moved += float(np.abs(np.asarray(v)).max()) > 0
+    assert moved > 0
+    from umg_jax.interop import export_torch
+
+    with pytest.raises(SystemExit) as e:
+        export_torch.main([str(tmp_path / "wd"), "--format", "hf", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    assert "adapter" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

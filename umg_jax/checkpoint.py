@@ -283,7 +283,8 @@ def read_peft_config(path: str | pathlib.Path | None):
     except (OSError, ValueError):
         return None
     peft = d.get("peft") if isinstance(d, dict) else None
-    return mlc.ConfigDict(peft) if peft and peft.get("enabled") else None
+    lora = peft and peft.get("enabled") and peft.get("method", "lora") == "lora"
+    return mlc.ConfigDict(peft) if lora else None
 
 
 def read_seg_config(path: str | pathlib.Path | None):

@@ -54,6 +54,15 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
         path = config.data.get(key, "")
         if path and not os.path.isdir(path):
             raise ConfigError(f"data.{key} {path!r} does not exist")
+    peft = config.get("peft")
+    if peft is not None and peft.get("enabled", False):
+        method = peft.get("method", "lora")
+        if method not in ("lora", "adapter"):
+            raise ConfigError(f"peft.method must be 'lora' or 'adapter', got {method!r}")
+        if method == "adapter" and not (m.vision.get("adapter_dim", 0)
+                                        or m.text.get("adapter_dim", 0)):
+            raise ConfigError("peft.method='adapter' needs model.vision.adapter_dim and/or "
+                              "model.text.adapter_dim > 0")
     seg = config.get("seg")
     if seg is not None and seg.get("enabled", False):
         from umg_jax.models.mask_decoder import check_config

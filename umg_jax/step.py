@@ -85,7 +85,36 @@ def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDic
 
 
 def peft_enabled(config: mlc.ConfigDict) -> bool:
+    """The backbone is adapted by PEFT (LoRA factors or bottleneck adapters)."""
     return bool(config.get("peft", {}).get("enabled", False))
+
+
+def lora_enabled(config: mlc.ConfigDict) -> bool:
+    return peft_enabled(config) and config.peft.get("method", "lora") == "lora"
+
+
+def adapters_enabled(config: mlc.ConfigDict) -> bool:
+    return peft_enabled(config) and config.peft.get("method", "lora") == "adapter"
+
+
+# Under peft.method="adapter": every backbone param except the adapters' (and the decoder's).
+ADAPTER_FROZEN = r"(base/)?(?!.*/adapter/)(visual|text|logit_).*"
+
+
+def without_adapters(tree):
+    """``tree`` (nested dicts) with every ``adapter`` sub-tree removed: what a plain CLIP
+    checkpoint holds."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: without_adapters(v) for k, v in tree.items() if k != "adapter"}
+
+
+def fill(restored, fresh):
+    """``fresh`` with every leaf that ``restored`` has replaced by the restored one (adapters
+    missing from a pretrained checkpoint keep their fresh, identity init)."""
+    if not isinstance(fresh, dict):
+        return restored
+    return {k: fill(restored[k], v) if k in restored else v for k, v in fresh.items()}
 
 
 def seg_enabled(config: mlc.ConfigDict) -> bool:
@@ -94,7 +123,7 @@ def seg_enabled(config: mlc.ConfigDict) -> bool:
 
 def nested_params(config: mlc.ConfigDict) -> bool:
     """True when the train state's params are ``{"base": CLIP, ...}`` (frozen backbone)."""
-    return peft_enabled(config) or seg_enabled(config)
+    return lora_enabled(config) or seg_enabled(config)
 
 
 def init_params(config: mlc.ConfigDict, rng: jax.Array, base=None):
@@ -104,10 +133,12 @@ def init_params(config: mlc.ConfigDict, rng: jax.Array, base=None):
     k_base, k_lora = jax.random.split(rng)
     if base is None:
         base = clip.init_params(config.model, k_base)
+    elif config.model.vision.get("adapter_dim", 0) or config.model.text.get("adapter_dim", 0):
+        base = fill(base, clip.init_params(config.model, k_base))  # imported: no adapters yet
     if not nested_params(config):
         return base
     out = {"base": base}
-    if peft_enabled(config):
+    if lora_enabled(config):
         from umg_jax.peft import lora
 
         out["lora"] = lora.init(base, config.peft, k_lora)
@@ -122,7 +153,7 @@ def effective_params(params, config: mlc.ConfigDict):
     """The CLIP params the model runs with (LoRA deltas applied when PEFT is on)."""
     if not nested_params(config):
         return params
-    if not peft_enabled(config):
+    if not lora_enabled(config):
         return params["base"]
     from umg_jax.peft import lora
 
@@ -130,9 +161,11 @@ def effective_params(params, config: mlc.ConfigDict):
 
 
 def frozen_regexes(config: mlc.ConfigDict) -> tuple[str, ...]:
-    """Param-path regexes the optimizer must not update (the backbone under PEFT)."""
-    return tuple(config.optim.get("freeze", ()) or ()) + (("base/.*",) if nested_params(config)
-                                                          else ())
+    """Param-path regexes the optimizer must not update (the backbone under PEFT / seg)."""
+    own = tuple(config.optim.get("freeze", ()) or ())
+    if adapters_enabled(config):
+        return own + (ADAPTER_FROZEN,)
+    return own + (("base/.*",) if nested_params(config) else ())
 
 
 def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh):

@@ -151,7 +151,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
             src, _ = ckpt_lib.locate(init_from)
             target = abstract_sh.params["base"] if step_lib.nested_params(config) \
                 else abstract_sh.params
-            base = ckpt_lib.restore_params_only(src, target)
+            # A pretrained CLIP has no adapters: those start fresh (identity) in init_params.
+            base = ckpt_lib.restore_params_only(src, step_lib.without_adapters(target))
             # Built under jit: fresh, distinct output buffers (the state is donated every step).
             state = jax.jit(lambda b, r: step_lib.init_state(
                 step_lib.init_params(config, r, base=b), tx), out_shardings=state_sh)(base, rng)
@@ -169,7 +170,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         if is_main else None
     if writer and start == 0:
         writer.write_hparams(config.to_dict())
-    if is_main and step_lib.nested_params(config):
+    if is_main and (step_lib.nested_params(config) or step_lib.peft_enabled(config)):
         print(optim.trainable_report(abstract_params, step_lib.frozen_regexes(config)),
               flush=True)
     progress = metrics_lib.Progress(config.total_steps, start, batch_size=config.batch_size)

@@ -106,7 +106,13 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
         raise InteropError(f"unknown format {fmt!r}; expected open_clip or hf")
     if param_transform is not None:
         params = param_transform(params)
-    canonical = to_canonical(flatten(params))
+    flat = flatten(params)
+    adapters = [k for k in flat if "/adapter/" in k]
+    if adapters:
+        raise InteropError(f"{len(adapters)} bottleneck-adapter params (e.g. {adapters[0]}) "
+                           "have no place in a CLIP state dict and cannot be merged into its "
+                           "weights; export a LoRA run instead, or use the model with umg_jax")
+    canonical = to_canonical(flat)
     _check_config(canonical, model_cfg)
     sd, extras = flax_to_torch(canonical, "classic" if fmt == "open_clip" else "hf")
     outp = pathlib.Path(out)

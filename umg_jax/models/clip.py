@@ -40,10 +40,11 @@ class CLIP(nn.Module):
             image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
             heads=v.heads, embed_dim=m.embed_dim, mlp_ratio=v.mlp_ratio,
             dense_mode=m.dense_mode, merge_after=v.get("merge_after", -1),
-            merge_ratio=v.get("merge_ratio", 0.0), **common)
+            merge_ratio=v.get("merge_ratio", 0.0), adapter_dim=v.get("adapter_dim", 0), **common)
         self.text = TextTransformer(
             context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
-            layers=t.layers, heads=t.heads, embed_dim=m.embed_dim, mlp_ratio=t.mlp_ratio, **common)
+            layers=t.layers, heads=t.heads, embed_dim=m.embed_dim, mlp_ratio=t.mlp_ratio,
+            adapter_dim=t.get("adapter_dim", 0), **common)
         init = nn.initializers.constant(m.logit_scale_init)
         own = GRANULARITIES[1:] if m.get("granularity_scales", False) else ()
         self.logit_scale = self.param("logit_scale", init, (), jnp.float32)

@@ -115,6 +115,23 @@ class MLP(nn.Module):
                         kernel_init=nn.initializers.normal(proj_std), name="c_proj")(x)
 
 
+class Adapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al., 2019): ``down`` -> GELU -> ``up``, added to the
+    residual stream after the block. ``up`` starts at zero, so a fresh adapter is the identity
+    and training starts exactly at the base model."""
+
+    width: int
+    bottleneck: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(self.bottleneck, dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=nn.initializers.normal(self.width ** -0.5), name="down")(x)
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                        kernel_init=nn.initializers.zeros, name="up")(nn.gelu(h))
+
+
 class ResidualBlock(nn.Module):
     """Pre-LN residual block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
 
@@ -134,6 +151,7 @@ class ResidualBlock(nn.Module):
     causal: bool = False
     dense_value_path: bool = False
     return_carry: bool = False
+    adapter_dim: int = 0  # > 0: a bottleneck Adapter after the block (PEFT); 0 = plain CLIP
 
     @nn.compact
     def __call__(self, x: jax.Array, _unused: Any = None):
@@ -155,6 +173,8 @@ class ResidualBlock(nn.Module):
             mask = jnp.tril(jnp.ones((n, n), bool)) if self.causal else None
             x = x + attn(h, h, mask)
         x = x + mlp(ln_2(x).astype(self.dtype))
+        if self.adapter_dim:
+            x = x + Adapter(self.width, self.adapter_dim, self.dtype, name="adapter")(x)
         return (x, None) if self.return_carry else x
 
 
@@ -181,6 +201,7 @@ class Transformer(nn.Module):
     last_dense_value_path: bool = False
     merge_after: int = -1  # token merging after this block (-1: off); see token_merge.py
     merge_r: int = 0  # tokens removed by the merge
+    adapter_dim: int = 0  # bottleneck adapters in every block (0 = off)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -194,7 +215,7 @@ class Transformer(nn.Module):
                              f"merge_after < layers - 1 (got {self.merge_after})")
         kw = dict(width=self.width, heads=self.heads, layers=self.layers,
                   mlp_ratio=self.mlp_ratio, act=self.act, ln_eps=self.ln_eps, dtype=self.dtype,
-                  causal=self.causal)
+                  causal=self.causal, adapter_dim=self.adapter_dim)
         block_cls = ResidualBlock
         if self.remat:
             policy = getattr(jax.checkpoint_policies, self.remat_policy, None)

@@ -28,6 +28,7 @@ class TextTransformer(nn.Module):
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     scan: bool = False
+    adapter_dim: int = 0  # bottleneck adapters in every block (PEFT; 0 = off)
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -48,7 +49,8 @@ class TextTransformer(nn.Module):
         x = Transformer(
             width=self.width, layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio,
             act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, causal=True, remat=self.remat,
-            remat_policy=self.remat_policy, scan=self.scan, name="transformer")(x)
+            remat_policy=self.remat_policy, scan=self.scan, adapter_dim=self.adapter_dim,
+            name="transformer")(x)
         # ln_final is per token, so pooling first is the same maths on 1/L of the work.
         x = x[jnp.arange(n), jnp.argmax(tokens, axis=-1)]
         x = layer_norm(self.ln_eps, "ln_final")(x)
