@@ -41,11 +41,55 @@ def _config(steps: int, **over):
     return c
 
 
+def label_quality(pl_dir: pathlib.Path, gt_dir: str) -> dict[str, float]:
+    """Precision / recall of the pseudo masks and boxes against the ground truth of the same
+    images: a pseudo entry is correct when it overlaps a ground-truth one of the same category
+    with IoU > 0.5 (boxes: regions; masks: segments)."""
+    import numpy as np
+
+    from umg_jax.data import pseudo_label as pl
+    from umg_jax.data import records
+
+    gt = {r["source"]: r for r in records.iter_records(gt_dir)}
+    names = {c["id"]: c["name"] for c in records.read_meta(gt_dir)["categories"]}
+    pl_names = {c["id"]: c["name"] for c in records.read_meta(str(pl_dir))["categories"]}
+    tp = {"box": [0, 0, 0], "mask": [0, 0, 0]}  # correct, predicted, ground truth
+    for rec in records.iter_records(str(pl_dir)):
+        g = gt.get(rec["source"])
+        if g is None:
+            continue
+        for kind, pk, gk in (("box", "regions", "regions"), ("mask", "segments", "segments")):
+            preds, gts = rec.get(pk) or [], [x for x in g.get(gk) or [] if x["category"] >= 0]
+            tp[kind][1] += len(preds)
+            tp[kind][2] += len(gts)
+            used = set()
+            for p in preds:
+                for j, t in enumerate(gts):
+                    if j in used or pl_names[p["category"]] != names[t["category"]]:
+                        continue
+                    if kind == "box":
+                        iou = pl.box_iou(np.asarray([p["box"]]), np.asarray([t["box"]]))[0, 0]
+                    else:
+                        iou = pl.mask_iou(records.rle_to_mask(p["rle"]),
+                                          records.rle_to_mask(t["rle"]))
+                    if iou > 0.5:
+                        used.add(j)
+                        tp[kind][0] += 1
+                        break
+    return {f"{k}_{m}": v[0] / max(v[i], 1) for k, v in tp.items()
+            for m, i in (("precision", 1), ("recall", 2))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--reuse", default="", help="granularity_ablation.py workdir with a / c runs")
     ap.add_argument("--threshold", type=float, default=0.3, help="pseudo-label probability")
+    ap.add_argument("--score", choices=("dense", "crop"), default="crop",
+                    help="how the teacher labels proposals (umg_jax.data.pseudo_label --score)")
+    ap.add_argument("--caption_vocab", action=argparse.BooleanOptionalAction, default=True,
+                    help="restrict labels to the caption's concepts (pseudo_label option)")
+    ap.add_argument("--workdir", default="", help="keep runs here; finished runs are reused")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pseudo_label_loop.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -54,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from umg_jax.data import pseudo_label as pl
     from umg_jax.inference import load
 
-    root = pathlib.Path(tempfile.mkdtemp(prefix="umg_pl_loop-"))
+    root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="umg_pl_loop-"))
     image_only = {"loss.w_region": 0.0, "loss.w_mask": 0.0, "loss.w_pixel": 0.0}
     runs = {}
     if args.reuse:
@@ -73,14 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     vocab = [c["name"] for c in synthetic.CATEGORIES]
     t0 = time.perf_counter()
     scorer = pl.Scorer(load(str(wd_a)), vocab)
-    pl_dir = root / "pseudo"
+    tag = f"{args.score}{'_capvocab' if args.caption_vocab else ''}_t{args.threshold}"
+    pl_dir = root / f"pseudo_{tag}"
     ns = argparse.Namespace(threshold=args.threshold, top_k=6, nms_iou=0.5, mask_iou=0.7,
                             caption_threshold=-1.0, min_area=0.01, batch=16, shard_size=512,
-                            teacher=str(wd_a))
+                            teacher=str(wd_a), score=args.score,
+                            caption_vocab=args.caption_vocab)
     counts = pl.run(pl.list_inputs(train_dir), scorer, vocab, str(pl_dir), ns,
                     log=lambda s: print(s, flush=True))
     label_s = time.perf_counter() - t0
-    wd_p = root / "p"
+    quality = label_quality(pl_dir, train_dir)
+    print("pseudo-label quality vs ground truth (IoU > 0.5, same class): "
+          + " ".join(f"{k}={v:.3f}" for k, v in quality.items()), flush=True)
+    wd_p = root / f"p_{tag}"
     train.train(_config(args.steps, **{"data.path": str(pl_dir)}), str(wd_p))
     runs["p_pseudo_labels"] = evaluate.run(str(wd_p), config=cfg)
 
@@ -92,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
            / max(runs["b_ground_truth"][k] - runs["a_image_only"][k], 1e-9) for k in KEYS}
     print(f"{'gap recovered':<18}" + "".join(f"{100 * gap[k]:>17.0f}%" for k in KEYS))
     pathlib.Path(args.out).write_text(json.dumps(
-        {"steps": args.steps, "threshold": args.threshold, "pseudo_label_counts": counts,
+        {"steps": args.steps, "threshold": args.threshold, "score": args.score,
+         "caption_vocab": args.caption_vocab, "label_quality": quality,
+         "pseudo_label_counts": counts,
          "pseudo_label_seconds": label_s, "runs": runs, "gap_recovered": gap}, indent=1))
     print(f"wrote {args.out} (runs in {root})")
     return 0

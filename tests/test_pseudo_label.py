@@ -29,6 +29,7 @@ class FakeTeacher:
     of "red" is e_0 and of "blue" e_1. Images arrive 'preprocessed' as raw [S, S, 3] floats."""
 
     logit_scale = 50.0
+    image_size = 32
 
     def preprocess(self, img):
         return np.asarray(Image.fromarray(img).resize((32, 32), Image.NEAREST), np.float32)
@@ -51,7 +52,8 @@ class FakeTeacher:
 
 def _args(**kw):
     a = dict(threshold=0.5, top_k=6, nms_iou=0.5, mask_iou=0.7, caption_threshold=0.2,
-             min_area=0.01, batch=4, shard_size=3, teacher="fake")
+             min_area=0.01, batch=4, shard_size=3, teacher="fake", score="dense",
+             caption_vocab=True)
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -159,3 +161,28 @@ def test_cli_bad_input(tmp_path, capsys):
 def test_template_caption():
     assert pl.template_caption(["apple", "b", "c"]) == "a photo of an apple, a b and a c."
     assert pl.template_caption([]) == "a photo."
+
+
+def test_caption_candidates_and_restrict():
+    vocab = ["circle", "cross", "star", "traffic light"]
+    got = pl.caption_candidates(["two red circles and a cross.", "crosses at a traffic light"],
+                                vocab)
+    assert got.tolist() == [True, True, False, True]
+    assert pl.caption_candidates(["a photo."], vocab) is None
+    assert pl.caption_candidates([], vocab) is None
+    assert pl.caption_candidates(["starfish"], vocab) is None  # whole words only
+    p = np.array([[0.5, 0.2, 0.3, 0.0]])
+    r = pl.restrict(p, np.array([False, True, True, False]))
+    np.testing.assert_allclose(r, [[0.0, 0.4, 0.6, 0.0]])
+
+
+def test_crop_scoring_labels_the_red_square():
+    img = _scene(3)
+    red = np.all(img == [220, 0, 0], -1)
+    blue = ~red
+    box = np.array([pl.mask_box(red), [0, 0, 48, 48]], np.float32)
+    scorer = pl.Scorer(FakeTeacher(), VOCAB)
+    (bp, mp), = scorer.score_crops([img], [box], [np.stack([red, blue])])
+    assert bp.shape == (2, 2) and mp.shape == (2, 2)
+    assert bp[0].argmax() == 0 and mp[0].argmax() == 0  # the red square's crop is "red"
+    assert mp[1].argmax() == 1  # the background mask (red blanked to the mean) is "blue"

@@ -12,6 +12,9 @@ is a model's pseudo-label. This tool does the same with weights you already have
 2. The teacher (a umg_jax training workdir or an imported CLIP) encodes each image batch once
    (jitted); boxes are pooled by RoIAlign and masks by mask pooling from its dense embeddings and
    scored against the prompt-ensembled vocabulary.
+   ``--score crop`` instead encodes each proposal's crop with the teacher's image embedding
+   (better for an image-level-only teacher). ``--caption_vocab`` (default on) restricts each
+   image's labels to the vocabulary words its captions mention.
 3. Kept: proposals whose top probability reaches ``--threshold``; class-wise NMS on boxes
    (``--nms_iou``), duplicate masks removed (``--mask_iou``), at most ``--top_k`` of each per image.
    Image tags: vocabulary entries whose image-level probability reaches the threshold, plus the
@@ -197,11 +200,75 @@ class Scorer:
                         self._probs(me[i, :nm]), np.asarray(img[i])))
         return out
 
+    def score_crops(self, images: list[np.ndarray], boxes: list[np.ndarray],
+                    masks: list[np.ndarray], batch: int = 256):
+        """Per image ``(box probs [K, C], mask probs [M, C])`` from the teacher's *global*
+        embedding of each proposal's crop (masks: their box, pixels outside the mask set to the
+        image's mean colour). One image-tower pass per proposal: slower than pooling the dense
+        map, but it asks the question an image-level teacher was trained to answer."""
+        from PIL import Image
+
+        from umg_jax.inference import MEAN, STD
+
+        size = self.t.image_size
+        crops, counts = [], []
+        for im, bb, mm in zip(images, boxes, masks, strict=True):
+            bb, mm = bb[: self.max_boxes], mm[: self.max_masks]
+            fill = im.reshape(-1, 3).mean(0).astype(np.uint8)
+            for x0, y0, x1, y1 in bb:
+                crops.append(_crop(im, x0, y0, x1, y1, size, Image))
+            for m in mm:
+                x0, y0, x1, y1 = mask_box(m)
+                crops.append(_crop(np.where(m[..., None], im, fill), x0, y0, x1, y1, size, Image))
+            counts.append((len(bb), len(mm)))
+        x = (np.stack(crops).astype(np.float32) / 255.0 - MEAN) / STD if crops else None
+        emb = [np.asarray(self.t.encode_image(x[i:i + batch])[0], np.float32)
+               for i in range(0, len(crops), batch)]
+        probs = self._probs(np.concatenate(emb)) if emb else np.zeros((0, len(self.vocab)))
+        out, k = [], 0
+        for nb, nm in counts:
+            out.append((probs[k:k + nb], probs[k + nb:k + nb + nm]))
+            k += nb + nm
+        return out
+
     def caption_score(self, img_emb: np.ndarray, captions: list[str]) -> np.ndarray:
         t = np.asarray(self.t.encode_text(self.t.tokenize(captions)), np.float32)
         t = t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-8)
         e = img_emb / max(np.linalg.norm(img_emb), 1e-8)
         return t @ e
+
+
+def _crop(im: np.ndarray, x0: float, y0: float, x1: float, y1: float, size: int, image_mod
+          ) -> np.ndarray:
+    """``[size, size, 3] uint8``: the box (pixels, at least 1 px) resized to the model's input."""
+    h, w = im.shape[:2]
+    x0, y0 = int(np.clip(np.floor(x0), 0, w - 1)), int(np.clip(np.floor(y0), 0, h - 1))
+    x1, y1 = int(np.clip(np.ceil(x1), x0 + 1, w)), int(np.clip(np.ceil(y1), y0 + 1, h))
+    crop = image_mod.fromarray(np.ascontiguousarray(im[y0:y1, x0:x1]).astype(np.uint8))
+    return np.asarray(crop.resize((size, size), image_mod.BILINEAR))
+
+
+def caption_candidates(captions: list[str], vocab: list[str]) -> np.ndarray | None:
+    """``[C] bool``: vocabulary entries the captions mention (whole words, plural s / es
+    allowed), or ``None`` when there are no captions or they mention none. Restricting an
+    image's labels to its caption's concepts is how caption-only data gets reliable region
+    labels (RegionCLIP-style concept parsing; UMG-41M tags come from captions plus a tagger)."""
+    import re
+
+    if not captions:
+        return None
+    text = " ".join(captions).lower()
+    hit = np.array([re.search(rf"\b{re.escape(v.lower())}(e?s)?\b", text) is not None
+                    for v in vocab])
+    return hit if hit.any() else None
+
+
+def restrict(probs: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """Probabilities ``[..., C]`` renormalised over the ``allowed`` classes (``None``: as is)."""
+    if allowed is None or not len(probs):
+        return probs
+    p = probs * allowed
+    return p / np.maximum(p.sum(-1, keepdims=True), 1e-12)
 
 
 def _cell_fraction(mask: np.ndarray, gh: int, gw: int) -> np.ndarray:
@@ -344,9 +411,16 @@ def _label_chunk(chunk, scorer, vocab, args, counts) -> Iterator[dict]:
             batch.append((sid, img, data, caps, src, boxes[: scorer.max_boxes], masks))
         if not batch:
             continue
-        scored = scorer.score([b[1] for b in batch], [b[5] for b in batch], [b[6] for b in batch])
+        imgs, bxs, mks = [b[1] for b in batch], [b[5] for b in batch], [b[6] for b in batch]
+        scored = scorer.score(imgs, bxs, mks)
+        if args.score == "crop":
+            crop = scorer.score_crops(imgs, bxs, mks)
+            scored = [(p, cb, cm, e) for (p, _, _, e), (cb, cm) in zip(scored, crop, strict=True)]
         for (sid, img, data, caps, src, boxes, masks), (p, bp, mp, emb) in zip(
                 batch, scored, strict=True):
+            if args.caption_vocab:
+                allowed = caption_candidates(caps, vocab)
+                p, bp, mp = restrict(p, allowed), restrict(bp, allowed), restrict(mp, allowed)
             lab = label_image(img, p, boxes, bp, masks[: scorer.max_masks], mp, vocab,
                               threshold=args.threshold, top_k=args.top_k, nms_iou=args.nms_iou,
                               dup_mask_iou=args.mask_iou)
@@ -379,6 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--caption_threshold", type=float, default=0.2,
                     help="min teacher image-text cosine for an existing caption to stay")
     ap.add_argument("--min_area", type=float, default=0.01, help="min mask area (fraction)")
+    ap.add_argument("--score", choices=("dense", "crop"), default="dense",
+                    help="label proposals by pooling the teacher's dense map (fast) or by "
+                         "encoding each proposal's crop (one image pass each; better for "
+                         "teachers trained on image-level data only)")
+    ap.add_argument("--caption_vocab", action=argparse.BooleanOptionalAction, default=True,
+                    help="restrict an image's labels to vocabulary words its captions mention "
+                         "(images without captions, or mentioning none, use the whole vocab)")
     ap.add_argument("--batch", type=int, default=16, help="images per teacher call")
     ap.add_argument("--shard_size", type=int, default=256, help="images per output shard")
     args = ap.parse_args(argv)
