@@ -50,6 +50,7 @@ def model_config(
     m.vision.merge_after = -1  # token merging (ToMe) after this block; -1 = off (needs scan off)
     m.vision.merge_ratio = 0.0  # fraction of patch tokens merged away (<= 0.5), grid restored
     m.vision.merge_at_inference = False  # False: inference / evaluation run all tokens
+    m.vision.merge_proportional = True  # ToMe proportional attention (log-size key bias)
     m.vision.width = vision_width  # transformer width D
     m.vision.layers = vision_layers  # number of residual blocks
     m.vision.heads = vision_heads  # attention heads (head dim = width / heads)

@@ -17,8 +17,9 @@ ROOT = pathlib.Path(__file__).parents[1]
 def test_merge_by_hand():
     # class token + 4 patches: A = {p0, p2}, B = {p1, p3}; p2 is a copy of p3 -> merged into it
     x = jnp.array([[[9.0, 9], [1, 0], [0, 1], [1, 1], [1, 1.01]]])
-    merged, assign = token_merge.bipartite_merge(x, r=1)
+    merged, assign, size = token_merge.bipartite_merge(x, r=1)
     assert merged.shape == (1, 4, 2)
+    np.testing.assert_array_equal(size[0], [1, 1, 1, 2])
     np.testing.assert_allclose(merged[0, 0], [9, 9])  # class token untouched
     np.testing.assert_allclose(merged[0, 1], [1, 0])  # p0 kept
     np.testing.assert_allclose(merged[0, 2], [0, 1])  # p1 (B)
@@ -26,11 +27,33 @@ def test_merge_by_hand():
     np.testing.assert_array_equal(assign[0], [1, 2, 3, 3])
     full = token_merge.unmerge(merged, assign)
     np.testing.assert_allclose(full[0], [[9, 9], [1, 0], [0, 1], [1, 1.005], [1, 1.005]])
-    same, ident = token_merge.bipartite_merge(x, r=0)
+    same, ident, ones = token_merge.bipartite_merge(x, r=0)
+    np.testing.assert_array_equal(ones, 1.0)
     np.testing.assert_array_equal(same, x)
     np.testing.assert_array_equal(token_merge.unmerge(same, ident), x)
     with pytest.raises(ValueError, match=r"\[0, 0.5\]"):
         token_merge.num_merged(16, 0.6)
+
+
+def test_proportional_attention_makes_merging_duplicates_exact():
+    # p0 (set A) is an exact copy of p1 (set B): merging them and adding log(size 2) to the merged
+    # key's logits gives every query the same attention output as the full token set.
+    from umg_jax.models.layers import Attention
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 5, 8)).astype(np.float32)
+    x[0, 1] = x[0, 2]
+    merged, assign, size = token_merge.bipartite_merge(jnp.asarray(x), r=1)
+    np.testing.assert_array_equal(size[0], [1, 1, 2, 1])  # rows: cls, p2 (kept A), p1+p0, p3
+    attn = Attention(8, 2)
+    p = attn.init(jax.random.key(0), x, x)
+    full = attn.apply(p, x, x)
+    prop = attn.apply(p, merged, merged, None, jnp.log(size))
+    plain = attn.apply(p, merged, merged)
+    got = token_merge.unmerge(prop, assign)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(token_merge.unmerge(plain, assign)), np.asarray(full),
+                           atol=1e-4)  # without the bias the duplicate counts once
 
 
 def _cfg(ratio, after=0):

@@ -40,7 +40,9 @@ class CLIP(nn.Module):
             image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
             heads=v.heads, embed_dim=m.embed_dim, mlp_ratio=v.mlp_ratio,
             dense_mode=m.dense_mode, merge_after=v.get("merge_after", -1),
-            merge_ratio=v.get("merge_ratio", 0.0), adapter_dim=v.get("adapter_dim", 0), **common)
+            merge_ratio=v.get("merge_ratio", 0.0),
+            merge_proportional=v.get("merge_proportional", True),
+            adapter_dim=v.get("adapter_dim", 0), **common)
         self.text = TextTransformer(
             context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
             layers=t.layers, heads=t.heads, embed_dim=m.embed_dim, mlp_ratio=t.mlp_ratio,

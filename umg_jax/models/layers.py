@@ -74,14 +74,18 @@ class Attention(nn.Module):
                                    param_dtype=jnp.float32,
                                    kernel_init=nn.initializers.normal(ostd), name="out")
 
-    def __call__(self, xq: jax.Array, xkv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """``xq [B, Nq, D]``, ``xkv [B, Nk, D]``, ``mask [Nq, Nk] bool`` (True = attend).
+    def __call__(self, xq: jax.Array, xkv: jax.Array, mask: jax.Array | None = None,
+                 key_bias: jax.Array | None = None) -> jax.Array:
+        """``xq [B, Nq, D]``, ``xkv [B, Nk, D]``, ``mask [Nq, Nk] bool`` (True = attend),
+        ``key_bias [B, Nk]`` float32 added to every query's logits (ToMe's log token size).
         Returns ``[B, Nq, D]``. Scores and softmax in float32."""
         q = self.query(xq)
         k = self.key(xkv)
         v = self.value(xkv)
         scale = (self.width // self.heads) ** -0.5
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        if key_bias is not None:
+            s = s + key_bias[:, None, None, :]
         if mask is not None:
             s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
@@ -154,8 +158,9 @@ class ResidualBlock(nn.Module):
     adapter_dim: int = 0  # > 0: a bottleneck Adapter after the block (PEFT); 0 = plain CLIP
 
     @nn.compact
-    def __call__(self, x: jax.Array, _unused: Any = None):
-        """``x [B, N, D]`` -> ``[B, N, D]`` (or ``(x, None)`` when ``return_carry``)."""
+    def __call__(self, x: jax.Array, _unused: Any = None, key_bias: jax.Array | None = None):
+        """``x [B, N, D]`` -> ``[B, N, D]`` (or ``(x, None)`` when ``return_carry``);
+        ``key_bias [B, N]``: see :meth:`Attention.__call__`."""
         x = constrain_batch(x)
         proj_std = (self.width ** -0.5) * ((2 * self.layers) ** -0.5)
         ln_1 = layer_norm(self.ln_eps, "ln_1")
@@ -171,7 +176,7 @@ class ResidualBlock(nn.Module):
         else:
             n = x.shape[1]
             mask = jnp.tril(jnp.ones((n, n), bool)) if self.causal else None
-            x = x + attn(h, h, mask)
+            x = x + attn(h, h, mask, key_bias)
         x = x + mlp(ln_2(x).astype(self.dtype))
         if self.adapter_dim:
             x = x + Adapter(self.width, self.adapter_dim, self.dtype, name="adapter")(x)
@@ -201,6 +206,7 @@ class Transformer(nn.Module):
     last_dense_value_path: bool = False
     merge_after: int = -1  # token merging after this block (-1: off); see token_merge.py
     merge_r: int = 0  # tokens removed by the merge
+    merge_proportional: bool = True  # ToMe proportional attention after the merge
     adapter_dim: int = 0  # bottleneck adapters in every block (0 = off)
 
     @nn.compact
@@ -228,11 +234,12 @@ class Transformer(nn.Module):
                               split_rngs={"params": True}, length=n_stack)
             x, _ = scanned(**kw, return_carry=True, name="resblocks")(x, None)
         else:
-            assign = None
+            assign = bias = None
             for i in range(n_stack):
-                x = block_cls(**kw, name=f"resblocks_{i}")(x)
+                x = block_cls(**kw, name=f"resblocks_{i}")(x, None, bias)
                 if merging and i == self.merge_after:
-                    x, assign = token_merge.bipartite_merge(x, self.merge_r)
+                    x, assign, size = token_merge.bipartite_merge(x, self.merge_r)
+                    bias = jnp.log(size) if self.merge_proportional else None
             if assign is not None:  # the last block and the dense map see the full grid
                 x = token_merge.unmerge(x, assign)
         if self.last_separate:

@@ -14,9 +14,10 @@ features again (an "unmerge" gather). The last block (MaskCLIP value path for th
 runs on the full grid, so RoIAlign and mask pooling see the same shapes as without merging, and
 the blocks in between (where most compute is) run on fewer tokens.
 
-Not implemented: proportional attention (a log-size bias on merged keys); merged tokens count
-once in attention. Merging needs ``model.scan=False`` (a scan cannot change the token count
-between its iterations).
+Proportional attention (ToMe): a merged token stands for ``s`` patches, so the blocks after the
+merge add ``log s`` to its attention logits as a key (``model.vision.merge_proportional``);
+merging two identical tokens then leaves every attention output unchanged. Merging needs
+``model.scan=False`` (a scan cannot change the token count between its iterations).
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ def num_merged(num_patches: int, ratio: float) -> int:
     return min(int(round(ratio * num_patches)), num_patches // 2)
 
 
-def bipartite_merge(x: jax.Array, r: int, prefix: int = 1) -> tuple[jax.Array, jax.Array]:
+def bipartite_merge(x: jax.Array, r: int, prefix: int = 1
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Merges ``r`` patch tokens of ``x [B, N, D]`` into their most similar partners.
 
-    Returns ``(merged [B, N - r, D], assign [B, N - prefix] int32)``: ``assign[b, p]`` is the row
-    of ``merged`` that holds patch ``p`` (prefix tokens keep rows ``0..prefix-1``).
+    Returns ``(merged [B, N - r, D], assign [B, N - prefix] int32, size [B, N - r] float32)``:
+    ``assign[b, p]`` is the row of ``merged`` that holds patch ``p`` (prefix tokens keep rows
+    ``0..prefix-1``); ``size`` is how many original tokens each row stands for.
     """
     b, n, d = x.shape
     t = x[:, prefix:]
     n_patch = n - prefix
     if r <= 0:
-        return x, jnp.broadcast_to(jnp.arange(prefix, n, dtype=jnp.int32), (b, n_patch))
+        return (x, jnp.broadcast_to(jnp.arange(prefix, n, dtype=jnp.int32), (b, n_patch)),
+                jnp.ones((b, n), jnp.float32))
     a, bb = t[:, ::2], t[:, 1::2]  # A: even patches, B: odd patches
     na, nb = a.shape[1], bb.shape[1]
     if r > na:
@@ -70,7 +74,9 @@ def bipartite_merge(x: jax.Array, r: int, prefix: int = 1) -> tuple[jax.Array, j
                      .at[s].set(base_b + dd))(row_a, keep, src, dst)
     row_b = jnp.broadcast_to(base_b + jnp.arange(nb, dtype=jnp.int32), (b, nb))
     assign = jnp.zeros((b, n_patch), jnp.int32).at[:, 0::2].set(row_a).at[:, 1::2].set(row_b)
-    return merged, assign
+    sizes = jnp.concatenate([jnp.ones((b, prefix + na - r), jnp.float32),
+                             size.astype(jnp.float32)], axis=1)
+    return merged, assign, sizes
 
 
 def unmerge(merged: jax.Array, assign: jax.Array, prefix: int = 1) -> jax.Array:

@@ -61,6 +61,7 @@ class VisionTransformer(nn.Module):
     dense_mode: str = "maskclip"
     merge_after: int = -1  # token merging after this block (-1: off), see token_merge.py
     merge_ratio: float = 0.0  # fraction of patch tokens removed (<= 0.5)
+    merge_proportional: bool = True  # log-size attention bias on merged tokens (ToMe)
     adapter_dim: int = 0  # bottleneck adapters in every block (PEFT; 0 = off)
 
     @nn.compact
@@ -88,7 +89,8 @@ class VisionTransformer(nn.Module):
             last_dense_value_path=self.dense_mode == "maskclip",
             merge_after=self.merge_after,
             merge_r=token_merge.num_merged(gh * gw, self.merge_ratio) if self.merge_after >= 0
-            else 0, adapter_dim=self.adapter_dim, name="transformer")(x)
+            else 0, merge_proportional=self.merge_proportional, adapter_dim=self.adapter_dim,
+            name="transformer")(x)
         x = layer_norm(self.ln_eps, "ln_post")(x)
         proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=nn.initializers.normal(scale), name="proj")
