@@ -113,6 +113,10 @@ def loss_config() -> mlc.ConfigDict:
     lo.w_pixel = 0.5  # per-patch classification against the same image's mask texts
     lo.chunk_size = 512  # gathered text rows per scan step of the sharded loss (memory knob;
     #                      benchmarks/loss_memory.py: 512 -> 311 MiB/device at B=64k, E=512)
+    # Encode each distinct tag / region / mask text of the batch once: room for this fraction of
+    # them (0 = off); a batch with more distinct texts falls back to encoding all (exact either
+    # way, step.encode_deduplicated). Pays off when texts repeat (tag prompts, small vocabularies).
+    lo.text_dedup_frac = 0.0
     lo.roi_size = 2  # RoIAlign output bins per side (averaged to one embedding)
     lo.roi_sampling_ratio = 2  # bilinear samples per bin per side
     return lo

@@ -16,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -75,13 +76,44 @@ def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDic
     if fields:
         toks = [batch[f] for f, _ in fields]  # each [B, n, Le]
         sizes = [t.shape[1] for t in toks]
-        emb = model.apply(v, jnp.concatenate(toks, axis=1), method=clip.CLIP.encode_text)
+        encode = lambda t: model.apply(v, t, method=clip.CLIP.encode_text)  # noqa: E731
+        emb = encode_deduplicated(encode, jnp.concatenate(toks, axis=1),
+                                  float(loss_cfg.get("text_dedup_frac", 0.0) or 0.0))
         start = 0
         for (_, name), n in zip(fields, sizes, strict=True):
             out[name] = emb[:, start:start + n]
             start += n
     out.update(model.apply(v, method=clip.CLIP.temperatures))
     return out
+
+
+def encode_deduplicated(encode, tokens: jax.Array, frac: float) -> jax.Array:
+    """``encode(tokens [B, n, Le]) -> [B, n, E]``, running the text tower once per *distinct*
+    token row when ``frac > 0``.
+
+    Tag / region / mask texts repeat a lot (every "a photo of a cat." in the batch). With
+    ``K = frac * B * n`` slots (rounded up to a multiple of 128 so the rows split over any
+    device count), the distinct rows are encoded and gathered back; the gather's transpose sums
+    the gradients of repeated texts, so values and gradients equal the plain path (up to float
+    summation order). A batch with more than ``K`` distinct rows takes the plain path (a
+    ``lax.cond``): never a wrong answer, only no saving. Padded (all-zero) rows count as one.
+    """
+    b, n, le = tokens.shape
+    total = b * n
+    k = min(total, -(-int(np.ceil(frac * total)) // 128) * 128) if frac > 0 else total
+    if k >= total:
+        return encode(tokens)
+    flat = tokens.reshape(total, le)
+    # Full-size unique (one sort): the count is exact even when it exceeds K.
+    uniq, inverse = jnp.unique(flat, axis=0, size=total, fill_value=0, return_inverse=True)
+    inverse = inverse.reshape(total)
+    n_unique = jnp.max(inverse) + 1
+
+    def dedup(_):
+        emb = encode(uniq[None, :k])[0]  # [K, E]
+        return jnp.take(emb, inverse, axis=0).reshape(b, n, -1)
+
+    return jax.lax.cond(n_unique <= k, dedup, lambda _: encode(tokens), None)
 
 
 def peft_enabled(config: mlc.ConfigDict) -> bool:
@@ -211,7 +243,6 @@ def train_vocabulary(config: mlc.ConfigDict) -> dict:
     ``seg.holdout``: ``names [C]``, ``seen [K]`` bool per data-set category, ``class_map [K]``
     int32 (data-set category -> vocabulary index, -1 held out), ``tokens [C, T, L]`` int32
     (prompt templates of ``evaluators.common.DEFAULT_TEMPLATES``)."""
-    import numpy as np
 
     from umg_jax.data import pipeline, records, tokenizer
     from umg_jax.evaluators.common import DEFAULT_TEMPLATES
