@@ -49,8 +49,10 @@ def _config(name: str, batch: int, umg: bool, overrides: dict | None = None):
     return c
 
 
-def time_ours(name: str, batch: int, steps: int, umg: bool, overrides: dict | None = None
-              ) -> dict:
+def time_ours(name: str, batch: int, steps: int, umg: bool, overrides: dict | None = None,
+              phrases: int = 0) -> dict:
+    """``phrases > 0``: tag / region / mask texts drawn from a pool of that many distinct
+    phrases (like a tag vocabulary), so text de-duplication has something to find."""
     import jax
     import numpy as np
 
@@ -78,6 +80,10 @@ def time_ours(name: str, batch: int, steps: int, umg: bool, overrides: dict | No
             host[k] = rng.integers(1, 400, s).astype(d)
     host["pixel_target"] = rng.integers(0, c.data.max_masks, shapes["pixel_target"][0]).astype(
         np.int32)
+    if phrases:
+        pool = rng.integers(1, 400, (phrases, shapes["tags"][0][-1])).astype(np.int32)
+        for k in ("tags", "region_text", "mask_text"):
+            host[k] = pool[rng.integers(0, phrases, shapes[k][0][:-1])]
     batch_arr = sharding.put_batch(host, mesh)
     times = []
     for i in range(steps + 2):
@@ -133,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", default="tiny=32,b16=8", help="per-model batch, name=size,...")
     ap.add_argument("--peak", type=float, default=430e9, help="FLOP/s for MFU")
+    ap.add_argument("--dedup", type=float, default=0.25,
+                    help="also time the UMG step with loss.text_dedup_frac=DEDUP (0 = skip)")
+    ap.add_argument("--phrases", type=int, default=200,
+                    help="distinct tag / region / mask phrases in the UMG batches")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_step.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -141,13 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         b = int(batches.get(name, 8))
         ours_clip = time_ours(name, b, args.steps, umg=False)
-        ours_umg = time_ours(name, b, args.steps, umg=True)
+        ours_umg = time_ours(name, b, args.steps, umg=True, phrases=args.phrases)
+        ours_dedup = (time_ours(name, b, args.steps, umg=True, phrases=args.phrases,
+                                overrides={"loss.text_dedup_frac": args.dedup})
+                      if args.dedup else None)
         oc32 = time_open_clip(name, b, args.steps, bf16=False)
         oc16 = time_open_clip(name, b, args.steps, bf16=True)
         row = {"model": name, "batch": b, "ours_clip_f32": ours_clip, "ours_umg_f32": ours_umg,
                "open_clip_f32": oc32, "open_clip_bf16": oc16,
                "mfu_ours_clip": ours_clip["flops"] / ours_clip["step_s"] / args.peak,
-               "umg_over_clip_step": ours_umg["step_s"] / ours_clip["step_s"]}
+               "umg_over_clip_step": ours_umg["step_s"] / ours_clip["step_s"],
+               "ours_umg_dedup_f32": ours_dedup, "phrases": args.phrases,
+               "umg_dedup_over_clip_step": (ours_dedup["step_s"] / ours_clip["step_s"]
+                                            if ours_dedup else None)}
         if oc32 and "step_s" in oc32:
             row["speedup_vs_open_clip_f32"] = oc32["step_s"] / ours_clip["step_s"]
         if oc16 and "step_s" in oc16:
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
     head = (f"{'model':<6}{'batch':>6}{'ours img/s':>12}{'MFU':>7}{'open_clip f32':>15}"
-            f"{'x':>7}{'open_clip bf16':>16}{'x':>7}{'UMG/CLIP step':>15}")
+            f"{'x':>7}{'open_clip bf16':>16}{'x':>7}{'UMG/CLIP step':>15}{'+dedup':>8}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         oc32 = r["open_clip_f32"].get("img_s", float("nan"))
@@ -164,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * r['mfu_ours_clip']:>6.0f}%{oc32:>15.2f}"
               f"{r.get('speedup_vs_open_clip_f32', float('nan')):>7.2f}{oc16:>16.2f}"
               f"{r.get('speedup_vs_open_clip_bf16', float('nan')):>7.2f}"
-              f"{r['umg_over_clip_step']:>15.2f}")
+              f"{r['umg_over_clip_step']:>15.2f}"
+              f"{r['umg_dedup_over_clip_step'] or float('nan'):>8.2f}")
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"peak_flops": args.peak, "load": os.getloadavg(), "rows": rows}, f, indent=1)
