@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     free = evaluate.evaluate_seg_head(load(backbone), None, base_cfg, data_dir, args.num_examples)
     rows["training-free"] = {k.split("/", 2)[2]: v for k, v in free.items()}
     rows["training-free"].update(trainable=0, seconds=time.perf_counter() - t0)
-    for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
+    for name in rows_runs(args.runs):
         config = config_lib.load_config(str(ROOT / "configs" / "seg_tiny.py"))
         config.total_steps = args.steps
         config.ckpt.every_steps = args.steps
@@ -104,7 +104,92 @@ def main(argv: list[str] | None = None) -> int:
                "runs": RUNS, "results": rows}
     (out / "seg_head.json").write_text(json.dumps(payload, indent=1))
     print(f"wrote {out / 'seg_head.json'}")
+    if "head" in rows_runs(args.runs):
+        png = ROOT / "docs" / "seg_head.png"
+        render(str(root / "head"), base_cfg, data_dir, str(png))
+        print(f"wrote {png}")
     return 0
+
+
+def rows_runs(runs: str) -> list[str]:
+    return [r.strip() for r in runs.split(",") if r.strip()]
+
+
+def render(workdir: str, config, data_dir: str, path: str, n: int = 4) -> None:
+    """Held-out images, ground-truth panoptic segments, the training-free prediction and the
+    head's (ensemble) prediction, segments coloured and labelled with their class."""
+    import functools
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from umg_jax import checkpoint, evaluate
+    from umg_jax.evaluators import segmentation as se
+    from umg_jax.evaluators.common import encode_batches
+    from umg_jax.evaluators.panoptic import panoptic_target
+    from umg_jax.evaluators.semseg import predict_labels
+    from umg_jax.inference import MEAN, STD, load
+
+    model = load(workdir)
+    ckpt, _ = checkpoint.locate(workdir)
+    decode = functools.partial(se.make_decode(config), checkpoint.load_seg_params(ckpt, config))
+    names, isthing = evaluate.categories(data_dir)
+    isthing = np.asarray(isthing)
+    seen = np.array([c not in set(config.seg.holdout) for c in names])
+    b = encode_batches(model, evaluate.eval_batches(config, data_dir, n, n))[0]
+    text = model.encode_text_labels(names)
+    mask_logits, cls_logits = map(np.asarray, decode(b["image"], b["dense_emb"], text))
+    hw = b["segmap"].shape[1:]
+    import jax
+
+    up = np.asarray(jax.nn.sigmoid(jax.image.resize(mask_logits, (*mask_logits.shape[:2], *hw),
+                                                    "bilinear")))
+    gh, gw = b["dense_emb"].shape[1:3]
+    area = jax.image.resize(up, (*up.shape[:2], gh, gw), "linear")
+    from umg_jax.evaluators.common import normalize
+    from umg_jax.ops.mask_pool import mask_pool
+
+    pooled = normalize(np.asarray(mask_pool(b["dense_emb"], area)))
+    scale = float(np.exp(min(float(model.params.get("logit_scale_mask", model.params[
+        "logit_scale"])), model.config.logit_scale_max)))
+    probs = se.ensemble_probs(cls_logits, scale * pooled @ text.T, seen,
+                              config.seg.ensemble_alpha, config.seg.ensemble_beta)
+    sem_free = predict_labels(b["dense_emb"], text, hw)
+    rng = np.random.default_rng(0)
+    palette = rng.uniform(0.15, 1.0, size=(256, 3))
+    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n))
+    for i in range(n):
+        img = np.clip(b["image"][i] * STD + MEAN, 0, 1)
+        gseg, gcls = panoptic_target(b["segmap"][i], b["mask_valid"][i], b["mask_class"][i])
+        panels = [("image", None, None), ("ground truth", gseg, gcls),
+                  ("training-free", *se.free_panoptic(sem_free[i], isthing)),
+                  ("head + ensemble", *se.panoptic_inference(
+                      probs[i], up[i], isthing, config.seg.object_threshold,
+                      config.seg.overlap_threshold))]
+        for ax, (title, seg, cls) in zip(axes[i], panels, strict=True):
+            ax.axis("off")
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+            if seg is None:
+                ax.imshow(img)
+                continue
+            rgb = np.where((seg >= 0)[..., None], palette[np.clip(seg, 0, 255) % 256], 0.0)
+            ax.imshow(0.35 * img + 0.65 * rgb)
+            for sid, c in cls.items():
+                ys, xs = np.nonzero(seg == sid)
+                if len(ys):
+                    label = names[c] + ("" if seen[c] else "*")
+                    ax.text(xs.mean(), ys.mean(), label, fontsize=6, ha="center", va="center",
+                            color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1,
+                                                 "linewidth": 0})
+    fig.suptitle("held-out synthetic images; * = class never seen by the head "
+                 f"({', '.join(config.seg.holdout)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
