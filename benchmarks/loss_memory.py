@@ -7,7 +7,8 @@ full-logits loss vs our chunked ``shard_map`` core, from the compiled executable
 (a) naive: a plain ``jit`` over the globally split arrays that forms the full ``[N, N]`` logits
     (XLA's SPMD partitioner gathers the texts and row-splits the logits: ``[N/8, N]`` per device).
 (b) ours: ``umg_jax.losses.contrastive.contrastive_loss`` (texts all-gathered, chunked
-    checkpointed scan; multi-positive keys and validity masks included).
+    checkpointed scan; multi-positive keys and validity masks included); ``sigmoid_ring`` rows:
+    ``exchange="ring"`` (texts passed around a ``ppermute`` ring, custom backward ring).
 
 Terms: ``image`` (N = B anchors vs B captions) with softmax and sigmoid, and ``region`` (N = 4 B
 boxes vs 4 B region texts; the mask term uses the same core). The pixel term is per image by
@@ -61,6 +62,8 @@ def _naive(kind):
 
 
 def _ours(kind, mesh, chunk):
+    kind, exchange = ("sigmoid", "ring") if kind == "sigmoid_ring" else (kind, "all_gather")
+
     def loss(a, t, log_scale):
         n = a.shape[0]
         # unique keys (row index): one positive per anchor, as in the naive loss
@@ -68,7 +71,7 @@ def _ours(kind, mesh, chunk):
         valid = jnp.ones((n,), bool)
         return contrastive_loss(a, valid, keys[:, None], valid[:, None], t, valid, keys,
                                 log_scale, jnp.float32(-10.0), kind=kind, chunk_size=chunk,
-                                mesh=mesh)[0]
+                                mesh=mesh, exchange=exchange)[0]
     return loss
 
 
@@ -122,11 +125,12 @@ def main():
     batches = [int(x) for x in args.batches.split(",")]
     rows, check = [], {}
     for term, kind, mult in (("image", "softmax", 1), ("image", "sigmoid", 1),
-                             ("region", "softmax", REGIONS)):
+                             ("image", "sigmoid_ring", 1), ("region", "softmax", REGIONS),
+                             ("region", "sigmoid_ring", REGIONS)):
         for b in batches:
             n = b * mult
             run = b == batches[0] and term == "image" and n <= 4096  # never execute big ones
-            naive = _compile(_naive(kind), n, mesh, run=run)
+            naive = _compile(_naive(kind.replace("_ring", "")), n, mesh, run=run)
             ours = _compile(_ours(kind, mesh, args.chunk), n, mesh, run=run)
             if run:
                 diff = max(float(np.abs(x - y).max())

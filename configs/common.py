@@ -111,6 +111,10 @@ def loss_config() -> mlc.ConfigDict:
     lo.w_region = 1.0  # RoIAlign region embedding <-> region texts of the global batch
     lo.w_mask = 1.0  # mask-pooled embedding <-> mask texts of the global batch
     lo.w_pixel = 0.5  # per-patch classification against the same image's mask texts
+    # How devices see the other devices' texts: "all_gather" (one collective; [N, E] texts + their
+    # cotangent per device) or "ring" (sigmoid only: D ppermute steps with a custom backward ring,
+    # one [N / D, E] block in flight; memory independent of the device count).
+    lo.exchange = "all_gather"
     lo.chunk_size = 512  # gathered text rows per scan step of the sharded loss (memory knob;
     #                      benchmarks/loss_memory.py: 512 -> 311 MiB/device at B=64k, E=512)
     # Encode each distinct tag / region / mask text of the batch once: room for this fraction of

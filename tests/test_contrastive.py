@@ -65,25 +65,29 @@ def _reference_acc(logits, pos, valid, rows):
     return np.mean([pos[i, j] for i, j in zip(rows, best, strict=True)])
 
 
-def _ours(case, log_scale, bias, kind, chunk, mesh):
+def _ours(case, log_scale, bias, kind, chunk, mesh, exchange="all_gather"):
     a, av, atok, akv, tx, tv, ttok = case
 
     def f(a, tx, log_scale, bias):
         return contrastive_loss(a, av, token_keys(atok), akv, tx, tv, token_keys(ttok),
-                                log_scale, bias, kind=kind, chunk_size=chunk, mesh=mesh)
+                                log_scale, bias, kind=kind, chunk_size=chunk, mesh=mesh,
+                                exchange=exchange)
 
     fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
     return fn(a, tx, log_scale, bias)
 
 
-@pytest.mark.parametrize("kind,mesh_shape,chunk", [
-    ("softmax", (8, 1, 1), 5), ("sigmoid", (8, 1, 1), 5),  # 48 texts: last chunk padded
-    ("softmax", (2, 2, 2), 48), ("sigmoid", (1, 1, 1), 7)])  # batch over data x fsdp; 1 device
-def test_matches_dense_reference(kind, mesh_shape, chunk):
+@pytest.mark.parametrize("kind,mesh_shape,chunk,exchange", [
+    ("softmax", (8, 1, 1), 5, "all_gather"), ("sigmoid", (8, 1, 1), 5, "all_gather"),
+    ("softmax", (2, 2, 2), 48, "all_gather"), ("sigmoid", (1, 1, 1), 7, "all_gather"),
+    # ring: 6 texts per device in chunks of 5 (padded); a ring over data x fsdp; one device
+    ("sigmoid", (8, 1, 1), 5, "ring"), ("sigmoid", (4, 2, 1), 2, "ring"),
+    ("sigmoid", (1, 1, 1), 7, "ring")])
+def test_matches_dense_reference(kind, mesh_shape, chunk, exchange):
     case = _case(1)
     mesh = _mesh(*mesh_shape)
     log_scale, bias = jnp.float32(np.log(7.0)), jnp.float32(-2.0)
-    (loss, acc), grads = _ours(case, log_scale, bias, kind, chunk, mesh)
+    (loss, acc), grads = _ours(case, log_scale, bias, kind, chunk, mesh, exchange)
     a, av, atok, akv, tx, tv, ttok = case
     ref_fn = lambda a, tx, s, b: _reference(a, av, atok, akv, tx, tv, ttok, s, b, kind)[0]
     ref_loss = ref_fn(a, tx, log_scale, bias)
@@ -119,6 +123,14 @@ def test_nothing_valid_gives_zero_not_nan(kind):
     (loss, acc), grads = _ours(case, jnp.float32(1.0), jnp.float32(0.0), kind, 5, _mesh(8))
     assert float(loss) == 0.0 and float(acc) == 0.0
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_ring_refuses_softmax_and_unknown_exchange():
+    case = _case(0)
+    with pytest.raises(ValueError, match="sigmoid loss only"):
+        _ours(case, jnp.float32(1.0), None, "softmax", 5, _mesh(8), exchange="ring")
+    with pytest.raises(ValueError, match="loss.exchange"):
+        _ours(case, jnp.float32(1.0), jnp.float32(0.0), "sigmoid", 5, _mesh(8), exchange="x")
 
 
 def test_bad_arguments():

@@ -111,6 +111,7 @@ def contrastive_loss(
     chunk_size: int,
     mesh: Mesh,
     axes: tuple[str, ...] = BATCH_AXES,
+    exchange: str = "all_gather",
 ) -> tuple[jax.Array, jax.Array]:
     """Global-batch contrastive loss between anchors and texts, sharded over ``axes``.
 
@@ -129,6 +130,7 @@ def contrastive_loss(
       kind: ``"softmax"`` or ``"sigmoid"``.
       chunk_size: texts per scan step.
       mesh: the device mesh; ``axes`` are its batch axes.
+      exchange: ``"all_gather"`` or ``"ring"`` (sigmoid only, :func:`_ring_sigmoid`).
 
     Returns:
       ``(loss, accuracy)`` float32 scalars, replicated; 0 when there is no valid anchor.
@@ -139,6 +141,11 @@ def contrastive_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if kind == "sigmoid" and bias is None:
         raise ValueError("the sigmoid loss needs a logit bias (set model.logit_bias_init)")
+    if exchange not in ("all_gather", "ring"):
+        raise ValueError(f"loss.exchange must be 'all_gather' or 'ring', got {exchange!r}")
+    if exchange == "ring" and kind != "sigmoid":
+        raise ValueError("loss.exchange='ring' is implemented for the sigmoid loss only (the "
+                         "softmax loss needs global column statistics; use 'all_gather')")
     shards = int(np.prod([mesh.shape[a] for a in axes]))
     if anchors.shape[0] % shards:
         raise ValueError(f"batch {anchors.shape[0]} is not divisible by the {shards} shards of "
@@ -149,7 +156,11 @@ def contrastive_loss(
     n_text = int(np.prod(texts.shape[:-1]))
     chunk = min(chunk_size, n_text)
     row = P(axes)
-    fn = functools.partial(_local_loss, kind=kind, chunk=chunk, axes=axes)
+    if exchange == "ring":
+        chunk = min(chunk_size, n_text // shards)
+        fn = functools.partial(_ring_sigmoid, chunk=chunk, axes=axes, shards=shards)
+    else:
+        fn = functools.partial(_local_loss, kind=kind, chunk=chunk, axes=axes)
     return jax.shard_map(
         fn, mesh=mesh,
         in_specs=(row, row, row, row, row, row, row, P(), P()),
@@ -256,3 +267,129 @@ def _local_loss(anchors, a_valid, a_keys, a_keys_valid, texts, t_valid, t_keys, 
     acc = (jax.lax.psum(correct.sum(dtype=jnp.float32), axes)
            / jnp.maximum(jax.lax.psum(row_has.sum(dtype=jnp.float32), axes), 1.0))
     return loss, acc
+
+
+# ------------------------------------------------------------------------ sigmoid over a ring ---
+
+
+def _ring_sigmoid(anchors, a_valid, a_keys, a_keys_valid, texts, t_valid, t_keys, log_scale,
+                  bias, *, chunk: int, axes: tuple[str, ...], shards: int):
+    """The sigmoid loss with the texts passed around a ring of ``ppermute`` steps.
+
+    Device ``d`` starts with its own text block and, at each of ``D`` steps, scores its anchors
+    against the block it holds (in chunks), then hands the block to device ``d + 1``. Nothing is
+    all-gathered: one ``[N / D, E]`` block (plus the one arriving) is in flight, so memory does
+    not grow with the device count. The backward pass (``jax.custom_vjp``) runs the ring again,
+    the block travelling with an accumulator of its gradient, which is home after ``D`` steps
+    (big_vision's chunked-sigmoid idea; autodiff through the forward ring would store every
+    visited block). Values and gradients equal the all-gather path.
+    """
+    e = anchors.shape[-1]
+    k = a_keys.shape[-2]
+    a = l2_normalize(anchors.reshape(-1, e))
+    av = a_valid.reshape(-1)
+    ak = a_keys.reshape(-1, k, 2)
+    akv = a_keys_valid.reshape(-1, k)
+    t = l2_normalize(texts.reshape(-1, e))
+    tv = t_valid.reshape(-1)
+    tk = t_keys.reshape(-1, 2)
+    n_text = t.shape[0]
+    n_chunks = -(-n_text // chunk)
+    pad = n_chunks * chunk - n_text
+    if pad:
+        t = jnp.pad(t, ((0, pad), (0, 0)))
+        tv = jnp.pad(tv, (0, pad))
+        tk = jnp.pad(tk, ((0, pad), (0, 0)))
+    scale = _varying(jnp.exp(log_scale), axes)
+    b = _varying(bias, axes)
+    ring = _make_ring(chunk, axes, shards)
+    ls, m, mp, pc = ring(a, t, b, scale, av, ak, akv, tv, tk)
+    sg = jax.lax.stop_gradient
+    m, mp, pc = sg(m), sg(mp), sg(pc)
+    loss = (jax.lax.psum(jnp.where(av, ls, 0.0).sum(), axes)
+            / jnp.maximum(jax.lax.psum(av.sum(dtype=jnp.float32), axes), 1.0))
+    row_has = av & (pc > 0)
+    correct = row_has & (mp >= m)
+    acc = (jax.lax.psum(correct.sum(dtype=jnp.float32), axes)
+           / jnp.maximum(jax.lax.psum(row_has.sum(dtype=jnp.float32), axes), 1.0))
+    return loss, acc
+
+
+def _make_ring(chunk: int, axes: tuple[str, ...], shards: int):
+    """``ring(a, t, bias, scale, av, ak, akv, tv, tk) -> (row_loss [n], row_max [n],
+    row_max_positive [n], positives [n])`` with a custom VJP for ``a, t, bias, scale``."""
+    perm = [(j, (j + 1) % shards) for j in range(shards)]
+    shift = lambda x: jax.lax.ppermute(x, axes, perm)  # noqa: E731
+
+    def chunks(x):
+        return x.reshape(-1, chunk, *x.shape[1:])
+
+    def stats(a, t, bias, scale, av, ak, akv, tv, tk):
+        n = a.shape[0]
+
+        def visit(carry, _):
+            (ls, m, mp, pc), (tb, tvb, tkb) = carry
+
+            def body(c, x):
+                ls, m, mp, pc = c
+                tc, tvc, tkc = x
+                logits = scale * (a @ tc.T) + bias
+                valid = av[:, None] & tvc[None, :]
+                pos = _positives(ak, akv, av, tkc, tvc)
+                z = jnp.where(pos, 1.0, -1.0)
+                ls = ls + jnp.where(valid, -jax.nn.log_sigmoid(z * logits), 0.0).sum(axis=1)
+                m = jnp.maximum(m, jnp.where(valid, logits, NEG).max(axis=1))
+                mp = jnp.maximum(mp, jnp.where(pos, logits, NEG).max(axis=1))
+                pc = pc + pos.sum(axis=1, dtype=jnp.float32)
+                return (ls, m, mp, pc), None
+
+            acc, _ = jax.lax.scan(body, (ls, m, mp, pc), (chunks(tb), chunks(tvb), chunks(tkb)))
+            return (acc, (shift(tb), shift(tvb), shift(tkb))), None
+
+        init = tuple(_varying(x, axes) for x in (jnp.zeros((n,)), jnp.full((n,), NEG),
+                                                  jnp.full((n,), NEG), jnp.zeros((n,))))
+        (out, _), _ = jax.lax.scan(visit, (init, (t, tv, tk)), None, length=shards)
+        return out
+
+    @jax.custom_vjp
+    def ring(a, t, bias, scale, av, ak, akv, tv, tk):
+        return stats(a, t, bias, scale, av, ak, akv, tv, tk)
+
+    def fwd(a, t, bias, scale, av, ak, akv, tv, tk):
+        return stats(a, t, bias, scale, av, ak, akv, tv, tk), (a, t, bias, scale, av, ak, akv,
+                                                                tv, tk)
+
+    def bwd(res, cts):
+        a, t, bias, scale, av, ak, akv, tv, tk = res
+        g = cts[0]  # only the row losses carry gradient (the maxima / counts are not smooth)
+
+        def visit(carry, _):
+            (da, db, ds), (tb, tvb, tkb, dtb) = carry
+
+            def body(c, x):
+                da, db, ds = c
+                tc, tvc, tkc = x
+                cos = a @ tc.T
+                logits = scale * cos + bias
+                valid = av[:, None] & tvc[None, :]
+                pos = _positives(ak, akv, av, tkc, tvc)
+                z = jnp.where(pos, 1.0, -1.0)
+                # d/dl of -log sigmoid(z l) = -z sigmoid(-z l)
+                dl = jnp.where(valid, -z * jax.nn.sigmoid(-z * logits), 0.0) * g[:, None]
+                da = da + scale * (dl @ tc)
+                dtc = scale * (dl.T @ a)
+                return (da, db + dl.sum(), ds + (dl * cos).sum()), dtc
+
+            (da, db, ds), dtc = jax.lax.scan(body, (da, db, ds),
+                                             (chunks(tb), chunks(tvb), chunks(tkb)))
+            dtb = dtb + dtc.reshape(tb.shape)
+            nxt = (shift(tb), shift(tvb), shift(tkb), shift(dtb))
+            return ((da, db, ds), nxt), None
+
+        zero = lambda x: _varying(jnp.zeros(x.shape, x.dtype), axes)  # noqa: E731
+        init = ((zero(a), zero(bias), zero(scale)), (t, tv, tk, zero(t)))
+        ((da, db, ds), (_, _, _, dt)), _ = jax.lax.scan(visit, init, None, length=shards)
+        return (da, dt, db, ds, None, None, None, None, None)
+
+    ring.defvjp(fwd, bwd)
+    return ring
