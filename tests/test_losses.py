@@ -143,12 +143,15 @@ def test_term_matches_reference(term, kind):
     assert nonzero >= 3  # embeddings on both sides + the temperature
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_sharded_equals_single_device(kind):
+@pytest.mark.parametrize("kind,exchange", [("softmax", "all_gather"), ("sigmoid", "all_gather"),
+                                           ("sigmoid", "ring")])
+def test_sharded_equals_single_device(kind, exchange):
     outputs, batch = loss_case.make_case(5, 16, kind)
     cfg = loss_case.loss_cfg(kind, chunk_size=7)
-    results = [loss_case.loss_and_grads(outputs, batch, cfg, m)
-               for m in (_mesh(1), _mesh(8), _mesh(2, 2, 2))]
+    results = [loss_case.loss_and_grads(outputs, batch, cfg, _mesh(1))]  # the all-gather path
+    cfg.exchange = exchange
+    results += [loss_case.loss_and_grads(outputs, batch, cfg, m)
+                for m in (_mesh(8), _mesh(2, 2, 2))]
     (t1, m1), g1 = results[0]
     assert {f"loss_{t}" for t in TERMS} <= set(m1)
     expected = sum(float(cfg[f"w_{t}"]) * float(m1[f"loss_{t}"]) for t in TERMS)
