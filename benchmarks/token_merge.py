@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality_steps", type=int, default=0)
     ap.add_argument("--train_step", action="store_true",
                     help="also time the whole UMG train step at 0 %% and 50 %%")
+    ap.add_argument("--dedup", type=float, default=0.0,
+                    help="with --train_step: loss.text_dedup_frac of both runs (0 = off)")
+    ap.add_argument("--phrases", type=int, default=0,
+                    help="with --train_step: tag / region / mask texts from this many phrases")
     ap.add_argument("--wallclock_s", type=float, default=0.0,
                     help="with --quality_steps: stop each run after this many seconds instead")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/token_merge.json"))
@@ -116,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['model']:<6}{100 * r['ratio']:>8.0f}%{r['flops'] / 1e9:>10.1f}"
               f"{r['flops_ratio']:>12.2f}{r['step_s']:>9.3f}{r['speedup']:>9.2f}")
-    payload = {"rows": rows}
+    out = pathlib.Path(args.out)
+    # Sections not re-run (e.g. quality) are kept from the previous result file.
+    payload = json.loads(out.read_text()) if out.exists() else {}
+    payload["rows"] = rows
     if args.train_step:
         # the whole UMG train step (both towers, all losses, AdamW), 0 % vs 50 % merged
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -126,15 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             b = MODELS[name][1]
             layers = _model_cfg(name, 0.0).model.vision.layers
-            base = time_ours(name, b, args.steps, umg=True)
-            half = time_ours(name, b, args.steps, umg=True, overrides={
-                "model.vision.merge_after": layers // 3, "model.vision.merge_ratio": 0.5})
+            dd = {"loss.text_dedup_frac": args.dedup}
+            base = time_ours(name, b, args.steps, umg=True, overrides=dd, phrases=args.phrases)
+            half = time_ours(name, b, args.steps, umg=True, phrases=args.phrases, overrides={
+                **dd, "model.vision.merge_after": layers // 3, "model.vision.merge_ratio": 0.5})
             steps_rows.append({"model": name, "batch": b, "step_s_0": base["step_s"],
-                               "step_s_50": half["step_s"],
+                               "step_s_50": half["step_s"], "text_dedup_frac": args.dedup,
+                               "phrases": args.phrases,
                                "speedup": base["step_s"] / half["step_s"]})
             print(f"{name}: full UMG train step {base['step_s']:.3f}s -> {half['step_s']:.3f}s "
                   f"at 50 % merged ({base['step_s'] / half['step_s']:.2f}x)", flush=True)
-        payload["train_step"] = steps_rows
+        key = "train_step" if not args.dedup else "train_step_dedup"
+        payload[key] = steps_rows
     if args.quality_steps:
         payload["quality"] = q = quality(args.quality_steps, args.wallclock_s)
         keys = ("retrieval/i2t_r1", "region/box_acc", "region/mask_acc", "semseg/miou",
