@@ -141,22 +141,10 @@ def render(workdir: str, config, data_dir: str, path: str, n: int = 4) -> None:
     seen = np.array([c not in set(config.seg.holdout) for c in names])
     b = encode_batches(model, evaluate.eval_batches(config, data_dir, n, n))[0]
     text = model.encode_text_labels(names)
-    mask_logits, cls_logits = map(np.asarray, decode(b["image"], b["dense_emb"], text))
     hw = b["segmap"].shape[1:]
-    import jax
-
-    up = np.asarray(jax.nn.sigmoid(jax.image.resize(mask_logits, (*mask_logits.shape[:2], *hw),
-                                                    "bilinear")))
-    gh, gw = b["dense_emb"].shape[1:3]
-    area = jax.image.resize(up, (*up.shape[:2], gh, gw), "linear")
-    from umg_jax.evaluators.common import normalize
-    from umg_jax.ops.mask_pool import mask_pool
-
-    pooled = normalize(np.asarray(mask_pool(b["dense_emb"], area)))
-    scale = float(np.exp(min(float(model.params.get("logit_scale_mask", model.params[
-        "logit_scale"])), model.config.logit_scale_max)))
-    probs = se.ensemble_probs(cls_logits, scale * pooled @ text.T, seen,
-                              config.seg.ensemble_alpha, config.seg.ensemble_beta)
+    up, probs = se.head_predictions(decode, b["image"], b["dense_emb"], text, hw, seen,
+                                    config.seg, se.mask_logit_scale(model))
+    probs = probs["ensemble"]
     sem_free = predict_labels(b["dense_emb"], text, hw)
     rng = np.random.default_rng(0)
     palette = rng.uniform(0.15, 1.0, size=(256, 3))

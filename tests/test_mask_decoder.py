@@ -115,3 +115,23 @@ def test_head_beats_the_training_free_baseline(seg_run):
     assert r["seg/head/pq_seen"] > r["seg/free/pq_seen"], r
     for k in ("seg/ensemble/miou", "seg/head/pq_unseen", "seg/free/pq"):
         assert np.isfinite(r[k]), k
+
+
+def test_segmenter_api(seg_run):
+    wd, c, _, _ = seg_run
+    s = umg_jax.load_segmenter(str(wd))
+    assert set(json.loads((wd / "seg_vocab.json").read_text())["holdout"]) == set(c.seg.holdout)
+    img = np.zeros((40, 48, 3), np.uint8)
+    img[:20] = [90, 150, 230]
+    img[20:] = [60, 170, 60]
+    img[5:15, 5:15] = [220, 40, 40]
+    labels = ["sky", "grass", "square"]
+    out = s.predict(img, labels, isthing=[False, False, True])
+    assert out["semantic"].shape == out["panoptic"].shape == (40, 48)
+    assert out["semantic"].min() >= 0 and out["semantic"].max() < 3
+    for sid, (label, score) in out["segments"].items():
+        assert label in labels and 0 <= score <= 1 and (out["panoptic"] == sid).any()
+    with pytest.raises(umg_jax.inference.InputError, match="isthing"):
+        s.predict(img, labels, isthing=[True])
+    with pytest.raises(umg_jax.inference.InputError, match="not a segmentation-head run"):
+        umg_jax.load_segmenter(str(wd.parent / "backbone"))

@@ -11,3 +11,10 @@ def load(workdir_or_checkpoint: str, **kwargs):
     from umg_jax import inference
 
     return inference.load(workdir_or_checkpoint, **kwargs)
+
+
+def load_segmenter(workdir: str, **kwargs):
+    """Loads a trained segmentation head + backbone; see ``umg_jax.inference.load_segmenter``."""
+    from umg_jax import inference
+
+    return inference.load_segmenter(workdir, **kwargs)

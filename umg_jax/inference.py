@@ -5,6 +5,10 @@
     m.classify(image, ["circle", "star", "grass"])      # {label: probability}
     label_map = m.segment(image, ["circle", "star", "grass", "sky"])   # [H, W] int32
 
+    s = umg_jax.load_segmenter("/tmp/umg_seg")          # a configs/seg_*.py run
+    out = s.predict(image, ["circle", "star", "grass", "sky"], isthing=[1, 1, 0, 0])
+    out["semantic"], out["panoptic"], out["segments"]   # [H, W], [H, W] ids, {id: (label, score)}
+
 Images are ``uint8 [H, W, 3]`` RGB arrays (or paths); they are resized to the model's resolution
 and normalised here. Boxes are absolute pixel ``[x0, y0, x1, y1]`` in the given image.
 All embeddings returned are L2-normalised float32 numpy arrays.
@@ -195,3 +199,71 @@ def load(workdir_or_checkpoint: str, step: int | None = None) -> UMGModel:
             raise
         raise InputError(str(e)) from None
     return UMGModel(params, model_cfg)
+
+
+class Segmenter:
+    """The open-vocabulary segmentation head (``configs/seg_*.py``) on its frozen backbone."""
+
+    def __init__(self, backbone: UMGModel, seg_params, config: mlc.ConfigDict,
+                 train_labels: list[str] | None = None):
+        from umg_jax.evaluators.segmentation import make_decode
+
+        self.backbone, self.seg_params, self.config = backbone, seg_params, config
+        self.train_labels = set(train_labels or ())
+        self._decode = make_decode(config)
+
+    def predict(self, image, labels, isthing=None, templates=DEFAULT_TEMPLATES,
+                ensemble: bool | None = None) -> dict:
+        """Semantic and panoptic segmentation of one image over ``labels``.
+
+        ``isthing``: per label, True for countable things (instances kept apart), False for
+        stuff (one segment per label); default all things. ``ensemble``: FC-CLIP ensemble with
+        the frozen backbone (default ``config.seg.ensemble``); labels outside the head's
+        training vocabulary get the unseen-class weight. Returns ``{"semantic": [H, W] int32
+        label index, "panoptic": [H, W] int32 segment id (-1 none), "segments": {id: (label,
+        score)}}``.
+        """
+        from umg_jax.evaluators import segmentation as se
+
+        img = read_image(image)
+        labels = list(labels)
+        thing = np.ones(len(labels), bool) if isthing is None else np.asarray(isthing, bool)
+        if thing.shape != (len(labels),):
+            raise InputError(f"isthing has {thing.size} entries for {len(labels)} labels")
+        text = self.backbone.encode_text_labels(labels, templates)
+        dense = _normalize(self.backbone.encode_image(self.backbone.preprocess(img)[None])[1])
+        seen = np.array([lab in self.train_labels for lab in labels])
+        use = self.config.seg.ensemble if ensemble is None else ensemble
+        mask_prob, probs = se.head_predictions(
+            lambda *a: self._decode(self.seg_params, *a), self.backbone.preprocess(img)[None],
+            dense, text, img.shape[:2], seen, self.config.seg,
+            se.mask_logit_scale(self.backbone), ensemble=use)
+        p = probs["ensemble" if use else "head"][0]
+        seg, cls = se.panoptic_inference(p, mask_prob[0], thing, self.config.seg.object_threshold,
+                                         self.config.seg.overlap_threshold)
+        score = p[:, :-1].max(-1)
+        segments = {sid: (labels[c], float(score[sid])) for sid, c in cls.items()}
+        return {"semantic": se.semantic_inference(p, mask_prob[0]), "panoptic": seg,
+                "segments": segments}
+
+
+def load_segmenter(workdir: str, step: int | None = None) -> Segmenter:
+    """The segmentation head of a ``configs/seg_*.py`` training workdir, on its backbone."""
+    import json
+
+    from umg_jax import checkpoint
+
+    try:
+        ckpt, cfg_file = checkpoint.locate(workdir, step)
+        config = checkpoint.read_seg_config(cfg_file)
+        if config is None:
+            raise InputError(f"{workdir!r} is not a segmentation-head run (its config.json has "
+                             "no seg.enabled=True)")
+        seg_params = checkpoint.load_seg_params(ckpt, config)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(str(e)) from None
+    vocab_file = os.path.join(workdir, "seg_vocab.json")
+    names = json.load(open(vocab_file))["names"] if os.path.exists(vocab_file) else None
+    return Segmenter(load(workdir, step), seg_params, config, names)

@@ -108,6 +108,11 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+    if is_main and step_lib.seg_enabled(config):
+        # The head's training vocabulary: inference treats other labels as unseen (ensemble).
+        vocab = step_lib.train_vocabulary(config)
+        with open(os.path.join(workdir, "seg_vocab.json"), "w") as f:
+            json.dump({"names": vocab["names"], "holdout": list(config.seg.holdout)}, f)
     logging.info("mesh %s, global batch %d (%d per process)", dict(mesh.shape),
                  config.batch_size, local_batch)
 

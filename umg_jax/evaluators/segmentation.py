@@ -102,6 +102,32 @@ def free_panoptic(sem: np.ndarray, isthing: np.ndarray) -> tuple[np.ndarray, dic
     return seg, classes
 
 
+def mask_logit_scale(enc) -> float:
+    """The backbone's learned scale for mask <-> text logits (CLIP's if it has no own one)."""
+    key = "logit_scale_mask" if "logit_scale_mask" in enc.params else "logit_scale"
+    return float(np.exp(min(float(enc.params[key]), enc.config.logit_scale_max)))
+
+
+def head_predictions(decode, image: np.ndarray, dense_emb: np.ndarray, text: np.ndarray,
+                     size: tuple[int, int], seen: np.ndarray, cfg: mlc.ConfigDict, scale: float,
+                     ensemble: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The decoder on a batch: ``mask_prob [B, N, H, W]`` (sigmoid, upsampled to ``size``) and
+    class probabilities ``{"head": [B, N, C + 1], "ensemble": [B, N, C + 1]}`` (the latter with
+    the frozen backbone's mask-pooled ``dense_emb [B, gh, gw, E]`` logits at ``scale``)."""
+    mask_logits, cls_logits = map(np.asarray, decode(image, dense_emb, text))
+    bsz, n = mask_logits.shape[:2]
+    up = jax.image.resize(jnp.asarray(mask_logits), (bsz, n, *size), "bilinear")
+    mask_prob = np.asarray(jax.nn.sigmoid(up))
+    probs = {"head": np.asarray(jax.nn.softmax(jnp.asarray(cls_logits), -1))}
+    if ensemble:
+        gh, gw = dense_emb.shape[1:3]
+        area = jax.image.resize(jnp.asarray(mask_prob), (bsz, n, gh, gw), "linear")
+        pooled = normalize(np.asarray(mask_pool(jnp.asarray(dense_emb), area)))
+        probs["ensemble"] = ensemble_probs(cls_logits, scale * pooled @ text.T, seen,
+                                           cfg.ensemble_alpha, cfg.ensemble_beta)
+    return mask_prob, probs
+
+
 def make_decode(config: mlc.ConfigDict):
     """Jitted ``decode(seg_params, image, dense, text) -> (mask_logits, class_logits)`` of the
     mask decoder (``config``: the full config); bind the params with ``functools.partial``."""
@@ -152,8 +178,7 @@ def evaluate_segmentation(enc, decode, batches: Iterable[dict], categories: Sequ
     seen = np.asarray(seen, bool)
     c = len(categories)
     text = np.asarray(enc.encode_text_labels(list(categories), tuple(templates)), np.float32)
-    key = "logit_scale_mask" if "logit_scale_mask" in enc.params else "logit_scale"
-    scale = float(np.exp(min(float(enc.params[key]), enc.config.logit_scale_max)))
+    scale = mask_logit_scale(enc)
     cms = {v: np.zeros((c, c), np.int64) for v in variants}
     accs = {v: metrics.PanopticAccumulator(c, isthing) for v in variants}
     for b in encode_batches(enc, batches):
@@ -164,22 +189,14 @@ def evaluate_segmentation(enc, decode, batches: Iterable[dict], categories: Sequ
             sem = predict_labels(b["dense_emb"], text, hw)
             preds["free"] = [(sem[i], *free_panoptic(sem[i], isthing)) for i in range(len(sem))]
         if {"head", "ensemble"} & set(variants):
-            mask_logits, cls_logits = map(np.asarray, decode(b["image"], b["dense_emb"], text))
-            bsz, n = mask_logits.shape[:2]
-            up = jax.image.resize(jnp.asarray(mask_logits), (bsz, n, *hw), "bilinear")
-            mask_prob = np.asarray(jax.nn.sigmoid(up))
-            probs = {"head": np.asarray(jax.nn.softmax(jnp.asarray(cls_logits), -1))}
-            if "ensemble" in variants:
-                gh, gw = b["dense_emb"].shape[1:3]
-                area = jax.image.resize(jnp.asarray(mask_prob), (bsz, n, gh, gw), "linear")
-                pooled = normalize(np.asarray(mask_pool(jnp.asarray(b["dense_emb"]), area)))
-                probs["ensemble"] = ensemble_probs(np.asarray(cls_logits), scale * pooled @ text.T,
-                                                   seen, cfg.ensemble_alpha, cfg.ensemble_beta)
+            mask_prob, probs = head_predictions(
+                decode, b["image"], b["dense_emb"], text, hw, seen, cfg, scale,
+                ensemble="ensemble" in variants)
             for v in set(variants) & {"head", "ensemble"}:
                 preds[v] = [(semantic_inference(probs[v][i], mask_prob[i]),
                              *panoptic_inference(probs[v][i], mask_prob[i], isthing,
                                                  cfg.object_threshold, cfg.overlap_threshold))
-                            for i in range(bsz)]
+                            for i in range(len(mask_prob))]
         for v, per_image in preds.items():
             for i, (sem, pseg, pcls) in enumerate(per_image):
                 cms[v] += metrics.confusion_matrix(sem, gt[i], c)
