@@ -9,7 +9,10 @@ region classification, open-vocabulary semantic segmentation, panoptic quality) 
 ArrayRecord shards (any the builders or the synthetic world write; the vocabulary is its
 ``meta.json`` category list), writes ``DIR/eval/<step>/metrics.json`` and prints a table.
 The model config comes from the workdir (``config.json``), the data / eval settings from
-``--config`` when given, else from the workdir's config too. Exit status 2 on bad input.
+``--config`` when given, else from the workdir's config too. A segmentation-head run
+(``configs/seg_*.py``) is evaluated with ``evaluators/segmentation.py`` instead: mIoU and PQ of the
+training-free baseline, the head, and the head + ensemble, on all / seen / held-out classes.
+Exit status 2 on bad input.
 
 Inside training, ``make_hooks(config)`` returns the same evaluation as a function of the params
 (``config.eval.every_steps``).
