@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         config.ckpt.every_steps = args.steps
         config.eval.every_steps = 0
         config.log.tensorboard = False
-        config.init["from"] = backbone
+        config.init.checkpoint = backbone
         for k, v in RUNS[name].items():
             _set(config, k, v)
         wd = root / name

@@ -187,7 +187,10 @@ def train_config() -> mlc.ConfigDict:
 def init_config() -> mlc.ConfigDict:
     """Where the parameters start from."""
     i = mlc.ConfigDict()
-    i["from"] = ""  # import dir / checkpoint of a pretrained CLIP ("" = random init)
+    # A pretrained CLIP to start from: an import dir (interop.import_torch), a training workdir
+    # (its latest step) or a params checkpoint; "" = random init. (Not "init.from": `from` is a
+    # Python keyword, so --config.init.from=... cannot be parsed.)
+    i.checkpoint = ""
     return i
 
 
@@ -217,6 +220,7 @@ def seg_config() -> mlc.ConfigDict:
     s.heads = 4  # attention heads of the decoder
     s.mask_stride = 4  # masks predicted at image_size / mask_stride (power of two)
     s.stem_channels = 32  # conv stem on the raw image for sharp mask boundaries (0 = off)
+    s.pool_pixels = True  # classify queries also from pixel features pooled under their masks
     s.holdout = ()  # category names kept out of training (zero-shot evaluation on them)
     s.w_class = 2.0  # class cross-entropy weight (also in the matching cost)
     s.w_bce = 5.0  # mask sigmoid-BCE weight

@@ -2,7 +2,7 @@
 
     python -m umg_jax.train --config configs/tiny.py --workdir /tmp/umg_tiny       # backbone
     python -m umg_jax.train --config configs/seg_tiny.py --workdir /tmp/umg_seg \
-        --config.init.from=/tmp/umg_tiny
+        --config.init.checkpoint=/tmp/umg_tiny
     python -m umg_jax.evaluate --workdir /tmp/umg_seg       # mIoU / PQ, seen vs held-out
 
 Only the decoder trains (the backbone is frozen and gets no backward pass). ``seg.holdout``

@@ -1,7 +1,7 @@
 """Open-vocabulary panoptic / semantic segmentation head on a frozen ViT-L/14 UMG-CLIP.
 
     python -m umg_jax.train --config configs/seg_vit_l.py --workdir DIR \
-        --config.init.from=UMG_VIT_L_WORKDIR --config.data.path=COCO_PANOPTIC_SHARDS
+        --config.init.checkpoint=UMG_VIT_L_WORKDIR --config.data.path=COCO_PANOPTIC_SHARDS
 
 COCO-panoptic shards come from ``python -m umg_jax.data.build coco --panoptic ...``; evaluate
 zero-shot on another data set with ``python -m umg_jax.evaluate --workdir DIR --data SHARDS``

@@ -2,7 +2,7 @@
 block of both towers.
 
     python -m umg_jax.train --config configs/tiny_adapter.py --workdir /tmp/umg_tiny_adapter \
-        --config.init.from=/tmp/umg_tiny        # start from a trained tiny run
+        --config.init.checkpoint=/tmp/umg_tiny        # start from a trained tiny run
 
 Only the adapters (and their Adam moments) train; the start-of-run report lists trainable vs
 frozen parameters per module. Adapters start as the identity (zero ``up`` projection). Unlike

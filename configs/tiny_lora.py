@@ -1,7 +1,7 @@
 """Tiny UMG-CLIP with LoRA: the backbone frozen, rank-8 LoRA on attention and MLP kernels.
 
     python -m umg_jax.train --config configs/tiny_lora.py --workdir /tmp/umg_tiny_lora \
-        --config.init.from=/tmp/umg_tiny        # start from a trained tiny run
+        --config.init.checkpoint=/tmp/umg_tiny        # start from a trained tiny run
 
 Only the LoRA factors (and their Adam moments) train; the start-of-run report lists trainable vs
 frozen parameters per module. Export and ``umg_jax.load`` merge the factors into the weights.

@@ -4,7 +4,7 @@ Continued multi-granularity training from a pretrained CLIP imported from PyTorc
 
     python -m umg_jax.interop.import_torch ViT-L-14.pt --config configs/vit_l.py --out /ckpt/init
     python -m umg_jax.train --config configs/vit_l.py --workdir DIR \
-        --config.init.from=/ckpt/init --config.data.path=SHARDS
+        --config.init.checkpoint=/ckpt/init --config.data.path=SHARDS
 
 The paper's hyper-parameters are not public; these follow EVA-CLIP-style continued training.
 """

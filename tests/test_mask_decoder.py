@@ -81,7 +81,7 @@ def seg_run(tmp_path_factory):
     src.mkdir()
     checkpoint.save_params(src / "params", base)
     (src / "model_config.json").write_text(c.model.to_json())
-    c.init["from"] = str(src)
+    c.init.checkpoint = str(src)
     train.train(c, str(tmp / "wd"))
     results = evaluate.run(str(tmp / "wd"))
     mp.undo()

@@ -106,7 +106,7 @@ def lora_run(tmp_path_factory):
     src.mkdir()
     checkpoint.save_params(src / "params", base)
     (src / "model_config.json").write_text(c.model.to_json())
-    c.init["from"] = str(src)
+    c.init.checkpoint = str(src)
     train.train(c, str(tmp / "wd"))
     mp.undo()
     return tmp / "wd", c, base
@@ -225,7 +225,7 @@ def test_adapter_training_from_a_pretrained_backbone(tmp_path, monkeypatch, caps
     src.mkdir()
     checkpoint.save_params(src / "params", base)
     (src / "model_config.json").write_text(plain_cfg.to_json())
-    c.init["from"] = str(src)
+    c.init.checkpoint = str(src)
     train.train(c, str(tmp_path / "wd"))
     assert "trainable" in capsys.readouterr().out  # the start-of-run report
     m = umg_jax.load(str(tmp_path / "wd"))

@@ -207,10 +207,18 @@ def test_cli_help_and_config_error_exit_status(tmp_path):
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: batch_size 3")
+    # Every documented override parses on the command line (a knob named like a Python keyword,
+    # e.g. init.from, would not).
+    out = subprocess.run(
+        [sys.executable, "-m", "umg_jax.train", "--config", "configs/seg_tiny.py",
+         "--workdir", str(tmp_path / "wd"), f"--config.init.checkpoint={tmp_path / 'nope'}"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: init.checkpoint" in out.stderr.strip().splitlines()[-1]
 
 
 def test_init_from_params_checkpoint(tmp_path):
-    """``init.from`` (the layout ``umg_jax.interop.import_torch`` writes) sets the starting
+    """``init.checkpoint`` (the layout ``umg_jax.interop.import_torch`` writes) sets the starting
     params: with a zero learning rate they come out of training unchanged."""
     config = _config(tmp_path, **{"total_steps": 3, "optim.warmup_steps": 1, "optim.lr": 0.0,
                                   "ckpt.every_steps": 3})
@@ -219,7 +227,7 @@ def test_init_from_params_checkpoint(tmp_path):
     src.mkdir()
     ckpt_lib.save_params(src / "params", start)
     (src / "model_config.json").write_text(config.model.to_json())
-    config.init["from"] = str(src)
+    config.init.checkpoint = str(src)
     train.train(config, str(tmp_path / "wd"))
     _, got = _final_params(str(tmp_path / "wd"), config)
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(got), strict=True):

@@ -210,7 +210,7 @@ class Checkpointer:
 
 def save_params(path: str | pathlib.Path, params: PyTree) -> None:
     """Writes a params checkpoint (``{"params": params}`` via ``StandardSave``) to ``path``,
-    which must not exist. The format ``restore_params_only`` and ``config.init.from`` read."""
+    which must not exist. The format ``restore_params_only`` and ``config.init.checkpoint`` read."""
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(pathlib.Path(path).absolute(), {"params": params})
         ckptr.wait_until_finished()

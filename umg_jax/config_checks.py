@@ -71,9 +71,9 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
             check_config(seg, m.vision.image_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    init_from = config.get("init", {}).get("from", "")
+    init_from = config.get("init", {}).get("checkpoint", "")
     if init_from and not os.path.exists(init_from):
-        raise ConfigError(f"init.from {init_from!r} does not exist")
+        raise ConfigError(f"init.checkpoint {init_from!r} does not exist")
     if config.total_steps <= 0:
         raise ConfigError(f"total_steps must be positive, got {config.total_steps}")
     if config.optim.warmup_steps >= config.total_steps:

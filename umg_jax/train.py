@@ -146,7 +146,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
             print(f"resumed from {ckpt.directory}/{start}", flush=True)
     else:
         rng = jax.random.key(config.seed)
-        init_from = config.init.get("from", "")
+        init_from = config.init.get("checkpoint", "")
         if not init_from:
             state = jax.jit(lambda r: step_lib.init_state(step_lib.init_params(config, r), tx),
                             out_shardings=state_sh)(rng)

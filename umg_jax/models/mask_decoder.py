@@ -8,7 +8,8 @@ A light Mask2Former-style head (FC-CLIP / SAN family, see ../shared/reference/an
 * ``num_queries`` learned queries that cross-attend to the frozen dense map (grid resolution,
   learned position embedding), self-attend, and go through an MLP, ``layers`` times;
 * per query: a mask ``[h, w]`` (dot product of its mask embedding with the pixel features) and a
-  class embedding ``[E]`` in CLIP's joint space, classified against any vocabulary's text
+  class embedding ``[E]`` in CLIP's joint space (from the query plus the pixel features pooled
+  under its own mask, ``seg.pool_pixels``), classified against any vocabulary's text
   embeddings (plus a learned "void" embedding), so new categories need no retraining.
 
 The backbone is not part of this module: it consumes ``dense [B, gh, gw, E]`` (L2-normalised)
@@ -93,6 +94,12 @@ class MaskDecoder(nn.Module):
         m = nn.Dense(d, name="mask_mlp_0")(q)
         m = nn.Dense(d, name="mask_mlp_1")(nn.gelu(m))
         mask_logits = jnp.einsum("bnd,bhwd->bnhw", m, pix) / math.sqrt(d)
+        if c.get("pool_pixels", True):
+            # The class also sees the full-resolution pixel features under the query's own
+            # (soft) mask: shape cues the patch grid the queries attend to cannot resolve.
+            w = jax.nn.sigmoid(jax.lax.stop_gradient(mask_logits))
+            pooled = jnp.einsum("bnhw,bhwd->bnd", w, pix) / (w.sum((2, 3))[..., None] + 1.0)
+            q = q + nn.Dense(d, name="pool_proj")(pooled)
         class_emb = _normalize(nn.Dense(e, name="class_proj")(q))
         void = _normalize(self.param("void_emb", nn.initializers.normal(1.0), (e,)))
         log_scale = self.param("log_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
