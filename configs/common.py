@@ -229,7 +229,7 @@ def seg_config() -> mlc.ConfigDict:
     s.ensemble = True  # classify masks with the head x frozen mask-pooled geometric ensemble
     s.ensemble_alpha = 0.4  # frozen-backbone exponent on seen classes (FC-CLIP)
     s.ensemble_beta = 0.8  # frozen-backbone exponent on unseen classes (FC-CLIP)
-    s.object_threshold = 0.5  # panoptic: min class probability of a kept query
+    s.object_threshold = 0.8  # panoptic: min class probability of a kept query (Mask2Former)
     s.overlap_threshold = 0.8  # panoptic: min fraction of its own mask a query must keep
     return s
 
