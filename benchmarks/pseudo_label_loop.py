@@ -84,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--reuse", default="", help="granularity_ablation.py workdir with a / c runs")
-    ap.add_argument("--threshold", type=float, default=0.3, help="pseudo-label probability")
+    ap.add_argument("--threshold", type=float, default=0.5,
+                    help="pseudo-label score (probability, or relative score with --assign "
+                         "concept)")
     ap.add_argument("--score", choices=("dense", "crop"), default="crop",
                     help="how the teacher labels proposals (umg_jax.data.pseudo_label --score)")
+    ap.add_argument("--assign", choices=("proposal", "concept"), default="concept",
+                    help="who picks: each proposal its class, or each concept its proposals")
     ap.add_argument("--caption_vocab", action=argparse.BooleanOptionalAction, default=True,
                     help="restrict labels to the caption's concepts (pseudo_label option)")
     ap.add_argument("--workdir", default="", help="keep runs here; finished runs are reused")
@@ -117,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = [c["name"] for c in synthetic.CATEGORIES]
     t0 = time.perf_counter()
     scorer = pl.Scorer(load(str(wd_a)), vocab)
-    tag = f"{args.score}{'_capvocab' if args.caption_vocab else ''}_t{args.threshold}"
+    tag = (f"{args.score}_{args.assign}{'_capvocab' if args.caption_vocab else ''}"
+           f"_t{args.threshold}")
     pl_dir = root / f"pseudo_{tag}"
     ns = argparse.Namespace(threshold=args.threshold, top_k=6, nms_iou=0.5, mask_iou=0.7,
                             caption_threshold=-1.0, min_area=0.01, batch=16, shard_size=512,
-                            teacher=str(wd_a), score=args.score,
+                            teacher=str(wd_a), score=args.score, assign=args.assign,
                             caption_vocab=args.caption_vocab)
     counts = pl.run(pl.list_inputs(train_dir), scorer, vocab, str(pl_dir), ns,
                     log=lambda s: print(s, flush=True))
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'gap recovered':<18}" + "".join(f"{100 * gap[k]:>17.0f}%" for k in KEYS))
     pathlib.Path(args.out).write_text(json.dumps(
         {"steps": args.steps, "threshold": args.threshold, "score": args.score,
+         "assign": args.assign,
          "caption_vocab": args.caption_vocab, "label_quality": quality,
          "pseudo_label_counts": counts,
          "pseudo_label_seconds": label_s, "runs": runs, "gap_recovered": gap}, indent=1))

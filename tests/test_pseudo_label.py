@@ -186,3 +186,15 @@ def test_crop_scoring_labels_the_red_square():
     assert bp.shape == (2, 2) and mp.shape == (2, 2)
     assert bp[0].argmax() == 0 and mp[0].argmax() == 0  # the red square's crop is "red"
     assert mp[1].argmax() == 1  # the background mask (red blanked to the mean) is "blue"
+
+
+def test_concepts_pick_their_proposals_even_under_a_dominant_background():
+    # classes: sky, circle, star. Every proposal's argmax is "sky"; the circle is proposal 0.
+    probs = np.array([[0.70, 0.28, 0.02], [0.90, 0.05, 0.05], [0.95, 0.03, 0.02]])
+    label, score = pl.assign_concepts(probs, np.array([True, True, False]))
+    assert label.tolist() == [1, 0, 0]
+    np.testing.assert_allclose(score, [1.0, 0.90 / 0.95, 1.0])
+    # "star" is not a concept of this image: it picks nothing even where it is relatively best
+    label, _ = pl.assign_concepts(probs, np.array([True, False, False]))
+    assert label.tolist() == [0, 0, 0]
+    assert pl.assign_concepts(np.zeros((0, 3)), None)[0].shape == (0,)

@@ -14,7 +14,8 @@ is a model's pseudo-label. This tool does the same with weights you already have
    scored against the prompt-ensembled vocabulary.
    ``--score crop`` instead encodes each proposal's crop with the teacher's image embedding
    (better for an image-level-only teacher). ``--caption_vocab`` (default on) restricts each
-   image's labels to the vocabulary words its captions mention.
+   image's labels to the vocabulary words its captions mention. ``--assign concept`` (default)
+   lets each concept pick its most likely proposals instead of each proposal its top class.
 3. Kept: proposals whose top probability reaches ``--threshold``; class-wise NMS on boxes
    (``--nms_iou``), duplicate masks removed (``--mask_iou``), at most ``--top_k`` of each per image.
    Image tags: vocabulary entries whose image-level probability reaches the threshold, plus the
@@ -282,13 +283,46 @@ def _cell_fraction(mask: np.ndarray, gh: int, gw: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------- labels ---
 
 
+def assign_concepts(probs: np.ndarray, allowed: np.ndarray | None, rel: float = 0.5
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Concept -> proposal assignment: ``probs [K, C]`` (p(class | proposal)) -> per proposal
+    ``(label [K], score [K])``.
+
+    Each concept ``c`` of the image (``allowed``; ``None`` = every class) ranks the proposals by
+    ``r(k, c) = p(c | k) / max_k' p(c | k')``; a proposal takes the concept for which it is
+    relatively best, if that ratio reaches ``rel``; its score is that ratio (1 for the best
+    proposal of each concept, 0 when no concept picks it). Why: background classes (sky, grass, a wall) score high in every crop, so the
+    per-proposal argmax labels everything as background; asking "which proposal is the
+    circle?" for each concept the image is known to contain finds the objects.
+    """
+    k, c = probs.shape
+    if not k:
+        return np.zeros((0,), int), np.zeros((0,))
+    on = np.ones(c, bool) if allowed is None else np.asarray(allowed, bool)
+    ratio = probs / np.maximum(probs.max(0, keepdims=True), 1e-12)
+    ratio = np.where(on[None] & (ratio >= rel), ratio, -1.0)
+    return ratio.argmax(-1), np.maximum(ratio.max(-1), 0.0)
+
+
 def label_image(image, probs, box_props, box_probs, masks, mask_probs, vocab, *, threshold,
-                top_k, nms_iou, dup_mask_iou) -> dict:
-    """Kept tags / regions / segments for one image (record fields, no image / captions)."""
+                top_k, nms_iou, dup_mask_iou, allowed: np.ndarray | None = None,
+                assign: str = "proposal") -> dict:
+    """Kept tags / regions / segments for one image (record fields, no image / captions).
+
+    ``assign``: ``"proposal"`` labels each proposal with its most probable class (kept if
+    ``>= threshold``); ``"concept"`` lets each concept of the image (``allowed``, e.g. its
+    caption's, else all) pick its most likely proposals (:func:`assign_concepts`; ``threshold``
+    then applies to the concept's relative score, the best proposal of each concept scoring 1,
+    so every concept gets at least its best proposal)."""
+    def labels_of(p):
+        if assign == "concept":
+            return assign_concepts(p, allowed)
+        return p.argmax(-1), p.max(-1)
+
     kept_p = []
     regions = []
     if len(box_props):
-        lab, sc = box_probs.argmax(-1), box_probs.max(-1)
+        lab, sc = labels_of(box_probs)
         ok = np.nonzero(sc >= threshold)[0]
         order = ok[nms(box_props[ok], sc[ok], lab[ok], nms_iou)][:top_k]
         for i in order:
@@ -297,8 +331,8 @@ def label_image(image, probs, box_props, box_probs, masks, mask_probs, vocab, *,
             kept_p.append(float(sc[i]))
     segments, kept_masks = [], []
     if len(masks):
-        lab, sc = mask_probs.argmax(-1), mask_probs.max(-1)
-        for i in np.argsort(-sc):
+        lab, sc = labels_of(mask_probs)
+        for i in np.argsort(-sc, kind="stable"):
             if sc[i] < threshold or len(segments) >= top_k:
                 break
             if any(mask_iou(masks[i], m) > dup_mask_iou for m in kept_masks):
@@ -418,12 +452,12 @@ def _label_chunk(chunk, scorer, vocab, args, counts) -> Iterator[dict]:
             scored = [(p, cb, cm, e) for (p, _, _, e), (cb, cm) in zip(scored, crop, strict=True)]
         for (sid, img, data, caps, src, boxes, masks), (p, bp, mp, emb) in zip(
                 batch, scored, strict=True):
-            if args.caption_vocab:
-                allowed = caption_candidates(caps, vocab)
-                p, bp, mp = restrict(p, allowed), restrict(bp, allowed), restrict(mp, allowed)
+            allowed = caption_candidates(caps, vocab) if args.caption_vocab else None
+            p, bp, mp = restrict(p, allowed), restrict(bp, allowed), restrict(mp, allowed)
             lab = label_image(img, p, boxes, bp, masks[: scorer.max_masks], mp, vocab,
                               threshold=args.threshold, top_k=args.top_k, nms_iou=args.nms_iou,
-                              dup_mask_iou=args.mask_iou)
+                              dup_mask_iou=args.mask_iou, allowed=allowed,
+                              assign=getattr(args, "assign", "proposal"))
             if caps:
                 keep = scorer.caption_score(emb, caps) >= args.caption_threshold
                 caps = [c for c, k in zip(caps, keep, strict=True) if k]
@@ -446,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher", required=True, help="umg_jax workdir or import directory")
     ap.add_argument("--vocab", required=True, help="text file, one tag per line")
     ap.add_argument("--out", required=True, help="output directory (resumable)")
-    ap.add_argument("--threshold", type=float, default=0.3, help="min teacher probability kept")
+    ap.add_argument("--threshold", type=float, default=0.5,
+                    help="min score kept: teacher probability (--assign proposal) or relative "
+                         "score, 1 = the concept's best proposal (--assign concept)")
     ap.add_argument("--top_k", type=int, default=6, help="max regions and max masks per image")
     ap.add_argument("--nms_iou", type=float, default=0.5, help="class-wise box NMS IoU")
     ap.add_argument("--mask_iou", type=float, default=0.7, help="duplicate-mask IoU")
@@ -457,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="label proposals by pooling the teacher's dense map (fast) or by "
                          "encoding each proposal's crop (one image pass each; better for "
                          "teachers trained on image-level data only)")
+    ap.add_argument("--assign", choices=("proposal", "concept"), default="concept",
+                    help="'proposal': each proposal takes its most probable label; 'concept': "
+                         "each concept of the image (its caption's, else the vocabulary) picks "
+                         "its most likely proposals (background classes cannot take over)")
     ap.add_argument("--caption_vocab", action=argparse.BooleanOptionalAction, default=True,
                     help="restrict an image's labels to vocabulary words its captions mention "
                          "(images without captions, or mentioning none, use the whole vocab)")
