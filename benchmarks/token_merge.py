@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     # Sections not re-run (e.g. quality) are kept from the previous result file.
     payload = json.loads(out.read_text()) if out.exists() else {}
     payload["rows"] = rows
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import cpu_model
+
+    payload["cpu"] = cpu_model()
     if args.train_step:
         # the whole UMG train step (both towers, all losses, AdamW), 0 % vs 50 % merged
         sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -133,6 +133,21 @@ def time_open_clip(name: str, batch: int, steps: int, bf16: bool) -> dict | None
     return {"step_s": t, "img_s": batch / t}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (results differ a lot between machines: record which one)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                flags = open("/proc/cpuinfo").read()
+                extra = " avx512_bf16" if "avx512_bf16" in flags else ""
+                return line.split(":", 1)[1].strip() + extra
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="tiny,b16")
@@ -184,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['umg_dedup_over_clip_step'] or float('nan'):>8.2f}")
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"peak_flops": args.peak, "load": os.getloadavg(), "rows": rows}, f, indent=1)
+        json.dump({"peak_flops": args.peak, "load": os.getloadavg(), "cpu": cpu_model(),
+                   "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
     return 0
 
