@@ -6,6 +6,7 @@ import os
 import pathlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from umg_jax.data import pseudo_label as pl
@@ -71,7 +72,8 @@ def test_proposals_and_nms_by_hand():
     assert keep.tolist() == [0, 2, 3]
 
 
-def test_fake_teacher_labels_the_red_square(tmp_path):
+@pytest.mark.parametrize("score,assign", [("dense", "proposal"), ("crop", "concept")])
+def test_fake_teacher_labels_the_red_square(tmp_path, score, assign):
     d = tmp_path / "imgs"
     d.mkdir()
     for i in range(5):
@@ -79,8 +81,8 @@ def test_fake_teacher_labels_the_red_square(tmp_path):
     (d / "5.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")  # reported and skipped
     items = pl.list_inputs(str(d))
     out = tmp_path / "out"
-    counts = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out), _args(),
-                    log=lambda s: None)
+    counts = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out),
+                    _args(score=score, assign=assign), log=lambda s: None)
     assert counts["examples"] == 5 and counts["unreadable"] == 1
     assert len(records.shard_paths(str(out))) == 2
     for rec in records.iter_records(str(out)):
@@ -114,8 +116,8 @@ def test_fake_teacher_labels_the_red_square(tmp_path):
     first = sorted(records.shard_paths(str(out)))
     mtime = os.path.getmtime(first[0])
     os.remove(first[1])
-    counts = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out), _args(),
-                    log=lambda s: None)
+    counts = pl.run(items, pl.Scorer(FakeTeacher(), VOCAB), VOCAB, str(out),
+                    _args(score=score, assign=assign), log=lambda s: None)
     assert counts["skipped_shards"] == 1 and counts["examples"] == 3 - 1  # the corrupt one
     assert os.path.getmtime(first[0]) == mtime and pathlib.Path(first[1]).exists()
 

@@ -291,9 +291,10 @@ def assign_concepts(probs: np.ndarray, allowed: np.ndarray | None, rel: float = 
     Each concept ``c`` of the image (``allowed``; ``None`` = every class) ranks the proposals by
     ``r(k, c) = p(c | k) / max_k' p(c | k')``; a proposal takes the concept for which it is
     relatively best, if that ratio reaches ``rel``; its score is that ratio (1 for the best
-    proposal of each concept, 0 when no concept picks it). Why: background classes (sky, grass, a wall) score high in every crop, so the
-    per-proposal argmax labels everything as background; asking "which proposal is the
-    circle?" for each concept the image is known to contain finds the objects.
+    proposal of each concept, 0 when no concept picks it). Why: background classes (sky, grass,
+    a wall) score high in every crop, so the per-proposal argmax labels everything as
+    background; asking "which proposal is the circle?" for each concept the image is known to
+    contain finds the objects.
     """
     k, c = probs.shape
     if not k:
