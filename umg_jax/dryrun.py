@@ -60,7 +60,6 @@ def analyse(config, *, target: dict, mfu: float = 0.4, devices=None) -> dict:
     import numpy as np
 
     from umg_jax import config_checks, hlo_stats, optim, sharding
-    from umg_jax import metrics as metrics_lib
     from umg_jax import step as step_lib
     from umg_jax.data import schema
     from umg_jax.models import clip
@@ -98,8 +97,7 @@ def analyse(config, *, target: dict, mfu: float = 0.4, devices=None) -> dict:
     # Donated state aliases the output; the rest of the output is new memory.
     total_b = int(mem.argument_size_in_bytes + temp_b + mem.output_size_in_bytes
                   - mem.alias_size_in_bytes)
-    analytic = metrics_lib.clip_train_flops(config.model, config.batch_size,
-                                            step_lib.texts_per_example(config))
+    analytic = step_lib.step_flops(config)
     n = len(devices)
     xla_flops = float(cost.get("flops", 0.0))
     coll = hlo_stats.collective_bytes(compiled.as_text())

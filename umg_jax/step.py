@@ -62,6 +62,19 @@ def texts_per_example(config: mlc.ConfigDict) -> float:
     return sum(sizes[f] for f, _ in needed_text_fields(config.loss))
 
 
+def step_flops(config: mlc.ConfigDict) -> float:
+    """Analytic model FLOPs of one train step (for MFU and the dry run). UMG training: 3 x the
+    forward of both towers (``metrics.clip_train_flops``). Segmentation head: the backbone's
+    image forward once (3x with LoRA / adapters, whose backward runs through it); the decoder's
+    own FLOPs are not counted (a lower bound)."""
+    from umg_jax import metrics
+
+    if seg_enabled(config):
+        fwd = metrics.clip_forward_flops(config.model, 0.0) * config.batch_size
+        return fwd * (3.0 if peft_enabled(config) else 1.0)
+    return metrics.clip_train_flops(config.model, config.batch_size, texts_per_example(config))
+
+
 def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDict) -> dict:
     """Runs both towers on a batch: the captions in one text-tower call, every other text field
     (tags / region / mask texts, shorter context ``Le``) in a second one.

@@ -179,8 +179,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         print(optim.trainable_report(abstract_params, step_lib.frozen_regexes(config)),
               flush=True)
     progress = metrics_lib.Progress(config.total_steps, start, batch_size=config.batch_size)
-    flops = metrics_lib.clip_train_flops(config.model, config.batch_size,
-                                         step_lib.texts_per_example(config))
+    flops = step_lib.step_flops(config)
     peak = config.log.peak_flops  # of all devices together (configs/common.py:log_config)
     hooks = _make_evaluators(config)
     # Reading a value every <= 16 steps bounds the dispatch queue (fake CPU devices deadlock
@@ -216,7 +215,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
                         line = progress.update(step, scalars)
                         scalars["lr"] = float(schedule(step - 1))
                         scalars.update(progress.last)
-                        if peak and not step_lib.seg_enabled(config):  # FLOPs: CLIP only
+                        if peak:
                             scalars["mfu"] = metrics_lib.mfu(
                                 flops, 1.0 / max(progress.last["steps_per_sec"], 1e-9), peak)
                         dropped = pipeline.drop_counts(data_iter)
