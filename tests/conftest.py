@@ -48,6 +48,18 @@ def torch_mod():
     return torch_peers()
 
 
+def write_import_dir(directory, model_cfg, params):
+    """The layout ``umg_jax.interop.import_torch`` writes (``params/`` + ``model_config.json``)
+    for ``params`` of ``model_cfg``, in a new ``directory``; returns its path as a string (the
+    value of ``config.init.checkpoint``)."""
+    from umg_jax import checkpoint
+
+    directory.mkdir()
+    checkpoint.save_params(directory / "params", params)
+    (directory / "model_config.json").write_text(model_cfg.to_json())
+    return str(directory)
+
+
 def make_tiny_workdir(wd):
     """A training-workdir layout (full ``config.json`` + ``checkpoints/7/state``) holding random
     params of a very small model; for tests of everything that loads a trained model."""

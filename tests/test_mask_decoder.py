@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_import_dir
 
 import umg_jax
 from umg_jax import checkpoint, config_checks, config_lib, evaluate, optim, train
@@ -77,11 +78,7 @@ def seg_run(tmp_path_factory):
     mp.setenv("UMG_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     c = _cfg()
     base = clip.init_params(c.model, jax.random.key(7))
-    src = tmp / "backbone"
-    src.mkdir()
-    checkpoint.save_params(src / "params", base)
-    (src / "model_config.json").write_text(c.model.to_json())
-    c.init.checkpoint = str(src)
+    c.init.checkpoint = write_import_dir(tmp / "backbone", c.model, base)
     c.eval.every_steps = 60  # the trainer's evaluation hook runs once, at the end
     train.train(c, str(tmp / "wd"))
     results = evaluate.run(str(tmp / "wd"))

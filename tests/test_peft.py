@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
+from conftest import write_import_dir
 
 import umg_jax
 from umg_jax import checkpoint, config_lib, optim, train
@@ -102,11 +103,7 @@ def lora_run(tmp_path_factory):
     mp.setenv("UMG_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     c = _cfg()
     base = clip.init_params(c.model, jax.random.key(7))
-    src = tmp / "backbone"
-    src.mkdir()
-    checkpoint.save_params(src / "params", base)
-    (src / "model_config.json").write_text(c.model.to_json())
-    c.init.checkpoint = str(src)
+    c.init.checkpoint = write_import_dir(tmp / "backbone", c.model, base)
     train.train(c, str(tmp / "wd"))
     mp.undo()
     return tmp / "wd", c, base
@@ -221,11 +218,7 @@ def test_adapter_training_from_a_pretrained_backbone(tmp_path, monkeypatch, caps
     plain_cfg = mlc.ConfigDict(c.model.to_dict())
     plain_cfg.vision.adapter_dim = plain_cfg.text.adapter_dim = 0
     base = clip.init_params(plain_cfg, jax.random.key(7))
-    src = tmp_path / "backbone"
-    src.mkdir()
-    checkpoint.save_params(src / "params", base)
-    (src / "model_config.json").write_text(plain_cfg.to_json())
-    c.init.checkpoint = str(src)
+    c.init.checkpoint = write_import_dir(tmp_path / "backbone", plain_cfg, base)
     train.train(c, str(tmp_path / "wd"))
     assert "trainable" in capsys.readouterr().out  # the start-of-run report
     m = umg_jax.load(str(tmp_path / "wd"))

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import write_import_dir
 
 from umg_jax import checkpoint as ckpt_lib
 from umg_jax import config_checks, config_lib, sharding, train
@@ -223,11 +224,7 @@ def test_init_from_params_checkpoint(tmp_path):
     config = _config(tmp_path, **{"total_steps": 3, "optim.warmup_steps": 1, "optim.lr": 0.0,
                                   "ckpt.every_steps": 3})
     start = clip.init_params(config.model, jax.random.key(42))
-    src = tmp_path / "imported"
-    src.mkdir()
-    ckpt_lib.save_params(src / "params", start)
-    (src / "model_config.json").write_text(config.model.to_json())
-    config.init.checkpoint = str(src)
+    config.init.checkpoint = write_import_dir(tmp_path / "imported", config.model, start)
     train.train(config, str(tmp_path / "wd"))
     _, got = _final_params(str(tmp_path / "wd"), config)
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(got), strict=True):

@@ -272,17 +272,22 @@ def read_model_config(path: str | pathlib.Path):
     return mlc.ConfigDict(d["model"] if "model" in d and "vision" not in d else d)
 
 
-def read_peft_config(path: str | pathlib.Path | None):
-    """The ``config.peft`` section of a workdir ``config.json`` when PEFT was on, else None."""
-    import ml_collections as mlc
-
+def _read_json_dict(path: str | pathlib.Path | None) -> dict:
+    """A JSON object file as a dict; ``{}`` when there is no such (readable) file."""
     if path is None:
-        return None
+        return {}
     try:
         d = json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError):
-        return None
-    peft = d.get("peft") if isinstance(d, dict) else None
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def read_peft_config(path: str | pathlib.Path | None):
+    """The ``config.peft`` section of a workdir ``config.json`` when LoRA was on, else None."""
+    import ml_collections as mlc
+
+    peft = _read_json_dict(path).get("peft")
     lora = peft and peft.get("enabled") and peft.get("method", "lora") == "lora"
     return mlc.ConfigDict(peft) if lora else None
 
@@ -292,13 +297,8 @@ def read_seg_config(path: str | pathlib.Path | None):
     (params ``{"base", "seg", ...}``), else None."""
     import ml_collections as mlc
 
-    if path is None:
-        return None
-    try:
-        d = json.loads(pathlib.Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    seg = d.get("seg") if isinstance(d, dict) else None
+    d = _read_json_dict(path)
+    seg = d.get("seg")
     return mlc.ConfigDict(d) if seg and seg.get("enabled") else None
 
 

@@ -173,7 +173,9 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
     else:
         data_dir = pipeline.ensure_data(config.data, "eval")
     t0 = time.perf_counter()
-    if config.get("seg", {}).get("enabled", False):  # a segmentation-head run
+    from umg_jax.step import seg_enabled
+
+    if seg_enabled(config):  # a segmentation-head run
         try:
             seg_params = checkpoint.load_seg_params(ckpt_dir, config)
         except (FileNotFoundError, ValueError) as e:

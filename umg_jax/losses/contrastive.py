@@ -173,27 +173,37 @@ def contrastive_loss(
       text_keys.astype(jnp.int32), log_scale, bias)
 
 
-def _local_loss(anchors, a_valid, a_keys, a_keys_valid, texts, t_valid, t_keys, log_scale, bias,
-                *, kind: str, chunk: int, axes: tuple[str, ...]):
+def _flat_local(anchors, a_valid, a_keys, a_keys_valid, texts, t_valid, t_keys):
+    """This device's rows flattened: normalised anchors ``[n, E]``, ``[n]``, keys ``[n, K, 2]``,
+    ``[n, K]``; normalised texts ``[c, E]``, ``[c]``, keys ``[c, 2]``."""
     e = anchors.shape[-1]
     k = a_keys.shape[-2]
-    a = l2_normalize(anchors.reshape(-1, e))
-    av = a_valid.reshape(-1)
-    ak = a_keys.reshape(-1, k, 2)
-    akv = a_keys_valid.reshape(-1, k)
-    n = a.shape[0]
+    return (l2_normalize(anchors.reshape(-1, e)), a_valid.reshape(-1),
+            a_keys.reshape(-1, k, 2), a_keys_valid.reshape(-1, k),
+            l2_normalize(texts.reshape(-1, e)), t_valid.reshape(-1), t_keys.reshape(-1, 2))
 
-    gather = lambda x: jax.lax.all_gather(x, axes, axis=0, tiled=True)
-    t = gather(l2_normalize(texts.reshape(-1, e)))
-    tv = gather(t_valid.reshape(-1))
-    tk = gather(t_keys.reshape(-1, 2))
-    n_text = t.shape[0]
-    n_chunks = -(-n_text // chunk)
-    pad = n_chunks * chunk - n_text
+
+def _pad_to_chunks(t, tv, tk, chunk: int):
+    """Texts ``[c, E]``, ``[c]``, ``[c, 2]`` padded (invalid rows) to a multiple of ``chunk``."""
+    pad = -t.shape[0] % chunk
     if pad:
         t = jnp.pad(t, ((0, pad), (0, 0)))
         tv = jnp.pad(tv, (0, pad))
         tk = jnp.pad(tk, ((0, pad), (0, 0)))
+    return t, tv, tk
+
+
+def _local_loss(anchors, a_valid, a_keys, a_keys_valid, texts, t_valid, t_keys, log_scale, bias,
+                *, kind: str, chunk: int, axes: tuple[str, ...]):
+    a, av, ak, akv, t, tv, tk = _flat_local(anchors, a_valid, a_keys, a_keys_valid, texts,
+                                            t_valid, t_keys)
+    n, e = a.shape
+
+    gather = lambda x: jax.lax.all_gather(x, axes, axis=0, tiled=True)
+    t, tv, tk = gather(t), gather(tv), gather(tk)
+    n_text = t.shape[0]
+    t, tv, tk = _pad_to_chunks(t, tv, tk, chunk)
+    n_chunks = t.shape[0] // chunk
     xs = (t.reshape(n_chunks, chunk, e), tv.reshape(n_chunks, chunk),
           tk.reshape(n_chunks, chunk, 2))
     scale = jnp.exp(log_scale)
@@ -287,22 +297,9 @@ def _ring_sigmoid(anchors, a_valid, a_keys, a_keys_valid, texts, t_valid, t_keys
     (big_vision's chunked-sigmoid idea; autodiff through the forward ring would store every
     visited block). Values and gradients equal the all-gather path.
     """
-    e = anchors.shape[-1]
-    k = a_keys.shape[-2]
-    a = l2_normalize(anchors.reshape(-1, e))
-    av = a_valid.reshape(-1)
-    ak = a_keys.reshape(-1, k, 2)
-    akv = a_keys_valid.reshape(-1, k)
-    t = l2_normalize(texts.reshape(-1, e))
-    tv = t_valid.reshape(-1)
-    tk = t_keys.reshape(-1, 2)
-    n_text = t.shape[0]
-    n_chunks = -(-n_text // chunk)
-    pad = n_chunks * chunk - n_text
-    if pad:
-        t = jnp.pad(t, ((0, pad), (0, 0)))
-        tv = jnp.pad(tv, (0, pad))
-        tk = jnp.pad(tk, ((0, pad), (0, 0)))
+    a, av, ak, akv, t, tv, tk = _flat_local(anchors, a_valid, a_keys, a_keys_valid, texts,
+                                            t_valid, t_keys)
+    t, tv, tk = _pad_to_chunks(t, tv, tk, chunk)
     scale = _varying(jnp.exp(log_scale), axes)
     b = _varying(bias, axes)
     ring = _make_ring(chunk, axes, shards)
