@@ -131,7 +131,7 @@ def render(workdir: str, config, data_dir: str, path: str, n: int = 4) -> None:
     from umg_jax.evaluators.common import encode_batches
     from umg_jax.evaluators.panoptic import panoptic_target
     from umg_jax.evaluators.semseg import predict_labels
-    from umg_jax.inference import MEAN, STD, load
+    from umg_jax.inference import load
 
     model = load(workdir)
     ckpt, _ = checkpoint.locate(workdir)
@@ -150,7 +150,7 @@ def render(workdir: str, config, data_dir: str, path: str, n: int = 4) -> None:
     palette = rng.uniform(0.15, 1.0, size=(256, 3))
     fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n))
     for i in range(n):
-        img = np.clip(b["image"][i] * STD + MEAN, 0, 1)
+        img = np.clip(b["image"][i] * model.pixel_std + model.pixel_mean, 0, 1)
         gseg, gcls = panoptic_target(b["segmap"][i], b["mask_valid"][i], b["mask_class"][i])
         panels = [("image", None, None), ("ground truth", gseg, gcls),
                   ("training-free", *se.free_panoptic(sem_free[i], isthing)),

@@ -43,6 +43,7 @@ def model_config(
     # Dense (patch) features in the joint space, consumed by the region / pixel losses:
     # "maskclip": the last block's attention is replaced by its value path for the patch tokens
     # (MaskCLIP / CLIPSelf); "plain": the last block as is. Global embedding is unaffected.
+    # With vision.pool="map" (SigLIP) it must be "maskclip": the MAP head's value path per token.
     m.dense_mode = "maskclip"
     m.vision = mlc.ConfigDict()
     m.vision.image_size = image_size  # input resolution (square)
@@ -55,7 +56,18 @@ def model_config(
     m.vision.layers = vision_layers  # number of residual blocks
     m.vision.heads = vision_heads  # attention heads (head dim = width / heads)
     m.vision.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width
+    m.vision.mlp_dim = 0  # explicit MLP hidden width, overrides mlp_ratio (SigLIP So400m: 4304)
     m.vision.adapter_dim = 0  # bottleneck adapter after every block (peft.method="adapter")
+    # Tower family switches (CLIP defaults; a SigLIP import sets class_token=False, ln_pre=False,
+    # patch_bias=True, pool="map", proj="bias" or "none"):
+    m.vision.class_token = True  # prepend a class token (its row leads the positional table)
+    m.vision.ln_pre = True  # LayerNorm before the blocks
+    m.vision.patch_bias = False  # bias in the patch embedding
+    m.vision.pool = "cls"  # global embedding: "cls" token or "map" attention-pooling head
+    m.vision.proj = "plain"  # joint-space projection: "plain" (no bias), "bias", "none"
+    # Pixel normalisation the weights expect: CLIP's constants; SigLIP maps to [-1, 1] (0.5s).
+    m.vision.pixel_mean = (0.48145466, 0.4578275, 0.40821073)
+    m.vision.pixel_std = (0.26862954, 0.26130258, 0.27577711)  # (SigLIP: 0.5, 0.5, 0.5)
     m.text = mlc.ConfigDict()
     m.text.context_length = context_length  # token sequence length L
     m.text.vocab_size = vocab_size  # CLIP BPE vocabulary (49408)
@@ -63,7 +75,31 @@ def model_config(
     m.text.layers = text_layers  # number of residual blocks
     m.text.heads = text_heads  # attention heads
     m.text.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width
+    m.text.mlp_dim = 0  # explicit MLP hidden width, overrides mlp_ratio
     m.text.adapter_dim = 0  # bottleneck adapter after every block (peft.method="adapter")
+    m.text.causal = True  # causal mask (CLIP); False: bidirectional (SigLIP)
+    m.text.pool = "eot"  # "eot": end-of-text token = largest id (CLIP); "last": last position
+    m.text.proj_bias = False  # bias in text_projection (SigLIP: True)
+    m.text.pad_id = 0  # padding id (CLIP 0; SigLIP 1, rows padded to the full context)
+    # "clip": the embedded CLIP BPE; else a SentencePiece .model file (SigLIP; eos appended, kept
+    # when truncating, rows padded with pad_id; text lower-cased without punctuation).
+    m.text.tokenizer = "clip"
+    return m
+
+
+def siglip_towers(m: mlc.ConfigDict, vision_proj: str = "none") -> mlc.ConfigDict:
+    """Switches a ``model_config`` section to big_vision SigLIP towers (what a SigLIP ``.npz``
+    import writes, umg_jax/interop/big_vision.py); ``vision_proj``: "none" (SigLIP has no image
+    head) or "bias" (an ``img/head``). The SentencePiece file goes in ``m.text.tokenizer``."""
+    m.act = "gelu_tanh"  # big_vision's nn.gelu is the tanh approximation
+    m.ln_eps = 1e-6  # flax LayerNorm default
+    m.logit_scale_init = math.log(10.0)  # SigLIP's init t' = log 10
+    m.logit_bias_init = -10.0  # SigLIP's init b
+    v, t = m.vision, m.text
+    v.class_token, v.ln_pre, v.patch_bias, v.pool, v.proj = False, False, True, "map", vision_proj
+    v.pixel_mean, v.pixel_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    t.causal, t.pool, t.proj_bias, t.pad_id = False, "last", True, 1
+    t.tokenizer = ""  # SentencePiece .model of the checkpoint (required before use)
     return m
 
 

@@ -82,3 +82,22 @@ def make_tiny_workdir(wd):
     with checkpoint.Checkpointer(wd, every_steps=1, keep=1, async_save=False) as ck:
         ck.save(7, {"params": params, "step": np.int32(7)})
     return wd
+
+
+SPM_TEXTS = ["a photo of a cat", "a photo of a dog", "two people riding bicycles down a street",
+             "the quick brown fox jumps over the lazy dog", "red car next to a blue house"]
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory):
+    """A tiny SentencePiece model trained here (SigLIP's id layout: pad 0, eos 1, unk 2)."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_TEXTS * 20), model_writer=buf, vocab_size=40, pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, model_type="unigram", minloglevel=3)
+    path = tmp_path_factory.mktemp("spm") / "spm.model"
+    path.write_bytes(buf.getvalue())
+    return str(path)

@@ -32,7 +32,7 @@ B16 = dict(image_size=224, patch_size=16, vision_width=768, vision_layers=2, vis
 
 
 def _cfg(arch, **over):
-    m = infer._common_module().model_config(**arch)
+    m = infer.common_module().model_config(**arch)
     for k, v in over.items():
         m[k] = v
     return m
@@ -459,15 +459,3 @@ def test_resnet_state_dict_refused(capsys, tmp_path):
                                                           "--out", str(tmp_path / "o"),
                                                           "--act", "quick_gelu"]),
                        tmp_path / "o", "ResNet CLIP")
-
-
-def test_siglip_npz_refused_with_reason(capsys, tmp_path):
-    z = np.zeros((2, 2), np.float32)
-    np.savez(tmp_path / "siglip.npz", **{
-        "params/img/embedding/kernel": np.zeros((16, 16, 3, 8), np.float32),
-        "params/img/pos_embedding": z, "params/img/MAPHead_0/probe": z,
-        "params/img/head/bias": z, "params/txt/Embed_0/embedding": z, "params/t": z})
-    err = _assert_error_exit(capsys, lambda: import_torch.main([str(tmp_path / "siglip.npz"),
-                                                                "--out", str(tmp_path / "o")]),
-                             tmp_path / "o", "SigLIP")
-    assert "MAP-head" in err and "no class token" in err

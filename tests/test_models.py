@@ -10,7 +10,7 @@ from umg_jax.config_lib import load_config
 from umg_jax.models import clip
 from umg_jax.models.summary import format_table, param_table
 
-CONFIGS = ["tiny", "vit_b16", "vit_l", "vit_l336"]
+CONFIGS = ["tiny", "vit_b16", "vit_l", "vit_l336", "siglip_b16"]
 
 
 def _cfg(name):
@@ -66,6 +66,36 @@ def test_parameter_count_equals_openai(name, expected):
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == expected
     table = format_table(param_table(params))
     assert f"{expected:,}" in table.splitlines()[-1]
+
+
+def test_siglip_b16_parameter_count_equals_hf_siglip():
+    """configs/siglip_b16.py = HF ``SiglipModel(SiglipConfig())`` (SigLIP B/16-224): 203,155,970
+    parameters (counted with transformers 5.23); no class token, no ln_pre, MAP head."""
+    params = clip.abstract_params(_cfg("siglip_b16").model)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 203_155_970
+    v = params["visual"]
+    assert "class_embedding" not in v and "ln_pre" not in v and "map_head" in v
+    assert v["positional_embedding"].shape == (196, 768) and "bias" in v["conv1"]
+    assert "bias" in params["text"]["text_projection"]
+
+
+def test_last_token_pooling_pads_short_rows_to_the_full_context():
+    """SigLIP's bidirectional text tower: a row shorter than the context is padded with pad_id,
+    so it embeds exactly as the full-length padded row (and padding changes the embedding)."""
+    m = _cfg("tiny").model.copy_and_resolve_references()
+    m.text.causal, m.text.pool, m.text.proj_bias, m.text.pad_id = False, "last", True, 1
+    model = clip.build_model(m)
+    params = clip.init_params(m, jax.random.key(1))
+    tokens = np.full((2, m.text.context_length), 1, np.int32)
+    tokens[:, :4] = [[5, 6, 7, 8], [5, 6, 9, 8]]
+    full = model.apply({"params": params}, jnp.asarray(tokens), method=clip.CLIP.encode_text)
+    short = model.apply({"params": params}, jnp.asarray(tokens[:, :6]),
+                        method=clip.CLIP.encode_text)
+    np.testing.assert_allclose(short, full, atol=1e-6)
+    other_pad = tokens.copy()
+    other_pad[:, 4:] = 0
+    moved = model.apply({"params": params}, jnp.asarray(other_pad), method=clip.CLIP.encode_text)
+    assert np.abs(np.asarray(moved) - np.asarray(full)).max() > 1e-3
 
 
 def _text_hidden(model, params, tokens):
@@ -194,3 +224,15 @@ def test_bad_config_errors():
     m.dense_mode = "fancy"
     with pytest.raises(ValueError, match="dense_mode"):
         clip.abstract_params(m)
+    for tower, key, value, match in [("vision", "pool", "cls", "class_token=True"),
+                                     ("vision", "pool", "gap", "vision pool"),
+                                     ("vision", "proj", "none", "embed_dim == width"),
+                                     ("text", "pool", "eot", "causal=True")]:
+        m = cfg.model.copy_and_resolve_references()
+        m.vision.class_token = key != "pool" or value != "cls"
+        m[tower][key] = value
+        m.embed_dim = 64  # != the vision width 128
+        if tower == "text":
+            m.text.causal = False
+        with pytest.raises(ValueError, match=match):
+            clip.abstract_params(m)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from umg_jax import inference
 from umg_jax.data import pseudo_label as pl
 from umg_jax.data import records, transforms
 
@@ -31,6 +32,7 @@ class FakeTeacher:
 
     logit_scale = 50.0
     image_size = 32
+    pixel_mean, pixel_std = inference.MEAN, inference.STD
 
     def preprocess(self, img):
         return np.asarray(Image.fromarray(img).resize((32, 32), Image.NEAREST), np.float32)

@@ -338,3 +338,34 @@ def _generate_reference() -> None:
 
 if __name__ == "__main__":
     _generate_reference()
+
+
+# ------------------------------------------------------------------ SentencePiece (SigLIP)
+SIGLIP_TEXTS = ["A photo of a Cat!", "two  people, riding... bicycles down a busy street next to "
+                "parked cars", "", "zebra QUICK fox?", "red_car (blue) house.", "   \t  "]
+
+
+@pytest.mark.parametrize("length", [8, 16])
+def test_sentencepiece_ids_equal_hf_siglip_tokenizer(spm_model, length):
+    """Canonicalised pieces + EOS (kept when truncating) + pad 1, as HF's SiglipTokenizer with
+    max_length padding and truncation."""
+    transformers = pytest.importorskip("transformers")
+    ours = tk.SentencePieceTokenizer(spm_model, length, pad_id=1)
+    hf = transformers.SiglipTokenizer(vocab_file=spm_model)
+    ref = hf(SIGLIP_TEXTS, padding="max_length", truncation=True, max_length=length)
+    np.testing.assert_array_equal(ours(SIGLIP_TEXTS), np.asarray(ref["input_ids"]))
+    assert ours(SIGLIP_TEXTS).dtype == np.int32
+
+
+def test_sentencepiece_is_picklable_and_chosen_by_the_model_config(spm_model):
+    import pickle
+
+    tok = tk.tokenizer_for(spm_model, 8, 1)
+    assert isinstance(tok, tk.SentencePieceTokenizer) and tk.tokenizer_for(spm_model, 8, 1) is tok
+    again = pickle.loads(pickle.dumps(tok))
+    np.testing.assert_array_equal(again(SIGLIP_TEXTS), tok(SIGLIP_TEXTS))
+    assert isinstance(tk.tokenizer_for("clip", 77), tk.Tokenizer)
+    with pytest.raises(ValueError, match="SentencePiece"):
+        tk.tokenizer_for("", 64, 1)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tk.tokenizer_for("/nonexistent/spm.model", 64, 1)

@@ -231,6 +231,31 @@ def test_init_from_params_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def test_starts_from_a_siglip_import_with_its_tokenizer(tmp_path, spm_model):
+    """A big_vision SigLIP import (SentencePiece tokenizer, MAP pooling, sigmoid loss) trains from
+    ``init.checkpoint``; a config whose model computes something else is refused first."""
+    from test_big_vision import TINY, siglip_weights
+
+    from umg_jax.interop import import_torch
+
+    np.savez(tmp_path / "s.npz", **siglip_weights(TINY))
+    import_torch.main([str(tmp_path / "s.npz"), "--out", str(tmp_path / "imp"),
+                       "--tokenizer", spm_model])
+    config = _config(tmp_path, **{"total_steps": 2, "optim.warmup_steps": 1,
+                                  "ckpt.every_steps": 2, "loss.kind": "sigmoid"})
+    config.model = ckpt_lib.read_model_config(tmp_path / "imp" / "model_config.json")
+    config.init.checkpoint = str(tmp_path / "imp")
+    bad = config.copy_and_resolve_references()
+    bad.model.text.pad_id = 0
+    with pytest.raises(config_checks.ConfigError, match="model.text.pad_id is 0 but"):
+        config_checks.validate(bad, 8)
+    bad.model.text.pad_id, bad.model.text.tokenizer = 1, ""
+    with pytest.raises(config_checks.ConfigError, match="SentencePiece"):
+        config_checks.validate(bad, 8)
+    last = train.train(config, str(tmp_path / "wd"))
+    assert np.isfinite(last["loss"])
+
+
 def test_time_budget_stops_with_a_checkpoint(tmp_path):
     config = _config(tmp_path, **{"train.time_budget_s": 1e-6, "total_steps": 40,
                                   "ckpt.every_steps": 40})

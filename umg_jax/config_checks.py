@@ -50,6 +50,12 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
         raise ConfigError(f"loss.kind must be 'softmax' or 'sigmoid', got {config.loss.kind!r}")
     if config.loss.kind == "sigmoid" and m.logit_bias_init is None:
         raise ConfigError("loss.kind='sigmoid' needs model.logit_bias_init (e.g. -10.0)")
+    tok = m.text.get("tokenizer", "clip")
+    if tok != "clip" and not os.path.isfile(tok):
+        raise ConfigError("model.text.tokenizer is empty: this model (SigLIP towers) needs its "
+                          "SentencePiece .model file" if not tok else
+                          f"model.text.tokenizer {tok!r} does not exist (a SentencePiece .model "
+                          "file, or 'clip' for the embedded CLIP BPE)")
     for key in ("path", "eval_path"):
         path = config.data.get(key, "")
         if path and not os.path.isdir(path):
@@ -74,8 +80,59 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     init_from = config.get("init", {}).get("checkpoint", "")
     if init_from and not os.path.exists(init_from):
         raise ConfigError(f"init.checkpoint {init_from!r} does not exist")
+    if init_from:
+        check_same_model(m, init_from)
     if config.total_steps <= 0:
         raise ConfigError(f"total_steps must be positive, got {config.total_steps}")
     if config.optim.warmup_steps >= config.total_steps:
         raise ConfigError(f"optim.warmup_steps {config.optim.warmup_steps} must be below "
                           f"total_steps {config.total_steps}")
+
+
+# Model knobs that change what the weights compute (shapes, activation, tower switches,
+# preprocessing), with their defaults for model configs written before the knob existed.
+# Runtime knobs (dtype, remat, scan, merging, adapters, image_size: import resizes) may differ.
+_WEIGHT_KNOBS = {
+    "act": None, "ln_eps": None, "embed_dim": None,
+    "vision.patch_size": None, "vision.width": None, "vision.layers": None,
+    "vision.heads": None, "vision.mlp_dim": 0, "vision.class_token": True, "vision.ln_pre": True,
+    "vision.patch_bias": False, "vision.pool": "cls", "vision.proj": "plain",
+    "vision.pixel_mean": (0.48145466, 0.4578275, 0.40821073),
+    "vision.pixel_std": (0.26862954, 0.26130258, 0.27577711),
+    "text.context_length": None, "text.vocab_size": None, "text.width": None,
+    "text.layers": None, "text.heads": None, "text.mlp_dim": 0, "text.causal": True,
+    "text.pool": "eot", "text.proj_bias": False, "text.pad_id": 0, "text.tokenizer": "clip",
+}
+
+
+def _knob(m: mlc.ConfigDict, path: str, default):
+    *scopes, leaf = path.split(".")
+    for s in scopes:
+        m = m.get(s, {})
+    v = m.get(leaf, default)
+    return tuple(v) if isinstance(v, list | tuple) else v
+
+
+def check_same_model(m: mlc.ConfigDict, init_from: str) -> None:
+    """``config.model`` must compute what the weights in ``init_from`` were made for: compares the
+    model config stored beside them (an import's ``model_config.json`` or a workdir's
+    ``config.json``; nothing to compare for a bare params checkpoint)."""
+    from umg_jax import checkpoint
+
+    try:
+        _, cfg_file = checkpoint.locate(init_from)
+        if cfg_file is None:
+            return
+        theirs = checkpoint.read_model_config(cfg_file)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"init.checkpoint: {e}") from None
+    for path, default in _WEIGHT_KNOBS.items():
+        ours, stored = _knob(m, path, default), _knob(theirs, path, default)
+        if path == "text.tokenizer":
+            if stored == "":  # imported without --tokenizer: the config names it
+                continue
+            ours, stored = (os.path.realpath(t) if t != "clip" else t for t in (ours, stored))
+        if ours != stored:
+            raise ConfigError(f"model.{path} is {ours!r} but init.checkpoint was made with "
+                              f"{stored!r} ({cfg_file}); pass --config.model.{path}=... or "
+                              "use the matching config")

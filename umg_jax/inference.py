@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
+from umg_jax.data.transforms import CLIP_MEAN, CLIP_STD
 from umg_jax.models import clip
 from umg_jax.ops.mask_pool import mask_pool
 from umg_jax.ops.roi_align import roi_pool_embed
 
 # CLIP's normalisation constants (OpenAI); the data pipeline uses the same.
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+MEAN = np.array(CLIP_MEAN, np.float32)  # CLIP's; a model config may name others (SigLIP)
+STD = np.array(CLIP_STD, np.float32)
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a {} in the scene.", "an image of a {}.")
 
 
@@ -64,7 +65,7 @@ class UMGModel:
     """A trained model plus its preprocessing; implements the evaluators' encoder protocol."""
 
     def __init__(self, params, model_cfg: mlc.ConfigDict):
-        from umg_jax.data.tokenizer import get_tokenizer
+        from umg_jax.data.tokenizer import tokenizer_for
 
         self.params = params
         self.config = model_cfg
@@ -75,7 +76,12 @@ class UMGModel:
             model_cfg.vision.merge_after = -1
         self.model = clip.build_model(model_cfg)
         self.image_size = model_cfg.vision.image_size
-        self._tokenizer = get_tokenizer(model_cfg.text.context_length)
+        t = model_cfg.text
+        self._tokenizer = tokenizer_for(t.get("tokenizer", "clip"), t.context_length,
+                                        t.get("pad_id", 0))
+        # [3] float32 pixel normalisation of this model's weights (``preprocess``).
+        self.pixel_mean = np.asarray(model_cfg.vision.get("pixel_mean", MEAN), np.float32)
+        self.pixel_std = np.asarray(model_cfg.vision.get("pixel_std", STD), np.float32)
         self._enc_img = jax.jit(lambda p, x: self.model.apply(
             {"params": p}, x, method=clip.CLIP.encode_image))
         self._enc_txt = jax.jit(lambda p, t: self.model.apply(
@@ -102,7 +108,7 @@ class UMGModel:
         img = read_image(image)
         x = jax.image.resize(jnp.asarray(img, jnp.float32) / 255.0,
                              (self.image_size, self.image_size, 3), "bilinear", antialias=True)
-        return (np.asarray(x) - MEAN) / STD
+        return (np.asarray(x) - self.pixel_mean) / self.pixel_std
 
     @functools.lru_cache(maxsize=64)  # noqa: B019  (labels are re-used across calls)
     def _label_embeddings(self, labels: tuple[str, ...], templates: tuple[str, ...]):

@@ -53,9 +53,12 @@ def needed_text_fields(loss_cfg: mlc.ConfigDict) -> list[tuple[str, str]]:
 
 def texts_per_example(config: mlc.ConfigDict) -> float:
     """Full-context text-tower passes per example: the caption, plus the weighted tag / region /
-    mask texts scaled by their shorter context ``Le / L`` (for FLOP counts)."""
+    mask texts scaled by their shorter context ``Le / L`` (for FLOP counts; a last-token text
+    tower pads every text to ``L``)."""
     length = config.model.text.context_length
     short = min(config.data.get("element_context_length") or length, length) / length
+    if config.model.text.get("pool", "eot") == "last":
+        short = 1.0
     sizes = {"text": 1, "tags": config.data.max_tags * short,
              "region_text": config.data.max_regions * short,
              "mask_text": config.data.max_masks * short}
@@ -271,7 +274,9 @@ def train_vocabulary(config: mlc.ConfigDict) -> dict:
         raise ValueError("seg.holdout removes every category: nothing to train on")
     class_map = np.where(seen, np.cumsum(seen) - 1, -1).astype(np.int32)
     train_names = [n for n, s in zip(names, seen, strict=True) if s]
-    tok = tokenizer.get_tokenizer(config.model.text.context_length)
+    tok = tokenizer.tokenizer_for(config.model.text.get("tokenizer", "clip"),
+                                  config.model.text.context_length,
+                                  config.model.text.get("pad_id", 0))
     tokens = np.stack([tok([t.format(n) for t in DEFAULT_TEMPLATES]) for n in train_names])
     return {"names": train_names, "seen": seen, "class_map": class_map, "tokens": tokens}
 

@@ -159,7 +159,8 @@ class Scorer:
     """Teacher probabilities over the vocabulary for an image batch and its proposals.
 
     ``teacher``: ``umg_jax.inference.UMGModel`` (or an object with its ``preprocess``,
-    ``encode_image``, ``encode_text``, ``tokenize``, ``encode_text_labels``, ``logit_scale``).
+    ``encode_image``, ``encode_text``, ``tokenize``, ``encode_text_labels``, ``logit_scale``,
+    ``pixel_mean`` / ``pixel_std``).
     """
 
     def __init__(self, teacher, vocab: list[str], max_boxes: int = 64, max_masks: int = 24):
@@ -209,8 +210,6 @@ class Scorer:
         map, but it asks the question an image-level teacher was trained to answer."""
         from PIL import Image
 
-        from umg_jax.inference import MEAN, STD
-
         size = self.t.image_size
         crops, counts = [], []
         for im, bb, mm in zip(images, boxes, masks, strict=True):
@@ -222,7 +221,8 @@ class Scorer:
                 x0, y0, x1, y1 = mask_box(m)
                 crops.append(_crop(np.where(m[..., None], im, fill), x0, y0, x1, y1, size, Image))
             counts.append((len(bb), len(mm)))
-        x = (np.stack(crops).astype(np.float32) / 255.0 - MEAN) / STD if crops else None
+        mean, std = self.t.pixel_mean, self.t.pixel_std
+        x = (np.stack(crops).astype(np.float32) / 255.0 - mean) / std if crops else None
         emb = [np.asarray(self.t.encode_image(x[i:i + batch])[0], np.float32)
                for i in range(0, len(crops), batch)]
         probs = self._probs(np.concatenate(emb)) if emb else np.zeros((0, len(self.vocab)))

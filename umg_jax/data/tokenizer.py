@@ -22,6 +22,10 @@ Divergences from open_clip (which runs the full ``ftfy.fix_text``), documented a
   instead of the ``regex`` package's newer tables: characters assigned after Unicode 14 (e.g.
   CJK Extension H/I) count as "other" symbols here. Every character assigned in Unicode 14 is
   classified exactly as ``regex`` does (tested exhaustively).
+
+SigLIP models use a SentencePiece vocabulary instead (:class:`SentencePieceTokenizer`, a
+user-supplied ``.model`` file named by ``config.model.text.tokenizer``); :func:`tokenizer_for`
+picks the one a model config names.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import html
 import html.entities
 import os
 import re
+import string
 import unicodedata
 from collections.abc import Sequence
 
@@ -379,3 +384,82 @@ def _check_context_length(length: int) -> int:
 def get_tokenizer(context_length: int = 77) -> Tokenizer:
     """The shared default tokenizer (loading the merges takes ~0.5 s, so it is built once)."""
     return Tokenizer(context_length=context_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# SentencePiece (SigLIP)
+# ----------------------------------------------------------------------------------------------
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize(text: str) -> str:
+    """big_vision's prompt canonicalisation (also HF ``SiglipTokenizer`` and open_clip's
+    ``clean="canonicalize"``): lower-case, ASCII punctuation removed, whitespace collapsed."""
+    return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
+
+
+class SentencePieceTokenizer:
+    """SigLIP's tokenizer over a SentencePiece ``.model`` file (big_vision ``tokenize(model=...,
+    eos="sticky", pad_value=1)``; ids equal HF ``SiglipTokenizer`` with ``padding="max_length",
+    truncation=True``): canonicalised text, its pieces, then EOS, which a truncated row keeps as
+    its last id; rows padded with ``pad_id``. Picklable (pickles its path and settings)."""
+
+    def __init__(self, model_path: str, context_length: int = 64, pad_id: int = 1):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise ImportError("a SentencePiece tokenizer needs sentencepiece "
+                              "(pip install sentencepiece)") from None
+        self.model_path = os.path.abspath(model_path)
+        if not os.path.isfile(self.model_path):
+            raise FileNotFoundError(f"SentencePiece model {model_path!r} not found "
+                                    "(model.text.tokenizer)")
+        self.context_length = _check_context_length(context_length)
+        self.pad_id = int(pad_id)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eot_token_id = self._sp.eos_id()
+        if self.eot_token_id < 0:
+            raise ValueError(f"{model_path}: the SentencePiece model has no EOS piece")
+
+    def __getstate__(self) -> dict:
+        return {"model_path": self.model_path, "context_length": self.context_length,
+                "pad_id": self.pad_id}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_path"], state["context_length"], state["pad_id"])
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` (canonicalised) without EOS or padding."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}: {text!r}")
+        return list(self._sp.encode(canonicalize(text)))
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """``[N, L] int32`` rows: pieces, EOS (kept when truncating), ``pad_id`` padding."""
+        if isinstance(texts, str):
+            texts = [texts]
+        length = _check_context_length(
+            self.context_length if context_length is None else context_length)
+        out = np.full((len(texts), length), self.pad_id, dtype=np.int32)
+        for row, text in enumerate(texts):
+            ids = self.encode(text)[:length - 1] + [self.eot_token_id]
+            out[row, :len(ids)] = ids
+        return out
+
+
+def tokenizer_for(spec: str, context_length: int, pad_id: int = 0):
+    """The tokenizer a model was trained with (``config.model.text.tokenizer``): ``"clip"`` ->
+    the embedded CLIP BPE, else a SentencePiece model file (SigLIP) padded with ``pad_id``."""
+    if spec == "clip":
+        return get_tokenizer(context_length)
+    if not spec:
+        raise ValueError("model.text.tokenizer is empty: this model (a SigLIP import) needs its "
+                         "SentencePiece .model file; pass --config.model.text.tokenizer=PATH")
+    return _sentencepiece(os.path.abspath(spec), int(context_length), int(pad_id))
+
+
+@functools.lru_cache(maxsize=8)
+def _sentencepiece(path: str, context_length: int, pad_id: int) -> SentencePieceTokenizer:
+    return SentencePieceTokenizer(path, context_length, pad_id)

@@ -91,9 +91,11 @@ class TransformConfig:
     min_mask_frac: float = 0.002  # train: drop masks covering less of the final image
     prompt_template: str = "a photo of a {}."  # text for a tag
     tag_text_prob: float = 0.5  # train: a region / mask with caption AND tags uses a tag prompt
-    mean: tuple[float, float, float] = CLIP_MEAN
+    mean: tuple[float, float, float] = CLIP_MEAN  # pixel normalisation the model expects
     std: tuple[float, float, float] = CLIP_STD
     strict: bool = False  # raise at the first bad input of any kind
+    tokenizer: str = "clip"  # "clip" BPE or a SentencePiece .model (tokenizer.tokenizer_for)
+    pad_id: int = 0  # token padding id
 
     @property
     def element_length(self) -> int:
@@ -127,6 +129,10 @@ class TransformConfig:
             prompt_template=str(data_cfg.get("prompt_template", "a photo of a {}.")),
             tag_text_prob=float(data_cfg.get("tag_text_prob", 0.5)),
             strict=bool(data_cfg.strict),
+            mean=tuple(float(x) for x in model_cfg.vision.get("pixel_mean", CLIP_MEAN)),
+            std=tuple(float(x) for x in model_cfg.vision.get("pixel_std", CLIP_STD)),
+            tokenizer=str(model_cfg.text.get("tokenizer", "clip")),
+            pad_id=int(model_cfg.text.get("pad_id", 0)),
         )
 
 
@@ -489,7 +495,7 @@ def make_example(
       raw: the record bytes.
       rng: per-example generator (train: crop, flip, caption / tag choice); unused in eval.
       cfg: the transform settings.
-      tokenize: ``(list[str], length) -> [N, length] int32`` (``tokenizer.get_tokenizer(L)``).
+      tokenize: ``(list[str], length) -> [N, length] int32`` (``tokenizer.tokenizer_for(...)``).
 
     Returns the batch keys of ``schema.BATCH_KEYS`` (shapes there, without B) plus
     ``label [] int32`` (category of the largest thing mask in the final image, -1 if none) and
@@ -613,7 +619,8 @@ class ExampleTransform:
         if self._tokenizer is None:
             from umg_jax.data import tokenizer
 
-            self._tokenizer = tokenizer.get_tokenizer(self.cfg.context_length)
+            self._tokenizer = tokenizer.tokenizer_for(self.cfg.tokenizer, self.cfg.context_length,
+                                                      self.cfg.pad_id)
         return self._tokenizer(texts, context_length)
 
     def __call__(self, raw: bytes, rng: np.random.Generator | None) -> dict[str, np.ndarray]:

@@ -34,9 +34,15 @@ from collections.abc import Callable
 import ml_collections as mlc
 import numpy as np
 
-from umg_jax.interop.mapping import InteropError, flatten, flax_to_torch, to_canonical
+from umg_jax.interop.mapping import (
+    EXTRAS_FILE,
+    HF_ACTS,
+    InteropError,
+    flatten,
+    flax_to_torch,
+    to_canonical,
+)
 
-EXTRAS_FILE = "umg_extras.safetensors"
 OC_NAME = "umg-clip"
 BOS_ID, EOS_ID, PAD_ID = 49406, 49407, 0  # CLIP BPE <start>/<end>; our tokeniser pads with 0
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -46,6 +52,32 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # the hook for merging PEFT / LoRA deltas into the base weights; PEFT does not exist yet, so the
 # default is the identity.
 ParamTransform = Callable[[dict], dict]
+
+
+# Tower switches (configs/common.py) and the value plain CLIP needs for each.
+CLIP_SWITCHES = (("vision", "class_token", True), ("vision", "ln_pre", True),
+                 ("vision", "patch_bias", False), ("vision", "pool", "cls"),
+                 ("vision", "proj", "plain"), ("text", "causal", True), ("text", "pool", "eot"),
+                 ("text", "proj_bias", False))
+
+
+def check_clip_towers(m: mlc.ConfigDict, fmt: str) -> None:
+    """Refuses models that open_clip's CLIP / HF's CLIPModel cannot hold (SigLIP towers, an MLP
+    width that is not ``mlp_ratio * width``, tanh GELU for open_clip)."""
+    odd = [f"{tower}.{k}={m[tower].get(k, want)!r}" for tower, k, want in CLIP_SWITCHES
+           if m[tower].get(k, want) != want]
+    if odd:
+        raise InteropError(f"this model has SigLIP-style towers ({', '.join(odd)}); open_clip's "
+                           "CLIP and HF's CLIPModel have no place for them (use the model with "
+                           "umg_jax; a SigLIP export is not implemented)")
+    for tower in ("vision", "text"):
+        t = m[tower]
+        if t.get("mlp_dim", 0) and t.mlp_dim != int(t.width * t.mlp_ratio):
+            raise InteropError(f"model.{tower}.mlp_dim {t.mlp_dim} != width * mlp_ratio "
+                               f"{int(t.width * t.mlp_ratio)}; set mlp_ratio to match")
+    if fmt == "open_clip" and m.act == "gelu_tanh":
+        raise InteropError("open_clip's CLIP has no tanh GELU (act=gelu_tanh); export --format hf "
+                           "(hidden_act gelu_pytorch_tanh)")
 
 
 # ------------------------------------------------------------------------------ configs
@@ -73,7 +105,7 @@ def open_clip_config(m: mlc.ConfigDict, with_logit_bias: bool = False) -> dict:
 def hf_config(m: mlc.ConfigDict) -> dict:
     """``transformers.CLIPConfig`` dict for our ``config.model``."""
     v, t = m.vision, m.text
-    common = dict(hidden_act=m.act, layer_norm_eps=float(m.ln_eps), attention_dropout=0.0)
+    common = dict(hidden_act=HF_ACTS[m.act], layer_norm_eps=float(m.ln_eps), attention_dropout=0.0)
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -112,6 +144,7 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
         raise InteropError(f"{len(adapters)} bottleneck-adapter params (e.g. {adapters[0]}) "
                            "have no place in a CLIP state dict and cannot be merged into its "
                            "weights; export a LoRA run instead, or use the model with umg_jax")
+    check_clip_towers(model_cfg, fmt)
     canonical = to_canonical(flat)
     _check_config(canonical, model_cfg)
     sd, extras = flax_to_torch(canonical, "classic" if fmt == "open_clip" else "hf")

@@ -4,10 +4,12 @@ r"""Imports a pretrained PyTorch CLIP into an orbax checkpoint the trainer can s
         [--allow_resize] [--act quick_gelu|gelu]
 
 SRC: an OpenAI / open_clip state dict (``.pt`` / ``.pth`` / ``.bin`` via torch, ``.safetensors``
-without torch), an open_clip directory (``open_clip_config.json`` + weights), or a Hugging Face
-``CLIPModel`` directory (``config.json`` + ``model.safetensors``). big_vision SigLIP ``.npz`` files
-are recognised and refused with the reason: their towers (no ln_pre, no class token, MAP-head
-pooling, biased heads, non-causal text) do not fit our CLIP model.
+without torch), an open_clip directory (``open_clip_config.json`` + weights), a Hugging Face
+``CLIPModel`` directory (``config.json`` + ``model.safetensors``), or a big_vision SigLIP ``.npz``
+(``big_vision.py``: the model config gets SigLIP's tower switches; activation tanh GELU as in
+big_vision unless ``--act gelu``, which is what open_clip / timm run). A SigLIP needs its
+SentencePiece model: ``--tokenizer FILE.model`` copies it into ``DIR/tokenizer.model`` and names
+it in ``model.text.tokenizer``.
 
 Without ``--config`` the architecture is inferred from the weights (heads: HF ``config.json``,
 else head dim 64). The activation comes from the source when it says (HF ``hidden_act``, open_clip
@@ -19,7 +21,8 @@ Output (``DIR``, written to a temp dir and renamed, so a failure leaves nothing)
                              ``{"params": params}``) in the model's own layout (stacked
                              ``resblocks`` when scan=True), read by ``restore_params_only``;
   ``DIR/model_config.json``  the ``config.model`` section used;
-  ``DIR/import_report.json`` source, format, activation, resize, initialised / ignored keys.
+  ``DIR/import_report.json`` source, format, activation, resize, initialised / ignored keys;
+  ``DIR/tokenizer.model``    the SentencePiece model given with ``--tokenizer``.
 Errors: one line on stderr, exit status 2.
 """
 
@@ -39,9 +42,11 @@ import zipfile
 import ml_collections as mlc
 import numpy as np
 
-from umg_jax.interop import infer
+from umg_jax.interop import big_vision, infer
 from umg_jax.interop.mapping import (
     EXTRA_RE,
+    EXTRAS_FILE,
+    HF_ACTS,
     IGNORED_KEYS,
     InteropError,
     abstract_canonical_shapes,
@@ -51,8 +56,6 @@ from umg_jax.interop.mapping import (
     torch_to_flax,
     unflatten,
 )
-
-EXTRAS_FILE = "umg_extras.safetensors"
 
 
 @dataclasses.dataclass
@@ -152,13 +155,11 @@ def load_source(path: str) -> Source:
             cfg = _read_json(beside)
             oc_config = cfg if "vision_cfg" in cfg else None
     if weights.suffix == ".npz":
-        try:
-            keys = list(np.load(weights).keys())
-        except Exception as e:
-            raise InteropError(f"cannot read {weights}: {type(e).__name__}") from None
-        if infer.siglip_keys(keys):
-            raise InteropError(infer.siglip_reason(keys))
-        raise InteropError(f"{weights}: .npz files are only recognised as big_vision SigLIP")
+        w = big_vision.read_npz(str(weights))
+        if not big_vision.is_big_vision(w):
+            raise InteropError(f"{weights}: not a big_vision image-text checkpoint (no "
+                               f"img/embedding/kernel); first keys: {', '.join(sorted(w)[:5])}")
+        return Source(str(p), w, "big_vision", ln_eps=1e-6, eps_why="big_vision LayerNorm")
     if weights.suffix == ".safetensors":
         sd = read_safetensors(str(weights))
     elif weights.suffix in (".pt", ".pth", ".bin"):
@@ -177,7 +178,9 @@ def load_source(path: str) -> Source:
         if len(acts) > 1 or len(epss) > 1:
             raise InteropError(f"{path}/config.json: the towers differ in hidden_act {acts} or "
                                f"layer_norm_eps {epss}; our model uses one of each")
-        src.act, src.act_why = acts.pop(), "config.json hidden_act"
+        act = acts.pop()
+        src.act = {v: k for k, v in HF_ACTS.items()}.get(act, act)
+        src.act_why = "config.json hidden_act"
         src.ln_eps, src.eps_why = float(epss.pop()), "config.json layer_norm_eps"
     elif oc_config is not None:
         src.act = "quick_gelu" if oc_config.get("quick_gelu", False) else "gelu"
@@ -231,15 +234,32 @@ def _cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     return m
 
 
-def resize_pos_embed(pos: np.ndarray, grid: int) -> np.ndarray:
-    """``[g*g + 1, D]`` -> ``[grid*grid + 1, D]``: bicubic on the patch grid, class row kept."""
-    g = math.isqrt(pos.shape[0] - 1)
-    if g * g != pos.shape[0] - 1:
+def resize_pos_embed(pos: np.ndarray, grid: int, prefix: int = 1) -> np.ndarray:
+    """``[prefix + g*g, D]`` -> ``[prefix + grid*grid, D]``: bicubic on the patch grid, the
+    ``prefix`` leading rows (CLIP's class slot; none in SigLIP) kept."""
+    g = math.isqrt(pos.shape[0] - prefix)
+    if g * g != pos.shape[0] - prefix:
         raise InteropError(f"positional embedding with {pos.shape[0]} rows is not a square grid")
     m = _cubic_matrix(g, grid)
-    x = pos[1:].reshape(g, g, -1).astype(np.float64)
+    x = pos[prefix:].reshape(g, g, -1).astype(np.float64)
     x = np.einsum("ij,jkd,lk->ild", m, x, m).reshape(grid * grid, -1)
-    return np.concatenate([pos[:1], x.astype(np.float32)], axis=0)
+    return np.concatenate([pos[:prefix], x.astype(np.float32)], axis=0)
+
+
+def _resize_grid(pos: np.ndarray, want: tuple[int, ...], prefix: int, key: str,
+                 model_cfg: mlc.ConfigDict, allow_resize: bool, report: dict) -> np.ndarray:
+    """``pos [prefix + g*g, D]`` resized to ``want`` (with permission), else unchanged."""
+    if pos.ndim != 2 or pos.shape[0] == want[0] or pos.shape[1] != want[1]:
+        return pos
+    g_src, g_dst = math.isqrt(pos.shape[0] - prefix), math.isqrt(want[0] - prefix)
+    p = model_cfg.vision.patch_size
+    if not allow_resize:
+        raise InteropError(
+            f"{key}: checkpoint grid {g_src}x{g_src} ({g_src * p} px) but the config "
+            f"wants {g_dst}x{g_dst} ({model_cfg.vision.image_size} px); pass --allow_resize "
+            "to resize it bicubically")
+    report["resized"] = f"{g_src}x{g_src} -> {g_dst}x{g_dst}"
+    return resize_pos_embed(pos, g_dst, prefix)
 
 
 # ------------------------------------------------------------------------------ import
@@ -272,6 +292,8 @@ def import_source(src: Source, model_cfg: mlc.ConfigDict | None = None, *,
     float32 numpy tree in the layout of ``model_cfg`` (stacked when ``scan``)."""
     from umg_jax.models import clip
 
+    if src.fmt == "big_vision":
+        return _import_big_vision(src, model_cfg, act=act, allow_resize=allow_resize)
     act = _resolve("act", src.act, src.act_why, act, model_cfg.act if model_cfg else None)
     eps = _resolve("ln_eps", src.ln_eps, src.eps_why, None,
                    float(model_cfg.ln_eps) if model_cfg else None)
@@ -299,18 +321,9 @@ def import_source(src: Source, model_cfg: mlc.ConfigDict | None = None, *,
     # Positional grid: resize (with permission) before the strict shape check.
     pos_key = "visual.positional_embedding" if src.fmt == "classic" else \
         "vision_model.embeddings.position_embedding.weight"
-    want_rows = shapes["visual/positional_embedding"][0]
-    if pos_key in sd and sd[pos_key].shape[0] != want_rows and sd[pos_key].ndim == 2 \
-            and sd[pos_key].shape[1] == shapes["visual/positional_embedding"][1]:
-        g_src, g_dst = math.isqrt(sd[pos_key].shape[0] - 1), math.isqrt(want_rows - 1)
-        p = model_cfg.vision.patch_size
-        if not allow_resize:
-            raise InteropError(
-                f"{pos_key}: checkpoint grid {g_src}x{g_src} ({g_src * p} px) but the config "
-                f"wants {g_dst}x{g_dst} ({model_cfg.vision.image_size} px); pass --allow_resize "
-                "to resize it bicubically")
-        sd[pos_key] = resize_pos_embed(sd[pos_key], g_dst)
-        report["resized"] = f"{g_src}x{g_src} -> {g_dst}x{g_dst}"
+    if pos_key in sd:
+        sd[pos_key] = _resize_grid(sd[pos_key], shapes["visual/positional_embedding"], 1,
+                                   pos_key, model_cfg, allow_resize, report)
 
     canonical, used, missing = torch_to_flax(sd, src.fmt, shapes)
     # Optional leaves: UMG extras and logit_bias come from the source's side file when present,
@@ -332,19 +345,55 @@ def import_source(src: Source, model_cfg: mlc.ConfigDict | None = None, *,
     unknown = sorted(k for k in sd if k not in used and not IGNORED_KEYS.match(k))
     unknown += sorted(f"{EXTRAS_FILE}:{k}" for k in src.extras if k not in extras_used)
     report["ignored"] = sorted(k for k in sd if IGNORED_KEYS.match(k))
+    return _finish(canonical, abstract_flat, missing, unknown, src.fmt, model_cfg), \
+        model_cfg, report
+
+
+def _finish(canonical: dict, abstract_flat: dict, missing: list[str], unknown: list[str],
+            fmt: str, model_cfg: mlc.ConfigDict) -> dict:
+    """Refuses missing / unknown keys (listed), then the nested params in the model's layout."""
     problems = []
     if missing:
         problems.append(f"missing keys: {_list(missing)}")
     if unknown:
         problems.append(f"unknown keys: {_list(unknown)}")
     if problems:
-        raise InteropError("; ".join(problems) + f" (format {src.fmt}, config with "
+        raise InteropError("; ".join(problems) + f" (format {fmt}, config with "
                            f"{model_cfg.vision.layers}/{model_cfg.text.layers} layers)")
     flat = to_model_layout(canonical, abstract_flat)
     for k, a in abstract_flat.items():  # full coverage, exact shapes
         if k not in flat or tuple(flat[k].shape) != tuple(a.shape):
             raise InteropError(f"internal: param {k} not produced with shape {tuple(a.shape)}")
-    return unflatten(flat), model_cfg, report
+    return unflatten(flat)
+
+
+def _import_big_vision(src: Source, model_cfg: mlc.ConfigDict | None, *, act: str | None,
+                       allow_resize: bool) -> tuple[dict, mlc.ConfigDict, dict]:
+    """:func:`import_source` for a big_vision SigLIP (``big_vision.py``)."""
+    from umg_jax.models import clip
+
+    # big_vision's MLPs use flax's nn.gelu (tanh); open_clip / timm run erf GELU instead.
+    default_act = None if model_cfg is not None else "gelu_tanh"
+    act = _resolve("act", None, "", act or default_act, model_cfg.act if model_cfg else None)
+    eps = _resolve("ln_eps", src.ln_eps, src.eps_why, None,
+                   float(model_cfg.ln_eps) if model_cfg else None)
+    if model_cfg is None:
+        model_cfg = big_vision.model_config(src.sd, act)
+    abstract_flat = flatten(clip.abstract_params(model_cfg))
+    shapes = abstract_canonical_shapes(abstract_flat)
+    report: dict = {"source": src.path, "format": src.fmt, "act": act, "ln_eps": eps,
+                    "resized": None, "initialised": [], "ignored": []}
+    w = dict(src.sd)
+    want = shapes.get("visual/positional_embedding")
+    if want is not None and w.get("img/pos_embedding") is not None:
+        prefix = int(model_cfg.vision.get("class_token", True))
+        pos = w["img/pos_embedding"]
+        w["img/pos_embedding"] = _resize_grid(pos.reshape(pos.shape[-2:]), want, prefix,
+                                              "img/pos_embedding", model_cfg, allow_resize,
+                                              report)
+    canonical, unknown, missing = big_vision.to_flax(w, shapes)
+    return _finish(canonical, abstract_flat, missing, unknown, src.fmt, model_cfg), \
+        model_cfg, report
 
 
 def _rows_named(flax_names: list[str]):
@@ -354,9 +403,11 @@ def _rows_named(flax_names: list[str]):
 
 
 # ------------------------------------------------------------------------------ output
-def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: dict) -> None:
+def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: dict,
+                     tokenizer: str | None = None) -> None:
     """Writes ``out/{params, model_config.json, import_report.json}`` atomically (temp dir in the
-    same parent, then rename)."""
+    same parent, then rename). ``tokenizer``: a SentencePiece model copied to
+    ``out/tokenizer.model``, whose absolute path becomes ``model.text.tokenizer``."""
     import jax
 
     from umg_jax.checkpoint import save_params
@@ -367,6 +418,10 @@ def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            model_cfg = mlc.ConfigDict(model_cfg.to_dict())
+            model_cfg.text.tokenizer = str(dst / "tokenizer.model")
         save_params(tmp / "params", jax.tree.map(np.asarray, params))
         (tmp / "model_config.json").write_text(model_cfg.to_json(indent=2))
         (tmp / "import_report.json").write_text(json.dumps(report, indent=2))
@@ -391,24 +446,33 @@ def load_model_config(path: str) -> mlc.ConfigDict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m umg_jax.interop.import_torch",
-        description="Import a PyTorch CLIP (OpenAI / open_clip / HF) into an orbax checkpoint.")
-    ap.add_argument("src", help=".pt/.pth/.bin/.safetensors file, HF or open_clip directory")
+        description="Import a PyTorch CLIP (OpenAI / open_clip / HF) or a big_vision SigLIP "
+        ".npz into an orbax checkpoint the trainer can start from (config.init.checkpoint).")
+    ap.add_argument("src", help=".pt/.pth/.bin/.safetensors file, HF or open_clip directory, "
+                    "or a big_vision SigLIP .npz")
     ap.add_argument("--config", help="configs/x.py (uses .model) or a model_config.json; "
                     "default: inferred from the weights")
     ap.add_argument("--out", required=True, help="output directory (must not exist)")
     ap.add_argument("--allow_resize", action="store_true",
                     help="bicubically resize the positional grid to the config's resolution")
-    ap.add_argument("--act", choices=("quick_gelu", "gelu"),
-                    help="activation, when the source does not say (OpenAI: quick_gelu)")
+    ap.add_argument("--act", choices=("quick_gelu", "gelu", "gelu_tanh"),
+                    help="activation, when the source does not say (OpenAI: quick_gelu; "
+                    "big_vision SigLIP: gelu_tanh by default, gelu to match open_clip / timm)")
+    ap.add_argument("--tokenizer", help="SentencePiece .model of a SigLIP (copied into --out)")
     args = ap.parse_args(argv)
     try:
         cfg = load_model_config(args.config) if args.config else None
         if pathlib.Path(args.out).exists():
             raise InteropError(f"{args.out} already exists; remove it or choose another --out")
+        if args.tokenizer:
+            _check_sentencepiece(args.tokenizer)
         src = load_source(args.src)
         params, cfg, report = import_source(src, cfg, act=args.act,
                                             allow_resize=args.allow_resize)
-        write_import_dir(args.out, params, cfg, report)
+        if args.tokenizer and src.fmt != "big_vision":
+            raise InteropError("--tokenizer is for SigLIP imports; CLIP weights use the "
+                               "embedded CLIP BPE")
+        write_import_dir(args.out, params, cfg, report, args.tokenizer)
     except InteropError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -422,6 +486,19 @@ def main(argv: list[str] | None = None) -> None:
               f"{', '.join(report['initialised'])}")
     if report["ignored"]:
         print(f"  ignored buffers: {', '.join(report['ignored'])}")
+    if report["format"] == "big_vision" and not args.tokenizer:
+        print("  no --tokenizer: set config.model.text.tokenizer to this SigLIP's SentencePiece "
+              ".model before training or inference")
+
+
+def _check_sentencepiece(path: str) -> None:
+    from umg_jax.data.tokenizer import SentencePieceTokenizer
+
+    try:
+        SentencePieceTokenizer(path)
+    except Exception as e:  # missing file, not a SentencePiece model, no EOS piece
+        raise InteropError(f"--tokenizer {path}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160]}") from None
 
 
 if __name__ == "__main__":

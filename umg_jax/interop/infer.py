@@ -1,7 +1,8 @@
 """What a PyTorch / big_vision checkpoint is, and the architecture its weights imply.
 
 ``detect_format`` tells the key layout (``classic`` OpenAI/open_clip, ``hf`` transformers) and
-refuses layouts our ViT CLIP cannot represent (ResNet CLIP, timm towers, big_vision SigLIP).
+refuses layouts our ViT CLIP cannot represent (ResNet CLIP, timm towers); big_vision SigLIP
+``.npz`` files have their own reader (``big_vision.py``).
 ``infer_arch`` reads widths, depths, patch, grid, embed, vocab and context from tensor shapes.
 Attention heads are not visible in fused classic weights: they come from an HF ``config.json``,
 else head dim 64 is assumed (every OpenAI / open_clip ViT).
@@ -17,6 +18,7 @@ import re
 import ml_collections as mlc
 import numpy as np
 
+from umg_jax.interop.big_vision import is_big_vision
 from umg_jax.interop.mapping import InteropError
 
 HEAD_DIM = 64  # OpenAI / open_clip ViTs (open_clip's head_width default)
@@ -38,32 +40,14 @@ def detect_format(sd: dict[str, np.ndarray]) -> str:
     if any(k.startswith("visual.trunk.") for k in keys):
         raise InteropError("this is an open_clip timm-tower state dict (visual.trunk.* keys, "
                            "e.g. SigLIP/ConvNeXt); only classic ViT CLIP towers can be imported")
-    if siglip_keys(keys):
-        raise InteropError(siglip_reason(keys))
+    if is_big_vision(keys):
+        raise InteropError("big_vision (SigLIP) names in a state dict; import the original .npz")
     if "visual.conv1.weight" in sd:
         return "classic"
     if "vision_model.embeddings.patch_embedding.weight" in sd:
         return "hf"
     raise InteropError("unrecognised state dict: neither OpenAI/open_clip (visual.conv1.weight) "
                        f"nor HF CLIPModel keys; first keys: {', '.join(sorted(keys)[:5])}")
-
-
-def siglip_keys(keys: list[str]) -> bool:
-    return any(re.match(r"^(params/)?img/embedding/kernel$", k) for k in keys)
-
-
-def siglip_reason(keys: list[str]) -> str:
-    """Why a big_vision SigLIP checkpoint does not fit our model (one line)."""
-    ks = [k.removeprefix("params/") for k in keys]
-    why = ["no ln_pre"]
-    why.append("no class token" if "img/cls" not in ks else "a class token added after posemb")
-    if any(k.startswith("img/MAPHead_0/") for k in ks):
-        why.append("MAP-head pooling (img/MAPHead_0)")
-    if "img/head/bias" in ks or "txt/head/bias" in ks:
-        why.append("biased projection heads")
-    why.append("a non-causal text tower pooled at the last token")
-    return ("big_vision SigLIP weights cannot be represented by our CLIP towers ("
-            + ", ".join(why) + "); import an OpenAI / open_clip / HF CLIP ViT instead")
 
 
 def _n_blocks(keys, pattern: str) -> int:
@@ -125,7 +109,7 @@ def infer_arch(sd: dict[str, np.ndarray], fmt: str, hf_config: dict | None = Non
         vision_mlp_ratio=vfc.shape[0] / width, text_mlp_ratio=tfc.shape[0] / twidth)
 
 
-def _common_module():
+def common_module():
     """``configs/common.py`` (the configs directory is not a package)."""
     path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "common.py"
     if not path.is_file():
@@ -139,7 +123,7 @@ def _common_module():
 def model_config_from_arch(arch: dict, act: str, ln_eps: float) -> mlc.ConfigDict:
     """A ``config.model`` section (configs/common.py defaults) for an inferred architecture."""
     kw = {k: v for k, v in arch.items() if not k.endswith("mlp_ratio")}
-    m = _common_module().model_config(act=act, **kw)
+    m = common_module().model_config(act=act, **kw)
     m.ln_eps = ln_eps
     m.vision.mlp_ratio = arch["vision_mlp_ratio"]
     m.text.mlp_ratio = arch["text_mlp_ratio"]

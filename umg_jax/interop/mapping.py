@@ -25,6 +25,10 @@ import re
 import numpy as np
 
 FORMATS = ("classic", "hf")
+# Side file of the UMG params plain CLIP has no slot for (written on export, read on import).
+EXTRAS_FILE = "umg_extras.safetensors"
+# Our activation names -> HF ``hidden_act``.
+HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # Top-level UMG params that plain CLIP has no slot for; they go to a side file on export.
 EXTRA_RE = re.compile(r"^logit_(scale|bias)_[a-z]+$")
 

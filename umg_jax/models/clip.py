@@ -42,11 +42,16 @@ class CLIP(nn.Module):
             dense_mode=m.dense_mode, merge_after=v.get("merge_after", -1),
             merge_ratio=v.get("merge_ratio", 0.0),
             merge_proportional=v.get("merge_proportional", True),
-            adapter_dim=v.get("adapter_dim", 0), **common)
+            adapter_dim=v.get("adapter_dim", 0), mlp_dim=v.get("mlp_dim", 0),
+            class_token=v.get("class_token", True), ln_pre=v.get("ln_pre", True),
+            patch_bias=v.get("patch_bias", False), pool=v.get("pool", "cls"),
+            proj=v.get("proj", "plain"), **common)
         self.text = TextTransformer(
             context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
             layers=t.layers, heads=t.heads, embed_dim=m.embed_dim, mlp_ratio=t.mlp_ratio,
-            adapter_dim=t.get("adapter_dim", 0), **common)
+            adapter_dim=t.get("adapter_dim", 0), mlp_dim=t.get("mlp_dim", 0),
+            causal=t.get("causal", True), pool=t.get("pool", "eot"),
+            proj_bias=t.get("proj_bias", False), pad_id=t.get("pad_id", 0), **common)
         init = nn.initializers.constant(m.logit_scale_init)
         own = GRANULARITIES[1:] if m.get("granularity_scales", False) else ()
         self.logit_scale = self.param("logit_scale", init, (), jnp.float32)

@@ -28,7 +28,12 @@ def exact_gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu}
+def tanh_gelu(x: jax.Array) -> jax.Array:
+    """tanh-approximate GELU: big_vision's ``nn.gelu`` (SigLIP), HF ``gelu_pytorch_tanh``."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu, "gelu_tanh": tanh_gelu}
 
 
 def get_activation(name: str):
@@ -106,10 +111,11 @@ class MLP(nn.Module):
     dtype: Dtype = jnp.float32
     fc_std: float | None = None
     proj_std: float | None = None
+    hidden: int = 0  # explicit hidden width (SigLIP So400m: 4304); 0 = width * mlp_ratio
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = int(self.width * self.mlp_ratio)
+        hidden = self.hidden or int(self.width * self.mlp_ratio)
         fc_std = self.fc_std if self.fc_std is not None else (2 * self.width) ** -0.5
         proj_std = self.proj_std if self.proj_std is not None else self.width ** -0.5
         x = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32,
@@ -156,6 +162,7 @@ class ResidualBlock(nn.Module):
     dense_value_path: bool = False
     return_carry: bool = False
     adapter_dim: int = 0  # > 0: a bottleneck Adapter after the block (PEFT); 0 = plain CLIP
+    mlp_dim: int = 0  # explicit MLP hidden width; 0 = width * mlp_ratio
 
     @nn.compact
     def __call__(self, x: jax.Array, _unused: Any = None, key_bias: jax.Array | None = None):
@@ -167,7 +174,7 @@ class ResidualBlock(nn.Module):
         attn = Attention(self.width, self.heads, dtype=self.dtype, out_std=proj_std, name="attn")
         ln_2 = layer_norm(self.ln_eps, "ln_2")
         mlp = MLP(self.width, self.mlp_ratio, self.act, dtype=self.dtype, proj_std=proj_std,
-                  name="mlp")
+                  hidden=self.mlp_dim, name="mlp")
         h = ln_1(x).astype(self.dtype)
         if self.dense_value_path:
             cls = x[:, :1] + attn(h[:, :1], h)
@@ -208,6 +215,7 @@ class Transformer(nn.Module):
     merge_r: int = 0  # tokens removed by the merge
     merge_proportional: bool = True  # ToMe proportional attention after the merge
     adapter_dim: int = 0  # bottleneck adapters in every block (0 = off)
+    mlp_dim: int = 0  # explicit MLP hidden width; 0 = width * mlp_ratio
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -221,7 +229,7 @@ class Transformer(nn.Module):
                              f"merge_after < layers - 1 (got {self.merge_after})")
         kw = dict(width=self.width, heads=self.heads, layers=self.layers,
                   mlp_ratio=self.mlp_ratio, act=self.act, ln_eps=self.ln_eps, dtype=self.dtype,
-                  causal=self.causal, adapter_dim=self.adapter_dim)
+                  causal=self.causal, adapter_dim=self.adapter_dim, mlp_dim=self.mlp_dim)
         block_cls = ResidualBlock
         if self.remat:
             policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
@@ -246,3 +254,39 @@ class Transformer(nn.Module):
             x = block_cls(**kw, dense_value_path=self.last_dense_value_path,
                           name=f"resblocks_{self.layers - 1}")(x)
         return x
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision ``MAPHead``, SigLIP): a learned ``probe`` query
+    attends to all tokens, then ``x + mlp(ln(x))``. Params ``probe [1, 1, D]``, ``attn``,
+    ``ln``, ``mlp`` map one-to-one onto big_vision's ``MAPHead_0`` scope."""
+
+    width: int
+    heads: int
+    mlp_ratio: float = 4.0
+    act: str = "gelu_tanh"
+    ln_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    mlp_dim: int = 0
+
+    def setup(self):
+        self.probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, self.width),
+                                jnp.float32)
+        self.attn = Attention(self.width, self.heads, dtype=self.dtype)
+        self.ln = layer_norm(self.ln_eps, "ln")
+        self.mlp = MLP(self.width, self.mlp_ratio, self.act, dtype=self.dtype,
+                       hidden=self.mlp_dim)
+
+    def _finish(self, x: jax.Array) -> jax.Array:
+        return x + self.mlp(self.ln(x).astype(self.dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, N, D]`` -> pooled ``[B, D]``."""
+        q = jnp.broadcast_to(self.probe.astype(self.dtype), (x.shape[0], 1, self.width))
+        return self._finish(self.attn(q, x))[:, 0]
+
+    def per_token(self, x: jax.Array) -> jax.Array:
+        """The head applied to every token on its own, ``[B, N, D]`` -> ``[B, N, D]``: attention
+        over a single key is its value path, so this is MaskCLIP's dense construction with the
+        MAP attention as the pooling attention (SigLIP has no class token to take it from)."""
+        return self._finish(self.attn.value_path(x))
