@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --train_step: loss.text_dedup_frac of both runs (0 = off)")
     ap.add_argument("--phrases", type=int, default=0,
                     help="with --train_step: tag / region / mask texts from this many phrases")
+    ap.add_argument("--lengths", default="",
+                    help="with --train_step: caption,element text lengths, batch trimmed as the "
+                    "trainer does (data.trim_text); '' = every token column used")
     ap.add_argument("--wallclock_s", type=float, default=0.0,
                     help="with --quality_steps: stop each run after this many seconds instead")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/token_merge.json"))
@@ -138,16 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             b = MODELS[name][1]
             layers = _model_cfg(name, 0.0).model.vision.layers
             dd = {"loss.text_dedup_frac": args.dedup}
-            base = time_ours(name, b, args.steps, umg=True, overrides=dd, phrases=args.phrases)
+            lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else None
+            base = time_ours(name, b, args.steps, umg=True, overrides=dd, phrases=args.phrases,
+                             lengths=lengths)
             half = time_ours(name, b, args.steps, umg=True, phrases=args.phrases, overrides={
-                **dd, "model.vision.merge_after": layers // 3, "model.vision.merge_ratio": 0.5})
+                **dd, "model.vision.merge_after": layers // 3, "model.vision.merge_ratio": 0.5},
+                lengths=lengths)
             steps_rows.append({"model": name, "batch": b, "step_s_0": base["step_s"],
                                "step_s_50": half["step_s"], "text_dedup_frac": args.dedup,
-                               "phrases": args.phrases,
+                               "phrases": args.phrases, "lengths": lengths,
                                "speedup": base["step_s"] / half["step_s"]})
             print(f"{name}: full UMG train step {base['step_s']:.3f}s -> {half['step_s']:.3f}s "
                   f"at 50 % merged ({base['step_s'] / half['step_s']:.2f}x)", flush=True)
-        key = "train_step" if not args.dedup else "train_step_dedup"
+        key = "train_step" + ("_dedup" if args.dedup else "") + ("_trim" if args.lengths else "")
         payload[key] = steps_rows
     if args.quality_steps:
         payload["quality"] = q = quality(args.quality_steps, args.wallclock_s)

@@ -4,7 +4,9 @@
 
 For each model: our step (``umg_jax.step.make_train_step`` on a 1-device mesh, AdamW) with the
 CLIP-only loss (image <-> caption; comparable to open_clip) and with the full UMG loss (tags,
-regions, masks, pixels), float32; and open_clip's ``CLIP`` of the same shapes with its
+regions, masks, pixels), float32, with every token column used and (``--lengths``) with real
+text lengths trimmed as the trainer does (``data.trim_text``; the "trimmed" ratio is UMG / CLIP
+both trimmed); and open_clip's ``CLIP`` of the same shapes with its
 ``ClipLoss`` and ``torch.optim.AdamW``, float32 and bf16 autocast. Random inputs of the batch
 contract. 2 warm-up steps, then ``--steps`` timed steps (median). MFU = analytic model FLOPs
 (``umg_jax.metrics.clip_train_flops``) / step time / ``--peak`` (430 GFLOP/s: the measured fp32
@@ -49,10 +51,25 @@ def _config(name: str, batch: int, umg: bool, overrides: dict | None = None):
     return c
 
 
+def _texts(rng, shape: tuple[int, ...], length: int):
+    """CLIP-tokenised rows of ``shape [..., L]``: <start>, random ids, <end>, zero padding; each
+    text has between ``length // 2`` and ``length`` tokens (``length >= L``: all of L)."""
+    import numpy as np
+
+    out = np.zeros(shape, np.int32)
+    flat = out.reshape(-1, shape[-1])
+    n = rng.integers(max(3, min(length, shape[-1]) // 2), min(length, shape[-1]) + 1, len(flat))
+    for row, k in zip(flat, n, strict=True):
+        row[0], row[1:k - 1], row[k - 1] = 49406, rng.integers(1, 400, k - 2), 49407
+    return out
+
+
 def time_ours(name: str, batch: int, steps: int, umg: bool, overrides: dict | None = None,
-              phrases: int = 0) -> dict:
+              phrases: int = 0, lengths: tuple[int, int] | None = None) -> dict:
     """``phrases > 0``: tag / region / mask texts drawn from a pool of that many distinct
-    phrases (like a tag vocabulary), so text de-duplication has something to find."""
+    phrases (like a tag vocabulary), so text de-duplication has something to find.
+    ``lengths``: captions / element texts of at most that many tokens, and the batch trimmed as
+    the trainer does (``step.trim_text``); else every column of every text is used."""
     import jax
     import numpy as np
 
@@ -80,10 +97,21 @@ def time_ours(name: str, batch: int, steps: int, umg: bool, overrides: dict | No
             host[k] = rng.integers(1, 400, s).astype(d)
     host["pixel_target"] = rng.integers(0, c.data.max_masks, shapes["pixel_target"][0]).astype(
         np.int32)
+    if lengths:
+        host["text"] = _texts(rng, shapes["text"][0], lengths[0])
     if phrases:
-        pool = rng.integers(1, 400, (phrases, shapes["tags"][0][-1])).astype(np.int32)
+        le = shapes["tags"][0][-1]
+        pool = (_texts(rng, (phrases, le), lengths[1]) if lengths
+                else rng.integers(1, 400, (phrases, le)).astype(np.int32))
         for k in ("tags", "region_text", "mask_text"):
             host[k] = pool[rng.integers(0, phrases, shapes[k][0][:-1])]
+    elif lengths:
+        for k in ("tags", "region_text", "mask_text"):
+            host[k] = _texts(rng, shapes[k][0], lengths[1])
+    text_len = None
+    if lengths:
+        text_len = step_lib.text_lengths(host)
+        host = step_lib.trim_text(host, text_len)
     batch_arr = sharding.put_batch(host, mesh)
     times = []
     for i in range(steps + 2):
@@ -93,8 +121,8 @@ def time_ours(name: str, batch: int, steps: int, umg: bool, overrides: dict | No
         if i >= 2:
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    flops = metrics.clip_train_flops(c.model, batch, step_lib.texts_per_example(c))
-    return {"step_s": t, "img_s": batch / t, "flops": flops}
+    flops = metrics.clip_train_flops(c.model, batch, step_lib.texts_per_example(c, text_len))
+    return {"step_s": t, "img_s": batch / t, "flops": flops, "text_lengths": text_len}
 
 
 def time_open_clip(name: str, batch: int, steps: int, bf16: bool) -> dict | None:
@@ -158,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time the UMG step with loss.text_dedup_frac=DEDUP (0 = skip)")
     ap.add_argument("--phrases", type=int, default=200,
                     help="distinct tag / region / mask phrases in the UMG batches")
+    ap.add_argument("--lengths", default="20,8",
+                    help="caption,element text lengths (tokens) of the trimmed rows (COCO "
+                    "captions ~10-20, tag prompts / region phrases <= 8); '' = skip them")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_step.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -170,6 +201,24 @@ def main(argv: list[str] | None = None) -> int:
         ours_dedup = (time_ours(name, b, args.steps, umg=True, phrases=args.phrases,
                                 overrides={"loss.text_dedup_frac": args.dedup})
                       if args.dedup else None)
+        lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else None
+        trim = {}
+        if lengths:  # real text lengths, batch trimmed by the trainer (data.trim_text)
+            trim["ours_clip_trim_f32"] = time_ours(name, b, args.steps, umg=False,
+                                                   lengths=lengths)
+            trim["ours_umg_trim_f32"] = time_ours(name, b, args.steps, umg=True,
+                                                  phrases=args.phrases, lengths=lengths)
+            if args.dedup:
+                trim["ours_umg_trim_dedup_f32"] = time_ours(
+                    name, b, args.steps, umg=True, phrases=args.phrases, lengths=lengths,
+                    overrides={"loss.text_dedup_frac": args.dedup})
+            base = trim["ours_clip_trim_f32"]["step_s"]
+            trim["lengths"] = lengths
+            trim["umg_trim_over_clip_trim_step"] = trim["ours_umg_trim_f32"]["step_s"] / base
+            if args.dedup:
+                trim["umg_trim_dedup_over_clip_trim_step"] = \
+                    trim["ours_umg_trim_dedup_f32"]["step_s"] / base
+            trim["umg_trim_speedup"] = ours_umg["step_s"] / trim["ours_umg_trim_f32"]["step_s"]
         oc32 = time_open_clip(name, b, args.steps, bf16=False)
         oc16 = time_open_clip(name, b, args.steps, bf16=True)
         row = {"model": name, "batch": b, "ours_clip_f32": ours_clip, "ours_umg_f32": ours_umg,
@@ -178,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                "umg_over_clip_step": ours_umg["step_s"] / ours_clip["step_s"],
                "ours_umg_dedup_f32": ours_dedup, "phrases": args.phrases,
                "umg_dedup_over_clip_step": (ours_dedup["step_s"] / ours_clip["step_s"]
-                                            if ours_dedup else None)}
+                                            if ours_dedup else None), **trim}
         if oc32 and "step_s" in oc32:
             row["speedup_vs_open_clip_f32"] = oc32["step_s"] / ours_clip["step_s"]
         if oc16 and "step_s" in oc16:
@@ -186,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
     head = (f"{'model':<6}{'batch':>6}{'ours img/s':>12}{'MFU':>7}{'open_clip f32':>15}"
-            f"{'x':>7}{'open_clip bf16':>16}{'x':>7}{'UMG/CLIP step':>15}{'+dedup':>8}")
+            f"{'x':>7}{'open_clip bf16':>16}{'x':>7}{'UMG/CLIP step':>15}{'+dedup':>8}"
+            f"{'trimmed':>9}{'+dedup':>8}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         oc32 = r["open_clip_f32"].get("img_s", float("nan"))
@@ -196,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('speedup_vs_open_clip_f32', float('nan')):>7.2f}{oc16:>16.2f}"
               f"{r.get('speedup_vs_open_clip_bf16', float('nan')):>7.2f}"
               f"{r['umg_over_clip_step']:>15.2f}"
-              f"{r['umg_dedup_over_clip_step'] or float('nan'):>8.2f}")
+              f"{r['umg_dedup_over_clip_step'] or float('nan'):>8.2f}"
+              f"{r.get('umg_trim_over_clip_trim_step', float('nan')):>9.2f}"
+              f"{r.get('umg_trim_dedup_over_clip_trim_step', float('nan')):>8.2f}")
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"peak_flops": args.peak, "load": os.getloadavg(), "cpu": cpu_model(),

@@ -126,6 +126,9 @@ def _worker(port: int, pid: int, out_path: str) -> None:
             flat["g_" + sharding.path_str(k)] = v
         for k, v in flat.items():
             results[f"{kind}/{k}"] = np.asarray(multihost_utils.process_allgather(v, tiled=True))
+    from umg_jax import train  # the trainer's host agreement on trimmed text lengths
+
+    results["agree_max"] = np.asarray(train._agree_max((5 + pid, 9 - pid)))
     np.savez(out_path, **results)
     jax.distributed.shutdown()
 

@@ -64,3 +64,57 @@ def test_model_outputs_with_dedup_on_real_batch():
     got = jax.jit(lambda p, b: step_lib.model_outputs(model, p, b, c.loss))(params, batch)
     for k in ("tags_txt", "region_txt", "mask_txt"):
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_text_lengths_round_up_to_two_buckets_per_octave():
+    batch = {"text": np.zeros((2, 77), np.int32), "tags": np.zeros((2, 3, 32), np.int32),
+             "region_text": np.zeros((2, 4, 32), np.int32)}
+    assert step_lib.text_lengths(batch) == (8, 8)  # nothing but padding: the smallest bucket
+    batch["text"][1, :20] = 5
+    batch["region_text"][0, 2, :9] = 5
+    assert step_lib.text_lengths(batch) == (24, 12)
+    batch["text"][0, :70] = 5
+    batch["tags"][1, 0, :31] = 5
+    assert step_lib.text_lengths(batch) == (77, 32)  # capped at the arrays' lengths
+    trimmed = step_lib.trim_text(batch, (64, 16))
+    assert trimmed["text"].shape == (2, 64) and trimmed["tags"].shape == (2, 3, 16)
+    assert trimmed["region_text"].shape == (2, 4, 16) and batch["text"].shape == (2, 77)
+
+
+def test_trimmed_batch_gives_the_same_loss_and_gradients(tmp_path, monkeypatch):
+    """A real synthetic batch: cutting the all-padding columns (CLIP causal tower) changes
+    neither the loss nor the gradients; a last-token (SigLIP) tower is never trimmed."""
+    import ml_collections as mlc
+
+    from umg_jax import sharding
+    from umg_jax.data import pipeline
+    from umg_jax.losses import umg
+
+    monkeypatch.setenv("UMG_JAX_CACHE", str(tmp_path))
+    c = config_lib.load_config(str(ROOT / "configs/tiny.py"))
+    c.model.vision.update(image_size=32, patch_size=8, width=32, layers=1, heads=2)
+    c.model.text.update(width=32, layers=2, heads=2)
+    c.model.embed_dim = 32
+    c.data.update(synthetic_num_train=16, synthetic_num_eval=8, synthetic_image_size=40)
+    it = pipeline.make_iterator(c.data, c.model, batch_size=8, train=True, seed=0)
+    batch = next(it)
+    lengths = step_lib.text_lengths(batch)
+    assert lengths[1] < batch["tags"].shape[-1]  # the synthetic phrases are short
+    model = clip.build_model(c.model)
+    params = clip.init_params(c.model, jax.random.key(0))
+
+    mesh = sharding.make_mesh(mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+
+    def loss(p, b):
+        out = step_lib.model_outputs(model, p, b, c.loss)
+        return umg.umg_loss(out, b, c.loss, mesh)[0]
+
+    f = jax.jit(jax.value_and_grad(loss))
+    full, g_full = f(params, jax.tree.map(jnp.asarray, batch))
+    cut, g_cut = f(params, jax.tree.map(jnp.asarray, step_lib.trim_text(batch, lengths)))
+    np.testing.assert_allclose(float(cut), float(full), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert step_lib.trim_enabled(c)
+    c.model.text.update(causal=False, pool="last")
+    assert not step_lib.trim_enabled(c)

@@ -51,21 +51,60 @@ def needed_text_fields(loss_cfg: mlc.ConfigDict) -> list[tuple[str, str]]:
             if f == "text" or any(loss_cfg.get(w, 0.0) for w in ws)]
 
 
-def texts_per_example(config: mlc.ConfigDict) -> float:
+def texts_per_example(config: mlc.ConfigDict, lengths: tuple[int, int] | None = None) -> float:
     """Full-context text-tower passes per example: the caption, plus the weighted tag / region /
     mask texts scaled by their shorter context ``Le / L`` (for FLOP counts; a last-token text
-    tower pads every text to ``L``)."""
+    tower pads every text to ``L``). ``lengths``: the ``(caption, element)`` token lengths of a
+    trimmed batch (:func:`trim_text`) instead of the configured ones."""
     length = config.model.text.context_length
-    short = min(config.data.get("element_context_length") or length, length) / length
+    cap, short = 1.0, min(config.data.get("element_context_length") or length, length) / length
+    if lengths is not None:
+        cap, short = lengths[0] / length, lengths[1] / length
     if config.model.text.get("pool", "eot") == "last":
-        short = 1.0
-    sizes = {"text": 1, "tags": config.data.max_tags * short,
+        cap = short = 1.0
+    sizes = {"text": cap, "tags": config.data.max_tags * short,
              "region_text": config.data.max_regions * short,
              "mask_text": config.data.max_masks * short}
     return sum(sizes[f] for f, _ in needed_text_fields(config.loss))
 
 
-def step_flops(config: mlc.ConfigDict) -> float:
+def trim_enabled(config: mlc.ConfigDict) -> bool:
+    """Text columns that are padding in the whole batch can be cut exactly: the CLIP text tower is
+    causal and pools its end-of-text token (not so for a last-token tower, which pads back)."""
+    t = config.model.text
+    return bool(config.data.get("trim_text", False)) and t.get("causal", True) \
+        and t.get("pool", "eot") == "eot"
+
+
+def text_lengths(batch: dict[str, np.ndarray], pad_id: int = 0) -> tuple[int, int]:
+    """``(caption, element)`` token lengths a host batch needs: past its last non-padding
+    column, rounded up to the next of 8, 12, 16, 24, 32, 48, ... (two buckets per octave: at most
+    a third of the kept columns is padding, and few distinct shapes, so few compiles), capped at
+    the arrays' lengths. Elements: the longest of the tag / region / mask texts."""
+    def need(tokens: np.ndarray) -> int:
+        used = np.flatnonzero((tokens.reshape(-1, tokens.shape[-1]) != pad_id).any(0))
+        n = int(used[-1]) + 1 if used.size else 1
+        octave = 8 << max(0, (n - 1) // 8).bit_length()  # smallest 8 * 2^k >= n
+        bucket = octave * 3 // 4 if n <= octave * 3 // 4 and octave > 8 else octave
+        return min(tokens.shape[-1], bucket)
+
+    elements = [batch[f] for f, _, _ in TEXT_FIELDS[1:] if f in batch]
+    return need(batch["text"]), max((need(t) for t in elements), default=1)
+
+
+def trim_text(batch: dict[str, np.ndarray], lengths: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The batch with its caption / element token arrays cut to ``lengths`` (:func:`text_lengths`,
+    agreed over hosts). Exact for the causal CLIP tower: every end-of-text token is kept and no
+    kept position attends to a cut one."""
+    out = dict(batch)
+    out["text"] = batch["text"][..., :lengths[0]]
+    for f, _, _ in TEXT_FIELDS[1:]:
+        if f in batch:
+            out[f] = batch[f][..., :lengths[1]]
+    return out
+
+
+def step_flops(config: mlc.ConfigDict, lengths: tuple[int, int] | None = None) -> float:
     """Analytic model FLOPs of one train step (for MFU and the dry run). UMG training: 3 x the
     forward of both towers (``metrics.clip_train_flops``). Segmentation head: the backbone's
     image forward once (3x with LoRA / adapters, whose backward runs through it); the decoder's
@@ -75,7 +114,8 @@ def step_flops(config: mlc.ConfigDict) -> float:
     if seg_enabled(config):
         fwd = metrics.clip_forward_flops(config.model, 0.0) * config.batch_size
         return fwd * (3.0 if peft_enabled(config) else 1.0)
-    return metrics.clip_train_flops(config.model, config.batch_size, texts_per_example(config))
+    return metrics.clip_train_flops(config.model, config.batch_size,
+                                    texts_per_example(config, lengths))
 
 
 def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDict) -> dict:
@@ -129,7 +169,11 @@ def encode_deduplicated(encode, tokens: jax.Array, frac: float) -> jax.Array:
         emb = encode(uniq[None, :k])[0]  # [K, E]
         return jnp.take(emb, inverse, axis=0).reshape(b, n, -1)
 
-    return jax.lax.cond(n_unique <= k, dedup, lambda _: encode(tokens), None)
+    # Under autodiff a cond's forward returns the residuals of *both* branches (the untaken
+    # one's zero-filled): the plain branch's activations for every text, written each step.
+    # Rematerialised branches save only their inputs; the backward re-runs the taken one.
+    return jax.lax.cond(n_unique <= k, jax.checkpoint(dedup),
+                        jax.checkpoint(lambda _: encode(tokens)), None)
 
 
 def peft_enabled(config: mlc.ConfigDict) -> bool:

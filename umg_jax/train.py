@@ -179,7 +179,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
         print(optim.trainable_report(abstract_params, step_lib.frozen_regexes(config)),
               flush=True)
     progress = metrics_lib.Progress(config.total_steps, start, batch_size=config.batch_size)
-    flops = step_lib.step_flops(config)
+    trim = step_lib.trim_enabled(config)
+    lengths = None  # (caption, element) token lengths of the last trimmed batch
     peak = config.log.peak_flops  # of all devices together (configs/common.py:log_config)
     hooks = _make_evaluators(config)
     # Reading a value every <= 16 steps bounds the dispatch queue (fake CPU devices deadlock
@@ -195,7 +196,11 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
             out_of_time = False
             for step in range(start + 1, config.total_steps + 1):
                 with progress.timer("data"):
-                    batch = sharding.put_batch(next(data_iter), mesh)
+                    local = next(data_iter)
+                    if trim:  # exact: only columns that are padding in the global batch
+                        lengths = _agree_max(step_lib.text_lengths(local))
+                        local = step_lib.trim_text(local, lengths)
+                    batch = sharding.put_batch(local, mesh)
                 state, metrics = train_step(state, batch)
                 if step == start + 1:
                     jax.block_until_ready(metrics)  # compile time stays out of the rates
@@ -217,7 +222,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
                         scalars.update(progress.last)
                         if peak:
                             scalars["mfu"] = metrics_lib.mfu(
-                                flops, 1.0 / max(progress.last["steps_per_sec"], 1e-9), peak)
+                                step_lib.step_flops(config, lengths),
+                                1.0 / max(progress.last["steps_per_sec"], 1e-9), peak)
                         dropped = pipeline.drop_counts(data_iter)
                         scalars["dropped_records"] = float(sum(dropped.values()))
                         last = scalars
@@ -265,6 +271,16 @@ def _all_agree(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def _agree_max(values: tuple[int, ...]) -> tuple[int, ...]:
+    """Element-wise max over processes (each host sees its own part of the batch)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(values, np.int32))
+    return tuple(int(x) for x in np.asarray(gathered).reshape(-1, len(values)).max(0))
 
 
 def _read_final(workdir: str) -> dict:
