@@ -114,7 +114,9 @@ def test_trimmed_batch_gives_the_same_loss_and_gradients(tmp_path, monkeypatch):
     cut, g_cut = f(params, jax.tree.map(jnp.asarray, step_lib.trim_text(batch, lengths)))
     np.testing.assert_allclose(float(cut), float(full), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        # float32 sums over differently shaped arrays: equal up to summation order
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-6 * max(1.0, float(np.abs(b).max())))
     assert step_lib.trim_enabled(c)
     c.model.text.update(causal=False, pool="last")
     assert not step_lib.trim_enabled(c)
