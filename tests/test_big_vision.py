@@ -346,12 +346,47 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, tiny_npz, capsys
                 "shape mismatch at txt/")
 
 
-def test_export_refuses_siglip_towers(tmp_path, tiny_npz):
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu"])
+def test_export_to_hf_siglip_model_matches(tmp_path, tiny_npz, act):
+    """Export of a SigLIP import: transformers' ``SiglipModel.from_pretrained`` loads it with no
+    missing / unexpected keys and computes our embeddings and sigmoid logits."""
+    torch = torch_peers()
+    import transformers
+
+    from umg_jax.interop import export_torch
+
+    params, cfg, _ = import_torch.import_source(import_torch.load_source(tiny_npz), act=act)
+    out = tmp_path / "hf"
+    info = export_torch.export_params(params, cfg, "hf", str(out))
+    assert info["extras"] == []
+    model, load_info = transformers.SiglipModel.from_pretrained(str(out), output_loading_info=True)
+    assert not any(load_info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    images, tokens = _inputs(TINY)
+    ji, jt, _ = _jax_forward(cfg, params, images, tokens)
+    with torch.no_grad():
+        px = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+        ids = torch.from_numpy(tokens)
+        hi = model.get_image_features(pixel_values=px).pooler_output.numpy()
+        ht = model.get_text_features(input_ids=ids).pooler_output.numpy()
+        logits = model(input_ids=ids, pixel_values=px).logits_per_image.numpy()
+    assert np.abs(ji - hi).max() <= TOL and np.abs(jt - ht).max() <= TOL
+    want = _sigmoid_logits(ji, jt, float(params["logit_scale"]), float(params["logit_bias"]))
+    assert np.abs(logits - want).max() <= 10 * TOL
+
+
+def test_export_refuses_what_has_no_siglip_model_slot(tmp_path, tiny_npz):
     from umg_jax.interop import export_torch
     from umg_jax.interop.mapping import InteropError
 
     params, cfg, _ = import_torch.import_source(import_torch.load_source(tiny_npz))
-    for fmt in ("open_clip", "hf"):
-        with pytest.raises(InteropError, match="SigLIP-style towers"):
-            export_torch.export_params(params, cfg, fmt, str(tmp_path / fmt))
-        assert not (tmp_path / fmt).exists()
+    with pytest.raises(InteropError, match="--format hf"):
+        export_torch.export_params(params, cfg, "open_clip", str(tmp_path / "oc"))
+    assert not (tmp_path / "oc").exists()
+    cfg.text.causal = True  # a half-SigLIP: neither a CLIPModel nor a SiglipModel
+    with pytest.raises(InteropError, match="SigLIP-style towers"):
+        export_torch.export_params(params, cfg, "hf", str(tmp_path / "half"))
+    path = tmp_path / "head.npz"
+    np.savez(path, **siglip_weights(TINY, img_head=True))
+    params, cfg, _ = import_torch.import_source(import_torch.load_source(str(path)))
+    with pytest.raises(InteropError, match="no image projection"):
+        export_torch.export_params(params, cfg, "hf", str(tmp_path / "head"))

@@ -34,7 +34,9 @@ from collections.abc import Callable
 import ml_collections as mlc
 import numpy as np
 
+from umg_jax.interop import hf_siglip
 from umg_jax.interop.mapping import (
+    EXTRA_RE,
     EXTRAS_FILE,
     HF_ACTS,
     InteropError,
@@ -68,8 +70,8 @@ def check_clip_towers(m: mlc.ConfigDict, fmt: str) -> None:
            if m[tower].get(k, want) != want]
     if odd:
         raise InteropError(f"this model has SigLIP-style towers ({', '.join(odd)}); open_clip's "
-                           "CLIP and HF's CLIPModel have no place for them (use the model with "
-                           "umg_jax; a SigLIP export is not implemented)")
+                           "CLIP and HF's CLIPModel have no place for them (complete SigLIP "
+                           "towers export to --format hf as a SiglipModel)")
     for tower in ("vision", "text"):
         t = m[tower]
         if t.get("mlp_dim", 0) and t.mlp_dim != int(t.width * t.mlp_ratio):
@@ -144,11 +146,13 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
         raise InteropError(f"{len(adapters)} bottleneck-adapter params (e.g. {adapters[0]}) "
                            "have no place in a CLIP state dict and cannot be merged into its "
                            "weights; export a LoRA run instead, or use the model with umg_jax")
+    outp = pathlib.Path(out)
+    if hf_siglip.is_siglip(model_cfg):
+        return _export_siglip(flat, model_cfg, fmt, outp)
     check_clip_towers(model_cfg, fmt)
     canonical = to_canonical(flat)
     _check_config(canonical, model_cfg)
     sd, extras = flax_to_torch(canonical, "classic" if fmt == "open_clip" else "hf")
-    outp = pathlib.Path(out)
     files = []
     torch_file = fmt == "open_clip" and outp.suffix in (".pt", ".pth", ".bin")
     if torch_file:
@@ -181,6 +185,30 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
         files.append(extras_path)
     return {"files": [str(f) for f in files], "extras": sorted(extras),
             "extras_file": str(extras_path) if extras else None}
+
+
+def _export_siglip(flat: dict, model_cfg: mlc.ConfigDict, fmt: str, outp: pathlib.Path) -> dict:
+    """SigLIP towers -> an HF ``SiglipModel`` directory (``hf_siglip.py``); UMG's own
+    per-granularity temperatures go to the side file as for CLIP."""
+    from safetensors.numpy import save_file
+
+    if fmt != "hf":
+        raise InteropError("SigLIP towers export to --format hf (transformers SiglipModel) only; "
+                           "open_clip's SigLIP is a timm tower, not written")
+    canonical = to_canonical(flat)
+    extras = {k: np.asarray(v, np.float32) for k, v in canonical.items()
+              if "/" not in k and EXTRA_RE.match(k)}
+    sd = hf_siglip.to_hf_siglip({k: v for k, v in canonical.items() if k not in extras})
+    outp.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(outp / "model.safetensors"), metadata={"format": "pt"})
+    (outp / "config.json").write_text(json.dumps(hf_siglip.hf_siglip_config(model_cfg),
+                                                 indent=2))
+    files = [outp / "model.safetensors", outp / "config.json"]
+    if extras:
+        save_file(extras, str(outp / EXTRAS_FILE), metadata={"format": "umg-extras"})
+        files.append(outp / EXTRAS_FILE)
+    return {"files": [str(f) for f in files], "extras": sorted(extras),
+            "extras_file": str(outp / EXTRAS_FILE) if extras else None}
 
 
 def _check_config(canonical: dict[str, np.ndarray], m: mlc.ConfigDict) -> None:
