@@ -89,20 +89,23 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
                           f"total_steps {config.total_steps}")
 
 
-# Model knobs that change what the weights compute (shapes, activation, tower switches,
-# preprocessing), with their defaults for model configs written before the knob existed.
-# Runtime knobs (dtype, remat, scan, merging, adapters, image_size: import resizes) may differ.
-_WEIGHT_KNOBS = {
-    "act": None, "ln_eps": None, "embed_dim": None,
-    "vision.patch_size": None, "vision.width": None, "vision.layers": None,
-    "vision.heads": None, "vision.mlp_dim": 0, "vision.class_token": True, "vision.ln_pre": True,
-    "vision.patch_bias": False, "vision.pool": "cls", "vision.proj": "plain",
-    "vision.pixel_mean": (0.48145466, 0.4578275, 0.40821073),
-    "vision.pixel_std": (0.26862954, 0.26130258, 0.27577711),
-    "text.context_length": None, "text.vocab_size": None, "text.width": None,
-    "text.layers": None, "text.heads": None, "text.mlp_dim": 0, "text.causal": True,
-    "text.pool": "eot", "text.proj_bias": False, "text.pad_id": 0, "text.tokenizer": "clip",
-}
+def _weight_knobs() -> dict:
+    """Model knobs that change what the weights compute (shapes, activation, tower switches,
+    preprocessing), with their defaults for model configs written before the knob existed.
+    Runtime knobs (dtype, remat, scan, merging, adapters, image_size: import resizes) may
+    differ."""
+    from umg_jax.data.transforms import CLIP_MEAN, CLIP_STD
+    from umg_jax.models.clip import CLIP_TOWERS
+
+    knobs = {"act": None, "ln_eps": None, "embed_dim": None, "vision.pixel_mean": CLIP_MEAN,
+             "vision.pixel_std": CLIP_STD, "text.pad_id": 0, "text.tokenizer": "clip",
+             "text.context_length": None, "text.vocab_size": None}
+    for tower in ("vision", "text"):
+        knobs.update({f"{tower}.{k}": None for k in ("width", "layers", "heads")})
+        knobs[f"{tower}.mlp_dim"] = 0
+        knobs.update({f"{tower}.{k}": d for k, d in CLIP_TOWERS[tower].items()})
+    knobs["vision.patch_size"] = None
+    return knobs
 
 
 def _knob(m: mlc.ConfigDict, path: str, default):
@@ -126,7 +129,7 @@ def check_same_model(m: mlc.ConfigDict, init_from: str) -> None:
         theirs = checkpoint.read_model_config(cfg_file)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"init.checkpoint: {e}") from None
-    for path, default in _WEIGHT_KNOBS.items():
+    for path, default in _weight_knobs().items():
         ours, stored = _knob(m, path, default), _knob(theirs, path, default)
         if path == "text.tokenizer":
             if stored == "":  # imported without --tokenizer: the config names it

@@ -65,7 +65,7 @@ class UMGModel:
     """A trained model plus its preprocessing; implements the evaluators' encoder protocol."""
 
     def __init__(self, params, model_cfg: mlc.ConfigDict):
-        from umg_jax.data.tokenizer import tokenizer_for
+        from umg_jax.data import tokenizer
 
         self.params = params
         self.config = model_cfg
@@ -76,9 +76,7 @@ class UMGModel:
             model_cfg.vision.merge_after = -1
         self.model = clip.build_model(model_cfg)
         self.image_size = model_cfg.vision.image_size
-        t = model_cfg.text
-        self._tokenizer = tokenizer_for(t.get("tokenizer", "clip"), t.context_length,
-                                        t.get("pad_id", 0))
+        self._tokenizer = tokenizer.for_model(model_cfg.text)
         # [3] float32 pixel normalisation of this model's weights (``preprocess``).
         self.pixel_mean = np.asarray(model_cfg.vision.get("pixel_mean", MEAN), np.float32)
         self.pixel_std = np.asarray(model_cfg.vision.get("pixel_std", STD), np.float32)

@@ -60,7 +60,7 @@ def texts_per_example(config: mlc.ConfigDict, lengths: tuple[int, int] | None = 
     cap, short = 1.0, min(config.data.get("element_context_length") or length, length) / length
     if lengths is not None:
         cap, short = lengths[0] / length, lengths[1] / length
-    if config.model.text.get("pool", "eot") == "last":
+    if clip.tower_switches(config.model, "text")["pool"] == "last":
         cap = short = 1.0
     sizes = {"text": cap, "tags": config.data.max_tags * short,
              "region_text": config.data.max_regions * short,
@@ -71,18 +71,17 @@ def texts_per_example(config: mlc.ConfigDict, lengths: tuple[int, int] | None = 
 def trim_enabled(config: mlc.ConfigDict) -> bool:
     """Text columns that are padding in the whole batch can be cut exactly: the CLIP text tower is
     causal and pools its end-of-text token (not so for a last-token tower, which pads back)."""
-    t = config.model.text
-    return bool(config.data.get("trim_text", False)) and t.get("causal", True) \
-        and t.get("pool", "eot") == "eot"
+    t = clip.tower_switches(config.model, "text")
+    return bool(config.data.get("trim_text", False)) and t["causal"] and t["pool"] == "eot"
 
 
-def text_lengths(batch: dict[str, np.ndarray], pad_id: int = 0) -> tuple[int, int]:
+def text_lengths(batch: dict[str, np.ndarray]) -> tuple[int, int]:
     """``(caption, element)`` token lengths a host batch needs: past its last non-padding
     column, rounded up to the next of 8, 12, 16, 24, 32, 48, ... (two buckets per octave: at most
     a third of the kept columns is padding, and few distinct shapes, so few compiles), capped at
     the arrays' lengths. Elements: the longest of the tag / region / mask texts."""
     def need(tokens: np.ndarray) -> int:
-        used = np.flatnonzero((tokens.reshape(-1, tokens.shape[-1]) != pad_id).any(0))
+        used = np.flatnonzero(tokens.reshape(-1, tokens.shape[-1]).any(0))  # CLIP pads with 0
         n = int(used[-1]) + 1 if used.size else 1
         octave = 8 << max(0, (n - 1) // 8).bit_length()  # smallest 8 * 2^k >= n
         bucket = octave * 3 // 4 if n <= octave * 3 // 4 and octave > 8 else octave
@@ -318,9 +317,7 @@ def train_vocabulary(config: mlc.ConfigDict) -> dict:
         raise ValueError("seg.holdout removes every category: nothing to train on")
     class_map = np.where(seen, np.cumsum(seen) - 1, -1).astype(np.int32)
     train_names = [n for n, s in zip(names, seen, strict=True) if s]
-    tok = tokenizer.tokenizer_for(config.model.text.get("tokenizer", "clip"),
-                                  config.model.text.context_length,
-                                  config.model.text.get("pad_id", 0))
+    tok = tokenizer.for_model(config.model.text)
     tokens = np.stack([tok([t.format(n) for t in DEFAULT_TEMPLATES]) for n in train_names])
     return {"names": train_names, "seen": seen, "class_map": class_map, "tokens": tokens}
 

@@ -460,6 +460,12 @@ def tokenizer_for(spec: str, context_length: int, pad_id: int = 0):
     return _sentencepiece(os.path.abspath(spec), int(context_length), int(pad_id))
 
 
+def for_model(text_cfg):
+    """The tokenizer of a ``config.model.text`` section (:func:`tokenizer_for`)."""
+    return tokenizer_for(text_cfg.get("tokenizer", "clip"), text_cfg.context_length,
+                         text_cfg.get("pad_id", 0))
+
+
 @functools.lru_cache(maxsize=8)
 def _sentencepiece(path: str, context_length: int, pad_id: int) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(path, context_length, pad_id)

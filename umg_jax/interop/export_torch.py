@@ -56,18 +56,13 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 ParamTransform = Callable[[dict], dict]
 
 
-# Tower switches (configs/common.py) and the value plain CLIP needs for each.
-CLIP_SWITCHES = (("vision", "class_token", True), ("vision", "ln_pre", True),
-                 ("vision", "patch_bias", False), ("vision", "pool", "cls"),
-                 ("vision", "proj", "plain"), ("text", "causal", True), ("text", "pool", "eot"),
-                 ("text", "proj_bias", False))
-
-
 def check_clip_towers(m: mlc.ConfigDict, fmt: str) -> None:
     """Refuses models that open_clip's CLIP / HF's CLIPModel cannot hold (SigLIP towers, an MLP
     width that is not ``mlp_ratio * width``, tanh GELU for open_clip)."""
-    odd = [f"{tower}.{k}={m[tower].get(k, want)!r}" for tower, k, want in CLIP_SWITCHES
-           if m[tower].get(k, want) != want]
+    from umg_jax.models.clip import CLIP_TOWERS, tower_switches
+
+    odd = [f"{tower}.{k}={v!r}" for tower in CLIP_TOWERS
+           for k, v in tower_switches(m, tower).items() if v != CLIP_TOWERS[tower][k]]
     if odd:
         raise InteropError(f"this model has SigLIP-style towers ({', '.join(odd)}); open_clip's "
                            "CLIP and HF's CLIPModel have no place for them (complete SigLIP "

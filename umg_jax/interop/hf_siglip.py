@@ -95,8 +95,7 @@ def hf_siglip_config(m: mlc.ConfigDict) -> dict:
 
 def is_siglip(m: mlc.ConfigDict) -> bool:
     """The model has big_vision SigLIP towers (``configs/common.py:siglip_towers``)."""
-    v, t = m.vision, m.text
-    return (not v.get("class_token", True) and not v.get("ln_pre", True)
-            and v.get("patch_bias", False) and v.get("pool", "cls") == "map"
-            and not t.get("causal", True) and t.get("pool", "eot") == "last"
-            and t.get("proj_bias", False))
+    from umg_jax.models.clip import SIGLIP_TOWERS, tower_switches
+
+    return all(tower_switches(m, tower)[k] == want for tower, sw in SIGLIP_TOWERS.items()
+               for k, want in sw.items())

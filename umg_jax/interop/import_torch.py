@@ -315,8 +315,7 @@ def import_source(src: Source, model_cfg: mlc.ConfigDict | None = None, *,
     abstract_flat = flatten(clip.abstract_params(model_cfg))
     shapes = abstract_canonical_shapes(abstract_flat)
     sd = dict(src.sd)
-    report: dict = {"source": src.path, "format": src.fmt, "act": act, "ln_eps": eps,
-                    "resized": None, "initialised": [], "ignored": []}
+    report = _new_report(src, act, eps)
 
     # Positional grid: resize (with permission) before the strict shape check.
     pos_key = "visual.positional_embedding" if src.fmt == "classic" else \
@@ -347,6 +346,12 @@ def import_source(src: Source, model_cfg: mlc.ConfigDict | None = None, *,
     report["ignored"] = sorted(k for k in sd if IGNORED_KEYS.match(k))
     return _finish(canonical, abstract_flat, missing, unknown, src.fmt, model_cfg), \
         model_cfg, report
+
+
+def _new_report(src: Source, act: str, eps: float) -> dict:
+    """``import_report.json``: what was read, how, and which keys were not taken as is."""
+    return {"source": src.path, "format": src.fmt, "act": act, "ln_eps": eps, "resized": None,
+            "initialised": [], "ignored": []}
 
 
 def _finish(canonical: dict, abstract_flat: dict, missing: list[str], unknown: list[str],
@@ -381,8 +386,7 @@ def _import_big_vision(src: Source, model_cfg: mlc.ConfigDict | None, *, act: st
         model_cfg = big_vision.model_config(src.sd, act)
     abstract_flat = flatten(clip.abstract_params(model_cfg))
     shapes = abstract_canonical_shapes(abstract_flat)
-    report: dict = {"source": src.path, "format": src.fmt, "act": act, "ln_eps": eps,
-                    "resized": None, "initialised": [], "ignored": []}
+    report = _new_report(src, act, eps)
     w = dict(src.sd)
     want = shapes.get("visual/positional_embedding")
     if want is not None and w.get("img/pos_embedding") is not None:

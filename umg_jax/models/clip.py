@@ -25,6 +25,25 @@ from umg_jax.models.vit import VisionTransformer
 
 GRANULARITIES = ("image", "tags", "region", "mask", "pixel")
 
+# Tower switches (``config.model.{vision,text}``) with CLIP's values: the defaults for configs
+# written before a switch existed, and what export to a CLIP layout requires.
+CLIP_TOWERS = {
+    "vision": {"class_token": True, "ln_pre": True, "patch_bias": False, "pool": "cls",
+               "proj": "plain"},
+    "text": {"causal": True, "pool": "eot", "proj_bias": False},
+}
+# The same switches in big_vision's SigLIP (configs/common.py:siglip_towers; the image head may
+# be "bias" or "none", so ``proj`` is not part of what makes a SigLIP).
+SIGLIP_TOWERS = {
+    "vision": {"class_token": False, "ln_pre": False, "patch_bias": True, "pool": "map"},
+    "text": {"causal": False, "pool": "last", "proj_bias": True},
+}
+
+
+def tower_switches(m: mlc.ConfigDict, tower: str) -> dict:
+    """``{switch: value}`` of ``m[tower]`` for every switch in ``CLIP_TOWERS[tower]``."""
+    return {k: m[tower].get(k, d) for k, d in CLIP_TOWERS[tower].items()}
+
 
 class CLIP(nn.Module):
     config: mlc.ConfigDict  # the ``config.model`` section (configs/common.py:model_config)
@@ -43,15 +62,12 @@ class CLIP(nn.Module):
             merge_ratio=v.get("merge_ratio", 0.0),
             merge_proportional=v.get("merge_proportional", True),
             adapter_dim=v.get("adapter_dim", 0), mlp_dim=v.get("mlp_dim", 0),
-            class_token=v.get("class_token", True), ln_pre=v.get("ln_pre", True),
-            patch_bias=v.get("patch_bias", False), pool=v.get("pool", "cls"),
-            proj=v.get("proj", "plain"), **common)
+            **tower_switches(m, "vision"), **common)
         self.text = TextTransformer(
             context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
             layers=t.layers, heads=t.heads, embed_dim=m.embed_dim, mlp_ratio=t.mlp_ratio,
             adapter_dim=t.get("adapter_dim", 0), mlp_dim=t.get("mlp_dim", 0),
-            causal=t.get("causal", True), pool=t.get("pool", "eot"),
-            proj_bias=t.get("proj_bias", False), pad_id=t.get("pad_id", 0), **common)
+            pad_id=t.get("pad_id", 0), **tower_switches(m, "text"), **common)
         init = nn.initializers.constant(m.logit_scale_init)
         own = GRANULARITIES[1:] if m.get("granularity_scales", False) else ()
         self.logit_scale = self.param("logit_scale", init, (), jnp.float32)
