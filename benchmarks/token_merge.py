@@ -4,7 +4,8 @@
 
 For each model: XLA cost-analysis FLOPs and the median time of one image-tower forward + backward
 (loss = sum of squares of the global and dense embeddings) with ``model.vision.merge_ratio`` 0,
-0.25, 0.5 (merge after block ``L // 3``; the last block runs on the restored grid). With
+0.25, 0.5 (merge after block ``int(L * merge_at)``, default ``L // 6``; the grid is restored
+after the last block). With
 ``--quality_steps N`` it also trains the tiny model N steps at 0 % and 50 % and evaluates both on
 held-out synthetic data (the five tasks); add ``--wallclock_s S`` to give both runs the same
 training time instead (the schedule is still that of N steps). Prints a table, writes
@@ -26,24 +27,27 @@ MODELS = {"tiny": ("configs/tiny.py", 32), "b16": ("configs/vit_b16.py", 8)}
 RATIOS = (0.0, 0.25, 0.5)
 
 
-def _model_cfg(name: str, ratio: float):
+MERGE_AT = 1 / 6  # default --merge_at: merge after block int(L * merge_at)
+
+
+def _model_cfg(name: str, ratio: float, merge_at: float):
     from umg_jax import config_lib
 
     c = config_lib.load_config(str(ROOT / MODELS[name][0]))
     m = c.model
     m.scan, m.remat, m.dtype = False, False, "float32"
-    m.vision.merge_after = m.vision.layers // 3 if ratio > 0 else -1
+    m.vision.merge_after = int(m.vision.layers * merge_at) if ratio > 0 else -1
     m.vision.merge_ratio = ratio
     return c
 
 
-def tower_cost(name: str, ratio: float, steps: int) -> dict:
+def tower_cost(name: str, ratio: float, steps: int, merge_at: float) -> dict:
     import jax
     import jax.numpy as jnp
 
     from umg_jax.models import clip
 
-    m = _model_cfg(name, ratio).model
+    m = _model_cfg(name, ratio, merge_at).model
     batch = MODELS[name][1]
     params = clip.init_params(m, jax.random.key(0))
     images = jax.random.normal(jax.random.key(1), (batch, m.vision.image_size,
@@ -65,16 +69,16 @@ def tower_cost(name: str, ratio: float, steps: int) -> dict:
         if i:
             times.append(time.perf_counter() - t0)
     return {"flops": float(cost.get("flops", 0.0)), "step_s": statistics.median(times),
-            "batch": batch}
+            "batch": batch, "merge_after": m.vision.merge_after}
 
 
-def quality(steps: int, budget_s: float = 0.0) -> dict:
+def quality(steps: int, merge_at: float, budget_s: float = 0.0) -> dict:
     from umg_jax import evaluate, train
 
     out = {}
     root = pathlib.Path(tempfile.mkdtemp(prefix="umg_merge-"))
     for ratio in (0.0, 0.5):
-        c = _model_cfg("tiny", ratio)
+        c = _model_cfg("tiny", ratio, merge_at)
         c.total_steps = steps
         c.optim.warmup_steps = min(c.optim.warmup_steps, steps // 10)
         c.ckpt.every_steps = steps
@@ -85,6 +89,7 @@ def quality(steps: int, budget_s: float = 0.0) -> dict:
         train.train(c, str(wd))
         res = evaluate.run(str(wd), config=c)
         res["train_seconds"] = time.perf_counter() - t0
+        res["merge_after"] = c.model.vision.merge_after
         res["steps_done"] = json.loads((wd / "final_metrics.json").read_text())["step"]
         out[str(ratio)] = res
     return out
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     "trainer does (data.trim_text); '' = every token column used")
     ap.add_argument("--wallclock_s", type=float, default=0.0,
                     help="with --quality_steps: stop each run after this many seconds instead")
+    ap.add_argument("--merge_at", type=float, default=MERGE_AT,
+                    help="merge after block int(layers * this) (0 = after the first block)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/token_merge.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         base = None
         for r in RATIOS:
-            c = tower_cost(name, r, args.steps)
+            c = tower_cost(name, r, args.steps, args.merge_at)
             base = base or c
             row = {"model": name, "ratio": r, **c, "flops_ratio": c["flops"] / base["flops"],
                    "speedup": base["step_s"] / c["step_s"]}
@@ -139,24 +146,26 @@ def main(argv: list[str] | None = None) -> int:
         steps_rows = []
         for name in args.models.split(","):
             b = MODELS[name][1]
-            layers = _model_cfg(name, 0.0).model.vision.layers
+            layers = _model_cfg(name, 0.0, args.merge_at).model.vision.layers
             dd = {"loss.text_dedup_frac": args.dedup}
             lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else None
             base = time_ours(name, b, args.steps, umg=True, overrides=dd, phrases=args.phrases,
                              lengths=lengths)
             half = time_ours(name, b, args.steps, umg=True, phrases=args.phrases, overrides={
-                **dd, "model.vision.merge_after": layers // 3, "model.vision.merge_ratio": 0.5},
+                **dd, "model.vision.merge_after": int(layers * args.merge_at),
+                "model.vision.merge_ratio": 0.5},
                 lengths=lengths)
             steps_rows.append({"model": name, "batch": b, "step_s_0": base["step_s"],
                                "step_s_50": half["step_s"], "text_dedup_frac": args.dedup,
                                "phrases": args.phrases, "lengths": lengths,
+                               "merge_after": int(layers * args.merge_at),
                                "speedup": base["step_s"] / half["step_s"]})
             print(f"{name}: full UMG train step {base['step_s']:.3f}s -> {half['step_s']:.3f}s "
                   f"at 50 % merged ({base['step_s'] / half['step_s']:.2f}x)", flush=True)
         key = "train_step" + ("_dedup" if args.dedup else "") + ("_trim" if args.lengths else "")
         payload[key] = steps_rows
     if args.quality_steps:
-        payload["quality"] = q = quality(args.quality_steps, args.wallclock_s)
+        payload["quality"] = q = quality(args.quality_steps, args.merge_at, args.wallclock_s)
         keys = ("retrieval/i2t_r1", "region/box_acc", "region/mask_acc", "semseg/miou",
                 "panoptic/pq", "train_seconds", "steps_done")
         print("\nquality after", args.quality_steps, "steps (tiny):")

@@ -9,8 +9,9 @@ text lengths trimmed as the trainer does (``data.trim_text``; the "trimmed" rati
 both trimmed); and open_clip's ``CLIP`` of the same shapes with its
 ``ClipLoss`` and ``torch.optim.AdamW``, float32 and bf16 autocast. Random inputs of the batch
 contract. 2 warm-up steps, then ``--steps`` timed steps (median). MFU = analytic model FLOPs
-(``umg_jax.metrics.clip_train_flops``) / step time / ``--peak`` (430 GFLOP/s: the measured fp32
-matmul peak of the 2-core CPU). Prints a table, writes ``benchmarks/results/train_step.json``.
+(``umg_jax.metrics.clip_train_flops``) / step time / ``--peak`` (default: measured at start by
+``umg_jax.metrics.measure_peak_flops``, fp32). Prints a table, writes
+``benchmarks/results/train_step.json``.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,b16")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", default="tiny=32,b16=8", help="per-model batch, name=size,...")
-    ap.add_argument("--peak", type=float, default=430e9, help="FLOP/s for MFU")
+    ap.add_argument("--peak", type=float, default=-1.0,
+                    help="FLOP/s for MFU (-1 = measure the fp32 matmul peak first)")
     ap.add_argument("--dedup", type=float, default=0.25,
                     help="also time the UMG step with loss.text_dedup_frac=DEDUP (0 = skip)")
     ap.add_argument("--phrases", type=int, default=200,
@@ -192,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_step.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.peak < 0:
+        from umg_jax import metrics
+
+        args.peak = metrics.measure_peak_flops()
+        print(f"fp32 matmul peak: {args.peak / 1e9:.0f} GFLOP/s (measured)", flush=True)
     batches = dict(kv.split("=") for kv in args.batch.split(","))
     rows = []
     for name in args.models.split(","):

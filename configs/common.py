@@ -199,9 +199,9 @@ def log_config() -> mlc.ConfigDict:
     lg = mlc.ConfigDict()
     lg.every_steps = 10  # write metrics / progress line every N steps (<= 16 on fake devices)
     lg.tensorboard = True  # also write TensorBoard event files (tensorboardX) into the workdir
-    # Peak FLOP/s of all the run's devices together, for MFU (0 = don't report MFU); 430e9 is
-    # the measured f32 dot peak of the 2-core CPU, whatever the fake device count.
-    lg.peak_flops = 430e9
+    # Peak FLOP/s of all the run's devices together, for MFU: > 0 as given, -1 = measured once
+    # at start (a matmul in model.dtype on every device, < 1 s), 0 = don't report MFU.
+    lg.peak_flops = -1.0
     return lg
 
 

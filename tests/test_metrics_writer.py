@@ -5,6 +5,7 @@ with a fake clock, MFU, and analytic FLOPs vs the ViT-B/32 reference figures and
 import json
 import pathlib
 import struct
+import time
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,23 @@ def test_mfu():
     with pytest.raises(ValueError):
         M.mfu(1.0, 1.0, 0.0)
 
+
+
+def test_measured_peak_is_the_hosts_matmul_rate():
+    # Every fake device does its own dot on the shared cores, so the sum over devices must come
+    # out near what numpy's BLAS does on the same cores with one matmul of the same size (best
+    # of 5 each; a factor of 3 either way allows for the other test worker's load).
+    n = 1024
+    a = np.ones((n, n), np.float32)
+    numpy_rate = 2 * n ** 3 / min(_seconds(lambda: a @ a) for _ in range(5))
+    peak = M.measure_peak_flops(n)
+    assert numpy_rate / 3 < peak < numpy_rate * 3, (peak, numpy_rate, jax.device_count())
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 def test_flops_match_vit_b32_reference():
     """performance-notes.md: ViT-B/32 vision 8.818 + text 5.960 GFLOP per sample, train step of

@@ -56,6 +56,31 @@ def test_proportional_attention_makes_merging_duplicates_exact():
                            atol=1e-4)  # without the bias the duplicate counts once
 
 
+
+@pytest.mark.parametrize("dense_value_path", [True, False])
+def test_last_block_on_merged_tokens_equals_it_on_the_restored_grid(dense_value_path):
+    # The stack runs its last block on the merged tokens and restores the grid after it; with
+    # proportional attention that must equal restoring first and running the last block on the
+    # full grid (the reference below, block by block).
+    from umg_jax.models.layers import ResidualBlock, Transformer
+
+    kw = dict(width=16, heads=2, layers=3)
+    stack = Transformer(**kw, last_separate=True, last_dense_value_path=dense_value_path,
+                        merge_after=0, merge_r=4)
+    x = jax.random.normal(jax.random.key(0), (2, 1 + 9, 16))
+    p = stack.init(jax.random.key(1), x)["params"]
+    got = stack.apply({"params": p}, x)
+
+    def block(i, h, bias=None, dvp=False):
+        return ResidualBlock(**kw, dense_value_path=dvp).apply(
+            {"params": p[f"resblocks_{i}"]}, h, None, bias)
+
+    h, assign, size = token_merge.bipartite_merge(block(0, x), 4)
+    h = token_merge.unmerge(block(1, h, jnp.log(size)), assign)
+    ref = block(2, h, dvp=dense_value_path)
+    assert got.shape == ref.shape == (2, 10, 16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=2e-5)
+
 def _cfg(ratio, after=0):
     c = config_lib.load_config(str(ROOT / "configs/tiny.py")).model
     c.vision.update(image_size=32, patch_size=8, width=32, layers=3, heads=2,

@@ -116,6 +116,13 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     logging.info("mesh %s, global batch %d (%d per process)", dict(mesh.shape),
                  config.batch_size, local_batch)
 
+    peak = config.log.peak_flops  # of all devices together (configs/common.py:log_config)
+    if peak < 0:  # measured before the data workers start competing for the cores
+        peak = metrics_lib.measure_peak_flops(dtype=config.model.dtype)
+        if is_main:
+            print(f"MFU peak: {peak / 1e9:.0f} GFLOP/s measured ({config.model.dtype} matmul, "
+                  f"{jax.device_count()} device(s); set log.peak_flops to fix it)", flush=True)
+
     # ---------------------------------------------------------------- data
     data_iter = pipeline.make_iterator(config.data, config.model, batch_size=local_batch,
                                        train=True, seed=config.seed)
@@ -181,7 +188,6 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     progress = metrics_lib.Progress(config.total_steps, start, batch_size=config.batch_size)
     trim = step_lib.trim_enabled(config)
     lengths = None  # (caption, element) token lengths of the last trimmed batch
-    peak = config.log.peak_flops  # of all devices together (configs/common.py:log_config)
     hooks = _make_evaluators(config)
     # Reading a value every <= 16 steps bounds the dispatch queue (fake CPU devices deadlock
     # beyond ~32 queued collective programs) and is when non-finite runs are detected.

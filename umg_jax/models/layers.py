@@ -177,7 +177,7 @@ class ResidualBlock(nn.Module):
                   hidden=self.mlp_dim, name="mlp")
         h = ln_1(x).astype(self.dtype)
         if self.dense_value_path:
-            cls = x[:, :1] + attn(h[:, :1], h)
+            cls = x[:, :1] + attn(h[:, :1], h, None, key_bias)
             patches = x[:, 1:] + attn.value_path(h[:, 1:])
             x = jnp.concatenate([cls, patches.astype(cls.dtype)], axis=1)
         else:
@@ -237,22 +237,26 @@ class Transformer(nn.Module):
                 raise ValueError(f"unknown remat_policy {self.remat_policy!r}")
             block_cls = nn.remat(ResidualBlock, policy=policy, prevent_cse=not self.scan)
         n_stack = self.layers - 1 if self.last_separate else self.layers
+        assign = bias = None
         if self.scan and n_stack > 0:
             scanned = nn.scan(block_cls, variable_axes={"params": 0},
                               split_rngs={"params": True}, length=n_stack)
             x, _ = scanned(**kw, return_carry=True, name="resblocks")(x, None)
         else:
-            assign = bias = None
             for i in range(n_stack):
                 x = block_cls(**kw, name=f"resblocks_{i}")(x, None, bias)
                 if merging and i == self.merge_after:
                     x, assign, size = token_merge.bipartite_merge(x, self.merge_r)
                     bias = jnp.log(size) if self.merge_proportional else None
-            if assign is not None:  # the last block and the dense map see the full grid
-                x = token_merge.unmerge(x, assign)
         if self.last_separate:
             x = block_cls(**kw, dense_value_path=self.last_dense_value_path,
-                          name=f"resblocks_{self.layers - 1}")(x)
+                          name=f"resblocks_{self.layers - 1}")(x, None, bias)
+        if assign is not None:
+            # Restored after the last block: every position takes its merged token's output.
+            # With proportional attention this equals running the last block on the restored
+            # grid (a token of size s = s identical keys; the dense value path is per token),
+            # one full-grid block cheaper.
+            x = token_merge.unmerge(x, assign)
         return x
 
 

@@ -9,10 +9,12 @@ tokens) is never merged. One round removes up to half of the patch tokens, which
 
 Restoring the grid (the design choice this project needs): UMG-CLIP's region and pixel losses
 and its segmentation need a dense ``[gh, gw, E]`` map. The token -> merged-token assignment is
-kept, and just before the *last* vision block every patch position takes its merged token's
-features again (an "unmerge" gather). The last block (MaskCLIP value path for the patches) then
-runs on the full grid, so RoIAlign and mask pooling see the same shapes as without merging, and
-the blocks in between (where most compute is) run on fewer tokens.
+kept, the remaining blocks (the last one included, with the MaskCLIP value path for the patches)
+run on the merged tokens, and after the last block every patch position takes its merged token's
+output again (an "unmerge" gather). With proportional attention this is exactly what running the
+last block on the restored grid would give (a token of size ``s`` is ``s`` identical keys, and the
+value path is per token; tested), one full-grid block cheaper. RoIAlign and mask pooling see the
+same shapes as without merging.
 
 Proportional attention (ToMe): a merged token stands for ``s`` patches, so the blocks after the
 merge add ``log s`` to its attention logits as a key (``model.vision.merge_proportional``);
