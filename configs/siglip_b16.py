@@ -17,14 +17,13 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import common  # noqa: E402
 import ml_collections as mlc  # noqa: E402
+import vit_b16  # noqa: E402
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    config = mlc.ConfigDict()
+    config = vit_b16.get_config(arg)  # every section but the model and the loss as for B/16
     config.name = "siglip_b16"  # run name shown in logs
-    config.seed = 0  # parameter-init seed
     config.batch_size = 16384  # global batch
-    config.total_steps = 20000  # training steps
     config.model = common.siglip_towers(common.model_config(
         image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
         text_width=768, text_layers=12, text_heads=12, embed_dim=768, context_length=64,
@@ -33,19 +32,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.model.remat = True  # activations of 12 blocks x 16k images
     config.model.scan = True  # constant compile time in depth
     config.model.dtype = "bfloat16"  # bf16 matmuls on accelerators, params + loss in float32
-    config.data = common.data_config()
-    config.loss = common.loss_config()
     config.loss.kind = "sigmoid"  # SigLIP's loss (uses model.logit_bias_init)
     config.loss.exchange = "ring"  # text blocks travel a ppermute ring (memory flat in devices)
-    config.optim = common.optim_config()
-    config.optim.lr = 1e-5  # continued training from a pretrained SigLIP
-    config.optim.warmup_steps = 1000
-    config.mesh = common.mesh_config()
-    config.train = common.train_config()
-    config.init = common.init_config()
-    config.eval = common.eval_config()
-    config.peft = common.peft_config()
-    config.seg = common.seg_config()
-    config.ckpt = common.ckpt_config()
-    config.log = common.log_config()
+    config.optim.warmup_steps = 1000  # lr 1e-5 as B/16: continued training from a pretrained SigLIP
     return config

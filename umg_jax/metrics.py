@@ -15,6 +15,7 @@ accounting, and analytic model FLOPs for MFU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import pathlib
@@ -241,6 +242,7 @@ def mfu(model_flops_per_step: float, step_time_s: float, peak_flops: float) -> f
 
 
 
+@functools.cache  # once per process: the devices do not change, every train() call reuses it
 def measure_peak_flops(n: int = 1024, repeats: int = 10, dtype: str = "float32") -> float:
     """Measured matmul FLOP/s of all the run's devices together, for MFU.
 
