@@ -7,12 +7,16 @@ mlp/{c_fc,c_proj}``. Params are always float32; ``dtype`` sets activation / matm
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from umg_jax.ops.attention import attention
+from umg_jax.ops.dense import dense
 from umg_jax.sharding import constrain_batch
 
 Dtype = Any
@@ -48,6 +52,36 @@ def dtype_of(name: str) -> Dtype:
     return jnp.dtype(name)
 
 
+class Dense(nn.Module):
+    """``nn.Dense`` / ``nn.DenseGeneral`` on :func:`umg_jax.ops.dense.dense`: the same params
+    (float32 ``kernel [*in, *features]``, ``bias [*features]``), the same init (drawn on the
+    flattened ``[prod(in), prod(features)]`` kernel, as ``nn.DenseGeneral`` does), and a
+    backward that keeps bf16 on XLA:CPU's native path. ``n_in``: trailing input axes contracted
+    (``nn.DenseGeneral(axis=(-2, -1))`` is ``n_in=2``)."""
+
+    features: int | tuple[int, ...]
+    n_in: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [..., *in]`` -> ``[..., *features]`` in ``dtype``."""
+        feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        shape = tuple(x.shape[x.ndim - self.n_in:]) + feats
+
+        def flat(init):
+            return lambda key, s, dt: init(
+                key, (math.prod(s[:self.n_in]), math.prod(s[self.n_in:])), dt).reshape(s)
+
+        kernel = self.param("kernel", flat(self.kernel_init), shape, jnp.float32)
+        bias = (self.param("bias", lambda key, s, dt: self.bias_init(key, (math.prod(s),), dt)
+                           .reshape(s), feats, jnp.float32) if self.use_bias else None)
+        return dense(x, kernel, bias, n_in=self.n_in, dtype=self.dtype)
+
+
 def layer_norm(eps: float, name: str) -> nn.Module:
     """LayerNorm with params ``{scale, bias}``, computed in float32 whatever the activation dtype
     (PyTorch CLIP's fp16 LayerNorm trick); callers cast the output back."""
@@ -70,31 +104,19 @@ class Attention(nn.Module):
         dh = self.width // self.heads
         std = self.init_std if self.init_std is not None else self.width ** -0.5
         ostd = self.out_std if self.out_std is not None else std
-        kw = dict(dtype=self.dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(std))
-        self.query = nn.DenseGeneral((self.heads, dh), **kw, name="query")
-        self.key = nn.DenseGeneral((self.heads, dh), **kw, name="key")
-        self.value = nn.DenseGeneral((self.heads, dh), **kw, name="value")
-        self.out = nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype,
-                                   param_dtype=jnp.float32,
-                                   kernel_init=nn.initializers.normal(ostd), name="out")
+        kw = dict(dtype=self.dtype, kernel_init=nn.initializers.normal(std))
+        self.query = Dense((self.heads, dh), **kw, name="query")
+        self.key = Dense((self.heads, dh), **kw, name="key")
+        self.value = Dense((self.heads, dh), **kw, name="value")
+        self.out = Dense(self.width, n_in=2, dtype=self.dtype,
+                         kernel_init=nn.initializers.normal(ostd), name="out")
 
     def __call__(self, xq: jax.Array, xkv: jax.Array, mask: jax.Array | None = None,
                  key_bias: jax.Array | None = None) -> jax.Array:
         """``xq [B, Nq, D]``, ``xkv [B, Nk, D]``, ``mask [Nq, Nk] bool`` (True = attend),
         ``key_bias [B, Nk]`` float32 added to every query's logits (ToMe's log token size).
         Returns ``[B, Nq, D]``. Scores and softmax in float32."""
-        q = self.query(xq)
-        k = self.key(xkv)
-        v = self.value(xkv)
-        scale = (self.width // self.heads) ** -0.5
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-        if key_bias is not None:
-            s = s + key_bias[:, None, None, :]
-        if mask is not None:
-            s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bhqk,bkhd->bqhd", p, v)
+        o = attention(self.query(xq), self.key(xkv), self.value(xkv), mask, key_bias)
         return self.out(o)
 
     def value_path(self, x: jax.Array) -> jax.Array:
@@ -118,11 +140,11 @@ class MLP(nn.Module):
         hidden = self.hidden or int(self.width * self.mlp_ratio)
         fc_std = self.fc_std if self.fc_std is not None else (2 * self.width) ** -0.5
         proj_std = self.proj_std if self.proj_std is not None else self.width ** -0.5
-        x = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=nn.initializers.normal(fc_std), name="c_fc")(x)
+        x = Dense(hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(fc_std),
+                  name="c_fc")(x)
         x = get_activation(self.act)(x)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=nn.initializers.normal(proj_std), name="c_proj")(x)
+        return Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(proj_std),
+                     name="c_proj")(x)
 
 
 class Adapter(nn.Module):
@@ -136,10 +158,10 @@ class Adapter(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Dense(self.bottleneck, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=nn.initializers.normal(self.width ** -0.5), name="down")(x)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=nn.initializers.zeros, name="up")(nn.gelu(h))
+        h = Dense(self.bottleneck, dtype=self.dtype,
+                  kernel_init=nn.initializers.normal(self.width ** -0.5), name="down")(x)
+        return Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                     name="up")(nn.gelu(h))
 
 
 class ResidualBlock(nn.Module):

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from umg_jax.models.layers import Dtype, Transformer, layer_norm
+from umg_jax.models.layers import Dense, Dtype, Transformer, layer_norm
 
 
 class TextTransformer(nn.Module):
@@ -72,8 +72,7 @@ class TextTransformer(nn.Module):
         # ln_final is per token, so pooling first is the same maths on 1/L of the work.
         x = x[:, -1] if self.pool == "last" else x[jnp.arange(n), jnp.argmax(tokens, axis=-1)]
         x = layer_norm(self.ln_eps, "ln_final")(x)
-        proj = nn.Dense(self.embed_dim, use_bias=self.proj_bias, dtype=self.dtype,
-                        param_dtype=jnp.float32,
-                        kernel_init=nn.initializers.normal(self.width ** -0.5),
-                        name="text_projection")
+        proj = Dense(self.embed_dim, use_bias=self.proj_bias, dtype=self.dtype,
+                     kernel_init=nn.initializers.normal(self.width ** -0.5),
+                     name="text_projection")
         return proj(x.astype(self.dtype)).astype(jnp.float32)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from umg_jax.models import token_merge
-from umg_jax.models.layers import Dtype, MAPHead, Transformer, layer_norm
+from umg_jax.models.layers import Dense, Dtype, MAPHead, Transformer, layer_norm
+from umg_jax.ops.dense import dense
 
 
 class PatchEmbed(nn.Module):
@@ -44,12 +45,10 @@ class PatchEmbed(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width),
                             jnp.float32)
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b, h // p, w // p, p * p * c).astype(self.dtype)
-        x = jnp.dot(x, kernel.reshape(p * p * c, self.width).astype(self.dtype))
-        if self.use_bias:
-            x = x + self.param("bias", nn.initializers.zeros, (self.width,),
-                               jnp.float32).astype(self.dtype)
-        return x
+        x = x.reshape(b, h // p, w // p, p * p * c)
+        bias = (self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
+                if self.use_bias else None)
+        return dense(x, kernel.reshape(p * p * c, self.width), bias, dtype=self.dtype)
 
 
 class VisionTransformer(nn.Module):
@@ -136,8 +135,7 @@ class VisionTransformer(nn.Module):
                            self.dtype, self.mlp_dim, name="map_head")
             x = jnp.concatenate([head(x)[:, None], head.per_token(x)], axis=1)
         if self.proj != "none":
-            x = nn.Dense(self.embed_dim, use_bias=self.proj == "bias", dtype=self.dtype,
-                         param_dtype=jnp.float32, kernel_init=nn.initializers.normal(scale),
-                         name="proj")(x)
+            x = Dense(self.embed_dim, use_bias=self.proj == "bias", dtype=self.dtype,
+                      kernel_init=nn.initializers.normal(scale), name="proj")(x)
         x = x.astype(jnp.float32)
         return x[:, 0], x[:, 1:].reshape(b, gh, gw, self.embed_dim)
