@@ -23,14 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from umg_jax.ops.dense import copy_swap
+
 _F32 = jnp.float32
-
-
-def _copy_swap(x: jax.Array, a: int, b: int) -> jax.Array:
-    """``x`` with axes ``a`` and ``b`` swapped, as a real row-major copy that XLA cannot fold
-    into the layout of a dot operand (a folded transpose sends the dot to the slow path)."""
-    y = jnp.swapaxes(x, a, b)
-    return lax.optimization_barrier(jnp.expand_dims(y, a)).reshape(y.shape)
 
 
 def _bdot(a: jax.Array, b: jax.Array, ca: int, cb: int) -> jax.Array:
@@ -39,9 +34,8 @@ def _bdot(a: jax.Array, b: jax.Array, ca: int, cb: int) -> jax.Array:
     return lax.dot_general(a, b, (((ca,), (cb,)), ((0, 1), (0, 1))), preferred_element_type=_F32)
 
 
-def _probs(qh, kh, mask, key_bias, scale):
-    """``[B, H, Nq, Nk]`` float32 attention probabilities."""
-    s = _bdot(qh, kh, 3, 3) * scale
+def _probs(s, mask, key_bias):
+    """Scaled float32 scores ``[B, H, Nq, Nk]`` -> probabilities (key bias, mask, softmax)."""
     if key_bias is not None:
         s = s + key_bias[:, None, None, :]
     if mask is not None:
@@ -50,8 +44,8 @@ def _probs(qh, kh, mask, key_bias, scale):
 
 
 def _cpu_forward(q, k, v, mask, key_bias, scale: float):
-    qh, kh, vh = (_copy_swap(x, 1, 2) for x in (q, k, v))
-    p = _probs(qh, kh, mask, key_bias, scale).astype(q.dtype)
+    qh, kh, vh = (copy_swap(x, 1, 2) for x in (q, k, v))
+    p = _probs(_bdot(qh, kh, 3, 3) * scale, mask, key_bias).astype(q.dtype)
     o = _bdot(p, vh, 3, 2).astype(q.dtype)  # [B, H, Nq, Dh]
     return jnp.swapaxes(o, 1, 2), (qh, kh, vh, p, o)
 
@@ -69,15 +63,15 @@ def _cpu_fwd(q, k, v, mask, key_bias, scale):
 def _cpu_bwd(scale, res, g):
     qh, kh, vh, p, o, mask, key_bias = res
     dt = qh.dtype
-    do = _copy_swap(g.astype(dt), 1, 2)  # [B, H, Nq, Dh]
+    do = copy_swap(g.astype(dt), 1, 2)  # [B, H, Nq, Dh]
     dp = _bdot(do, vh, 3, 3)  # [B, H, Nq, Nk]
-    dv = _bdot(_copy_swap(p, 2, 3), do, 3, 2)  # [B, H, Nk, Dh]
+    dv = _bdot(copy_swap(p, 2, 3), do, 3, 2)  # [B, H, Nk, Dh]
     # softmax backward; rowsum(p * dp) = rowsum(do * o), the cheaper [.., Dh] form
     delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1, keepdims=True)
     ds = p.astype(_F32) * (dp - delta)
     dsc = (ds * scale).astype(dt)
     dq = _bdot(dsc, kh, 3, 2)
-    dk = _bdot(_copy_swap(dsc, 2, 3), qh, 3, 2)
+    dk = _bdot(copy_swap(dsc, 2, 3), qh, 3, 2)
     grads = tuple(jnp.swapaxes(x, 1, 2).astype(dt) for x in (dq, dk, dv))
     dbias = None if key_bias is None else ds.sum(axis=(1, 2)).astype(key_bias.dtype)
     dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
@@ -106,9 +100,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     if (backend or jax.default_backend()) == "cpu":
         return _cpu_attention(q, k, v, mask, key_bias, scale)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32) * scale
-    if key_bias is not None:
-        s = s + key_bias[:, None, None, :]
-    if mask is not None:
-        s = jnp.where(mask, s, jnp.finfo(_F32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    p = _probs(s, mask, key_bias).astype(q.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=_F32).astype(q.dtype)

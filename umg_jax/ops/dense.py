@@ -33,15 +33,13 @@ from jax import lax
 _BF16, _F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
 
 
-def _transposed(x: jax.Array) -> jax.Array:
-    """``x [M, K]`` -> ``x^T [K, M]``. For bf16 this is a real row-major copy: the size-1 axis
-    and the barrier keep XLA from turning it into a transposed-layout operand of the next dot,
-    which would send that dot to the float32 path. ``M`` stays the last axis, so a batch-sharded
-    ``M`` partitions without a gather."""
-    if x.dtype != _BF16:
-        return jnp.transpose(x)
-    m, k = x.shape
-    return lax.optimization_barrier(jnp.transpose(x).reshape(1, k, m)).reshape(k, m)
+def copy_swap(x: jax.Array, a: int, b: int) -> jax.Array:
+    """``x`` with axes ``a`` and ``b`` swapped, as a real row-major copy. The size-1 axis and the
+    barrier keep XLA from folding the transpose into the layout of the next dot's operand, which
+    would send that dot to XLA:CPU's slow (upcast) path. The other axes keep their order, so a
+    batch-sharded axis partitions without a gather. Also used by ``ops/attention.py``."""
+    y = jnp.swapaxes(x, a, b)
+    return lax.optimization_barrier(jnp.expand_dims(y, a)).reshape(y.shape)
 
 
 def _cpu_dense_fwd(x, w, b):
@@ -61,7 +59,8 @@ def _cpu_dense_bwd(res, g):
     g = g.astype(x.dtype)
     dx = lax.dot_general(g, wc, (((1,), (1,)), ((), ())),
                          preferred_element_type=_F32).astype(x.dtype)
-    dw = jnp.dot(_transposed(x), g, preferred_element_type=_F32).astype(w.dtype)
+    xt = copy_swap(x, 0, 1) if x.dtype == _BF16 else x.T  # f32 needs no copy
+    dw = jnp.dot(xt, g, preferred_element_type=_F32).astype(w.dtype)
     db = jnp.dot(jnp.ones((g.shape[0],), g.dtype), g, preferred_element_type=_F32)
     return dx, dw, db.astype(b.dtype)
 
