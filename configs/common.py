@@ -199,8 +199,9 @@ def log_config() -> mlc.ConfigDict:
     lg = mlc.ConfigDict()
     lg.every_steps = 10  # write metrics / progress line every N steps (<= 16 on fake devices)
     lg.tensorboard = True  # also write TensorBoard event files (tensorboardX) into the workdir
-    # Peak FLOP/s of all the run's devices together, for MFU: > 0 as given, -1 = measured once
-    # at start (a matmul in model.dtype on every device, < 1 s), 0 = don't report MFU.
+    # Peak FLOP/s of all the run's devices together, for MFU: > 0 as given, 0 = no MFU, -1 = the
+    # spec bf16 peak of the device kind on TPU / GPU (umg_jax/accelerators.toml), measured once
+    # at start on CPU (a matmul in model.dtype on every device, < 1 s).
     lg.peak_flops = -1.0
     return lg
 

@@ -1,6 +1,7 @@
 """Test-session setup shared by every test module.
 
-- 8 fake CPU devices, so that mesh / shard_map code runs on the CPU (set before jax is imported).
+- 8 fake CPU devices, so that mesh / shard_map code runs on the CPU (set before jax is imported);
+  the local backend pinned to the CPU although libtpu is installed (TPU-compiler tests).
 - absl flags marked parsed (Grain workers read absl flags; pytest never calls absl.app.run).
 - The torchvision op-schema shim: PyPI's torchvision 0.28 beside the local CPU torch 2.13 fails at
   import with "operator torchvision::nms does not exist"; defining the two schemas first fixes it.
@@ -14,6 +15,10 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
+# libtpu is installed for the TPU-compiler tests (deviceless topologies): keep the local backend
+# the CPU (no attempt to open a TPU on this host) and let both pytest workers load libtpu.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

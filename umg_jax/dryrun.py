@@ -1,70 +1,104 @@
-r"""Pod-scale dry run: compile the real train step for a simulated mesh and say whether it fits.
+r"""Pod-scale dry run: compile the real train step for a TPU slice with the TPU compiler, here,
+with no TPU attached, and say whether it fits and how fast it could run.
 
-    python -m umg_jax.dryrun --config configs/vit_l.py --devices 256 --target tpu-v4
-    python -m umg_jax.dryrun --config configs/vit_l.py --devices 256 \
-        --sweep batch_size=8192,16384,32768 --sweep mesh.fsdp=1,8,32 --json sweep.json
+    python -m umg_jax.dryrun --config configs/vit_l.py --topology v5e:16x16
+    python -m umg_jax.dryrun --config configs/vit_l.py --topology v4:4x4x8 \
+        --sweep batch_size=8192,16384,32768 --sweep mesh.fsdp=1,8 --json sweep.json
+    python -m umg_jax.dryrun --config configs/vit_l.py --topology v6e:16x16 --max_batch
+    python -m umg_jax.dryrun --config configs/tiny.py --devices 8 --target tpu_v4   # CPU stand-in
 
-N fake CPU devices stand in for the accelerators; the train step is the one ``umg_jax.train``
-runs (``umg_jax.step.make_train_step``), lowered with the real shardings on abstract inputs
-(``jax.ShapeDtypeStruct``), so nothing is allocated. Per device it reports parameter,
-optimizer-state, gradient, batch and temporary bytes (XLA's memory analysis), the total against the
-target's HBM, FLOPs per step (XLA's cost analysis beside the analytic count), and the bytes that
-collectives move per step (read from the compiled HLO). Exit status 1 when a configuration does not
-fit, 2 on a bad request.
+The step is the one ``umg_jax.train`` runs (``umg_jax.step.make_train_step``), lowered with the
+real shardings on abstract inputs (``jax.ShapeDtypeStruct``: nothing is allocated) onto the
+topology's devices (``umg_jax.accelerators.topology_devices``, libtpu's deviceless topologies;
+dimensions count chips, v4 / v5p in megacore mode as JAX runs them) and compiled by libtpu. Every
+backend-dependent choice (``umg_jax.ops``: dense layers, fused attention) follows the devices
+compiled for, so the TPU compile takes the TPU path.
 
-Caveats: XLA:CPU's buffer assignment stands in for the accelerator compiler's, so temporaries are an
-estimate (typically within tens of percent); step time assumes the stated MFU.
+Per device it reports:
+- HBM from the TPU compiler's memory analysis: arguments, outputs, temporaries, aliasing (donated
+  state) and generated code; total = arguments + outputs - aliased + temporaries + code;
+- compiled FLOPs and HBM bytes accessed, and collective bytes per kind, read from the compiled
+  HLO with loops counted as often as they run (``umg_jax.hlo_stats``; XLA's own cost analysis
+  counts a scanned layer once and is given beside them);
+- analytic model FLOPs (``step.step_flops``);
+- the fit verdict against the chip's HBM (``umg_jax/accelerators.toml``), and a roofline step
+  time: ``max(FLOPs / peak, bytes / HBM bandwidth) + collective traffic / ICI bandwidth`` (no
+  overlap of communication, full peak on every matmul: a bound, not a promise).
+
+Without libtpu, or with ``--devices N``, N fake CPU devices stand in for the chips (XLA:CPU's
+buffer assignment, which upcasts bf16 dots: pessimistic), and every printed line says so.
+Compiling ViT-L/14 for 256 chips takes 2-4 minutes per row on a 2-core machine (tiny: ~1 min).
+Exit status: 0 all rows fit, 1 a row does not fit, 2 a bad request (config, topology, flags).
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
+import math
 import os
 import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+DEFAULT_TOPOLOGY = "v5e:16x16"  # the most common pod slice (256 chips of 16 GiB)
+GiB = 1024 ** 3
 
 
 # Flags are defined only when the module runs as a program, so that importing it (tests,
 # other tools) never clashes with another module's absl flags of the same name.
 def _define_flags() -> None:
-    global _CONFIG, _DEVICES, _TARGET, _MFU, _SWEEP, _JSON
+    global _CONFIG, _TOPOLOGY, _DEVICES, _TARGET, _SWEEP, _JSON, _MAX_BATCH, _CLIP, _HLO_DIR
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_l.py.",
                                               lock_config=True)
-    _DEVICES = flags.DEFINE_integer("devices", 8, "Number of simulated devices.")
-    _TARGET = flags.DEFINE_string("target", "tpu-v4", "Device profile (see device_profiles.json).")
-    _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model-FLOPs utilisation for the time estimate.")
+    _TOPOLOGY = flags.DEFINE_string(
+        "topology", None, f"TPU slice to compile for, GENERATION:AxB[xC] in chips (v4:4x4x8, "
+        f"v5e:16x16, v5p:8x8x8, v6e:16x16); default {DEFAULT_TOPOLOGY} unless --devices is given.")
+    _DEVICES = flags.DEFINE_integer(
+        "devices", None, "CPU stand-in: compile for this many fake CPU devices instead of a TPU "
+        "topology (XLA:CPU's memory figures, pessimistic).")
+    _TARGET = flags.DEFINE_string(
+        "target", None, "Chip whose HBM / peak the CPU stand-in is judged against (a name of "
+        "umg_jax/accelerators.toml: tpu_v4, tpu_v5e, tpu_v5p, tpu_v6e, h100, ...); default: "
+        "the topology's chip, else tpu_v5e.")
     _SWEEP = flags.DEFINE_multi_string(
         "sweep", [], "key=v1,v2,... over config keys (batch_size, mesh.fsdp, model.remat, ...); "
         "several --sweep flags form a grid.")
     _JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
+    _HLO_DIR = flags.DEFINE_string(
+        "hlo_dir", None, "Also write each row's compiled HLO text to DIR/<row>.hlo.txt (to see "
+        "what the compiler did: fusions, collectives, the fused attention kernel).")
+    _MAX_BATCH = flags.DEFINE_bool(
+        "max_batch", False, "Search the largest global batch that fits (a few compiles: two "
+        "probes fit a line to memory vs batch, then the prediction is checked).")
+    _CLIP = flags.DEFINE_bool(
+        "clip_baseline", False, "Also compile the CLIP-only step (image <-> caption loss) of each "
+        "row and report the UMG / CLIP ratio of compiled FLOPs (doubles the compile time).")
 
-GiB = 1024 ** 3
-PROFILES_FILE = os.path.join(os.path.dirname(__file__), "device_profiles.json")
 
-
-def load_profiles() -> dict:
-    with open(PROFILES_FILE) as f:
-        return json.load(f)
-
-
-def analyse(config, *, target: dict, mfu: float = 0.4, devices=None) -> dict:
-    """Lowers + compiles the train step for ``config`` on the current (fake) devices.
-
-    Returns per-device bytes, FLOPs, collective bytes and the fit verdict against ``target``
-    (``{"hbm_gib", "bf16_tflops"}``).
-    """
+def _shard_bytes(tree) -> int:
     import jax
     import numpy as np
 
-    from umg_jax import config_checks, hlo_stats, optim, sharding
+    return int(sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                   for a in jax.tree.leaves(tree)))
+
+
+def compile_step(config, devices):
+    """Lowers and compiles the train step of ``config`` for ``devices`` (abstract or real).
+
+    Returns ``(compiled, abstract_state, abstract_batch, mesh, compile_seconds)``.
+    """
+    import jax
+
+    from umg_jax import config_checks, optim, sharding
     from umg_jax import step as step_lib
     from umg_jax.data import schema
     from umg_jax.models import clip
 
-    devices = jax.devices() if devices is None else devices
     config_checks.validate(config, num_devices=len(devices))
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     model = clip.build_model(config.model)
@@ -80,42 +114,115 @@ def analyse(config, *, target: dict, mfu: float = 0.4, devices=None) -> dict:
                                   abstract, state_sh)
     abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh)
                       for k, (s, d) in shapes.items()}
+    t0 = time.perf_counter()
     compiled = step_fn.lower(abstract_state, abstract_batch).compile()
+    return compiled, abstract_state, abstract_batch, mesh, time.perf_counter() - t0
+
+
+def roofline(costs: dict, chip) -> dict:
+    """Step-time bound from compiled per-device costs and the chip's spec.
+
+    ``costs``: ``{"flops", "bytes_accessed", "ici_traffic_bytes"}`` per device. Compute and HBM
+    traffic overlap (max of the two); collectives are added on top (no overlap with compute, all
+    of the chip's ICI / NVLink bandwidth). Returns seconds and which term bounds the step.
+    """
+    compute = costs["flops"] / chip.peak_flops
+    memory = costs["bytes_accessed"] / (chip.hbm_gbps * 1e9)
+    comm = costs["ici_traffic_bytes"] / (chip.ici_gbps * 1e9)
+    step = max(compute, memory) + comm
+    bound = max((compute, "compute"), (memory, "memory"), (comm, "collectives"))[1]
+    return {"compute_s": compute, "memory_s": memory, "collective_s": comm, "step_s": step,
+            "bound": bound}
+
+
+def clip_only(config):
+    """The same config with only the image <-> caption loss (CLIP's step, for the FLOP ratio)."""
+    c = config.copy_and_resolve_references()
+    c.loss.update(w_tags=0.0, w_region=0.0, w_mask=0.0, w_pixel=0.0)
+    return c
+
+
+def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False,
+            hlo_path: str | None = None) -> dict:
+    """Compiles the train step of ``config`` for ``devices`` and measures it against ``chip``.
+
+    ``compiler``: ``"tpu"`` (libtpu, abstract TPU devices) or ``"cpu-standin"`` (fake CPU
+    devices). Returns one JSON-able row (see the module docstring).
+    """
+    import jax
+
+    from umg_jax import hlo_stats
+    from umg_jax import step as step_lib
+
+    compiled, a_state, a_batch, mesh, seconds = compile_step(config, devices)
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):  # older jax returned one dict per partition
-        cost = cost[0] if cost else {}
-
-    def shard_bytes(tree) -> int:
-        return int(sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-                       for a in jax.tree.leaves(tree)))
-
-    params_b = shard_bytes(abstract_state.params)
-    opt_b = shard_bytes(abstract_state.opt_state)
-    batch_b = shard_bytes(abstract_batch)
-    temp_b = int(mem.temp_size_in_bytes)
-    # Donated state aliases the output; the rest of the output is new memory.
-    total_b = int(mem.argument_size_in_bytes + temp_b + mem.output_size_in_bytes
-                  - mem.alias_size_in_bytes)
-    analytic = step_lib.step_flops(config)
+    xla = compiled.cost_analysis() or {}
+    if isinstance(xla, list):  # older jax returned one dict per partition
+        xla = xla[0] if xla else {}
+    text = compiled.as_text()
+    if hlo_path:
+        os.makedirs(os.path.dirname(os.path.abspath(hlo_path)), exist_ok=True)
+        with open(hlo_path, "w") as f:
+            f.write(text)
+    costs = hlo_stats.program_costs(text)
+    del text
     n = len(devices)
-    xla_flops = float(cost.get("flops", 0.0))
-    coll = hlo_stats.collective_bytes(compiled.as_text())
-    hbm = target["hbm_gib"] * GiB
-    step_time = analytic / (n * target["bf16_tflops"] * 1e12 * mfu)
-    return {
-        "devices": n, "mesh": dict(mesh.shape), "batch_size": config.batch_size,
-        "remat": bool(config.model.remat), "dtype": config.model.dtype,
-        "bytes_per_device": {"params": params_b, "opt_state": opt_b, "gradients": params_b,
-                             "batch": batch_b, "temp_xla": temp_b,
-                             "arguments_xla": int(mem.argument_size_in_bytes), "total": total_b},
+    code = int(getattr(mem, "generated_code_size_in_bytes", 0) or 0) if compiler == "tpu" else 0
+    total = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                + mem.temp_size_in_bytes + code)
+    params_b = _shard_bytes(a_state.params)
+    analytic = step_lib.step_flops(config)
+    roof = roofline(costs, chip)
+    row = {
+        "compiler": compiler, "chip": chip.name, "devices": n,
+        "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+        "batch_size": int(config.batch_size),
+        "per_device_batch": config.batch_size / math.prod(mesh.shape[a]
+                                                          for a in ("data", "fsdp")),
+        "remat": bool(config.model.remat), "scan": bool(config.model.scan),
+        "dtype": config.model.dtype, "compile_s": seconds,
+        "bytes_per_device": {
+            "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+            "aliased": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
+            "generated_code": code, "total": total,
+            "params": params_b, "opt_state": _shard_bytes(a_state.opt_state),
+            "batch": _shard_bytes(a_batch)},
+        "hbm_bytes": chip.hbm_bytes, "fits": total <= chip.hbm_bytes,
+        "margin_gib": (chip.hbm_bytes - total) / GiB,
         "flops_per_step": {"analytic_total": analytic, "analytic_per_device": analytic / n,
-                           "xla_per_device": xla_flops},
-        "collective_bytes_per_device": coll,
-        "hbm_bytes": hbm, "fits": total_b <= hbm, "margin_gib": (hbm - total_b) / GiB,
-        "est_step_time_s": step_time, "est_images_per_s": config.batch_size / step_time,
-        "mfu_assumed": mfu,
+                           "compiled_per_device": costs["flops"]},
+        "compiled": {k: costs[k] for k in ("flops", "bytes_accessed", "ici_traffic_bytes",
+                                           "unknown_trip_counts", "while_loops",
+                                           "custom_calls")},
+        "xla_cost_analysis": {"flops": float(xla.get("flops", 0.0)),
+                              "bytes_accessed": float(xla.get("bytes accessed", 0.0)),
+                              "note": "loop bodies counted once"},
+        "collective_bytes_per_device": costs["collective_bytes"],
+        "fused_attention_calls": int(costs["custom_calls"].get("tpu_custom_call", 0)),
+        "roofline": roof, "est_step_time_s": roof["step_s"],
+        "est_images_per_s": config.batch_size / roof["step_s"] if roof["step_s"] else 0.0,
+        "est_mfu": analytic / n / roof["step_s"] / chip.peak_flops if roof["step_s"] else 0.0,
     }
+    del compiled
+    jax.clear_caches()  # one compiled ViT-L step holds GBs of host memory; rows add up
+    if clip_baseline:
+        row.update(clip_baseline_costs(config, devices, costs["flops"]))
+    return row
+
+
+def clip_baseline_costs(config, devices, umg_flops: float) -> dict:
+    """Compiles the CLIP-only step of ``config`` (same batch and model) and returns its compiled
+    FLOPs per device and the UMG / CLIP ratio."""
+    import jax
+
+    from umg_jax import hlo_stats
+
+    base, *_ = compile_step(clip_only(config), devices)
+    base_flops = hlo_stats.program_costs(base.as_text())["flops"]
+    del base
+    jax.clear_caches()
+    return {"clip_only_compiled_flops_per_device": base_flops,
+            "umg_over_clip_flops": umg_flops / base_flops if base_flops else None}
 
 
 def _parse_value(text: str, current):
@@ -124,6 +231,13 @@ def _parse_value(text: str, current):
             raise ValueError(f"expected a boolean, got {text!r}")
         return text.lower() in ("true", "1")
     return type(current)(text) if current is not None else text
+
+
+def _set(config, key: str, value) -> None:
+    node = config
+    for part in key.split(".")[:-1]:
+        node = node[part]
+    node[key.split(".")[-1]] = value
 
 
 def sweep_configs(config, sweeps: list[str]):
@@ -143,80 +257,239 @@ def sweep_configs(config, sweeps: list[str]):
     for combo in itertools.product(*axes) if axes else [()]:
         c = config.copy_and_resolve_references()
         for key, value in combo:
-            node = c
-            for part in key.split(".")[:-1]:
-                node = node[part]
-            node[key.split(".")[-1]] = value
+            _set(c, key, value)
         yield dict(combo), c
 
 
-def format_rows(rows: list[dict], target_name: str) -> str:
-    head = (f"{'config':<34} {'params':>8} {'opt':>8} {'temp':>8} {'total':>8} {'HBM':>6} "
-            f"{'fits':>5} {'TFLOP/dev':>9} {'coll GiB':>8} {'img/s':>9}")
-    lines = [f"per-device memory in GiB on {target_name}", head, "-" * len(head)]
+def batch_granule(config, n_devices: int) -> int:
+    """Global batches must be multiples of this: the data x fsdp shards (mesh -1 resolved)."""
+    sizes = {a: int(config.mesh[a]) for a in ("data", "fsdp", "tensor")}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    for a, s in sizes.items():
+        if s == -1:
+            sizes[a] = n_devices // fixed
+    return sizes["data"] * sizes["fsdp"]
+
+
+def find_max_batch(config, *, chip, devices, compiler: str, log=print) -> tuple[dict, list]:
+    """Largest global batch of ``config`` that fits ``chip`` (in multiples of the batch shards).
+
+    Memory is close to linear in the per-device batch: two probes (the config's batch and half /
+    double it) fit the line, the prediction is compiled, and the search steps down (or up) from
+    it until the boundary is bracketed. Returns ``(best fitting row, every probe row)``.
+    """
+    g = batch_granule(config, len(devices))
+    probes: dict[int, dict] = {}
+
+    def probe(b: int) -> dict:
+        if b not in probes:
+            c = config.copy_and_resolve_references()
+            c.batch_size = b
+            log(f"  probe batch_size={b} ...")
+            probes[b] = analyse(c, chip=chip, devices=devices, compiler=compiler)
+            r = probes[b]
+            log(f"  batch_size={b}: {r['bytes_per_device']['total'] / GiB:.2f} GiB / "
+                f"{chip.hbm_gib:g} ({'fits' if r['fits'] else 'does not fit'})")
+        return probes[b]
+
+    b0 = max(g, config.batch_size // g * g)
+    r0 = probe(b0)
+    b1 = b0 * 2 if r0["fits"] else max(g, b0 // 2 // g * g)
+    if b1 == b0:
+        b1 = b0 + g
+    probe(b1)
+    secant = True
+    while len(probes) < 8:
+        fitting = sorted(b for b, r in probes.items() if r["fits"])
+        failing = sorted(b for b, r in probes.items() if not r["fits"])
+        lo = fitting[-1] if fitting else None
+        hi = failing[0] if failing else None
+        if lo is not None and hi is not None and hi - lo <= max(g, lo // 32):
+            break  # bracketed within ~3 %
+        if lo is not None and hi is not None and not secant:
+            nxt = (lo + hi) // 2 // g * g  # bisection: progress when the line misleads
+        else:
+            # The line through the two probes nearest the boundary, aimed at the HBM size.
+            (ba, ra), (bb, rb) = sorted(probes.items(),
+                                        key=lambda kv: abs(kv[1]["margin_gib"]))[:2]
+            ta, tb = ra["bytes_per_device"]["total"], rb["bytes_per_device"]["total"]
+            if (tb - ta) * (bb - ba) > 0:
+                nxt = int(ba + (chip.hbm_bytes - ta) * (bb - ba) / (tb - ta)) // g * g
+            else:  # memory flat in the batch (or noisy): double / halve
+                nxt = lo * 2 if hi is None else max(g, hi // 2 // g * g)
+        secant = not secant
+        if lo is not None:
+            nxt = max(nxt, lo + g)
+        if hi is not None:
+            nxt = min(nxt, hi - g)
+        nxt = max(g, nxt)
+        if nxt in probes:
+            break
+        probe(nxt)
+    fitting = [b for b, r in probes.items() if r["fits"]]
+    if not fitting:
+        return probes[min(probes)], list(probes.values())
+    return probes[max(fitting)], list(probes.values())
+
+
+def plan(topology: str | None, devices: int | None, target: str | None,
+         libtpu: bool) -> tuple[str, str | None, object, int]:
+    """What to compile for: ``(compiler, topology, chip, device count)``.
+
+    ``--devices N`` (CPU stand-in) or ``--topology`` (default :data:`DEFAULT_TOPOLOGY`); without
+    libtpu a topology falls back to the CPU stand-in with as many fake devices. The chip is the
+    topology's, or ``--target`` for the stand-in (default tpu_v5e). ``ValueError`` (incl.
+    ``accelerators.TopologyError``) for a bad request.
+    """
+    from umg_jax import accelerators
+
+    if devices is not None and topology is not None:
+        raise ValueError("give --topology (TPU compiler) or --devices (CPU stand-in), not both")
+    if devices is not None and devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {devices}")
+    topology = None if devices is not None else (topology or DEFAULT_TOPOLOGY)
+    chip = accelerators.topology_chip(topology) if topology else None
+    n = accelerators.topology_size(topology) if topology else devices
+    if target is not None:
+        if target not in accelerators.chips():
+            raise ValueError(f"unknown --target {target!r}; known: "
+                             f"{', '.join(accelerators.chips())}")
+        if chip is not None and target != chip.name:
+            raise ValueError(f"--target {target} contradicts --topology {topology} "
+                             f"({chip.name})")
+        chip = accelerators.chips()[target]
+    chip = chip or accelerators.chips()["tpu_v5e"]
+    compiler = "tpu" if topology and libtpu else "cpu-standin"
+    return compiler, topology, chip, n
+
+
+def format_rows(rows: list[dict], where: str, compiler: str) -> str:
+    tag = "[TPU compiler]" if compiler == "tpu" else "[CPU STAND-IN, not the TPU compiler]"
+    head = (f"{'config':<28} {'batch':>7} {'args':>6} {'temp':>6} {'total':>6} {'HBM':>4} "
+            f"{'fits':>4} {'TFLOP/dev':>9} {'GB acc':>7} {'coll GB':>7} {'bound':>8} "
+            f"{'img/s':>8} {'MFU':>4}")
+    lines = [f"{tag} per-device GiB on {where}", f"{tag} {head}", f"{tag} " + "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['name']:<34} error: {r['error']}")
+            lines.append(f"{tag} {r['name']:<28} error: {r['error']}")
             continue
         b = r["bytes_per_device"]
         lines.append(
-            f"{r['name']:<34} {b['params'] / GiB:>8.2f} {b['opt_state'] / GiB:>8.2f} "
-            f"{b['temp_xla'] / GiB:>8.2f} {b['total'] / GiB:>8.2f} {r['hbm_bytes'] / GiB:>6.0f} "
-            f"{'yes' if r['fits'] else 'NO':>5} "
-            f"{r['flops_per_step']['analytic_per_device'] / 1e12:>9.2f} "
-            f"{sum(r['collective_bytes_per_device'].values()) / GiB:>8.2f} "
-            f"{r['est_images_per_s']:>9.0f}")
+            f"{tag} {r['name'][:28]:<28} {r['batch_size']:>7} {b['arguments'] / GiB:>6.2f} "
+            f"{b['temp'] / GiB:>6.2f} {b['total'] / GiB:>6.2f} {r['hbm_bytes'] / GiB:>4.0f} "
+            f"{'yes' if r['fits'] else 'NO':>4} "
+            f"{r['compiled']['flops'] / 1e12:>9.2f} {r['compiled']['bytes_accessed'] / 1e9:>7.1f} "
+            f"{sum(r['collective_bytes_per_device'].values()) / 1e9:>7.2f} "
+            f"{r['roofline']['bound']:>8} {r['est_images_per_s']:>8.0f} "
+            f"{100 * r['est_mfu']:>3.0f}%")
+        if r.get("umg_over_clip_flops"):
+            lines.append(f"{tag}   UMG / CLIP-only step, compiled FLOPs: "
+                         f"{r['umg_over_clip_flops']:.2f}x")
+        if r["compiled"]["unknown_trip_counts"]:
+            lines.append(f"{tag}   {r['compiled']['unknown_trip_counts']} loop(s) with an "
+                         "unreadable trip count were counted once")
     return "\n".join(lines)
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from umg_jax import accelerators
+
     if _CONFIG.value is None:
-        print("error: --config is required", file=sys.stderr)
-        sys.exit(2)
-    profiles = load_profiles()
-    if _TARGET.value not in profiles:
-        print(f"error: unknown --target {_TARGET.value!r}; known: {', '.join(sorted(profiles))}",
-              file=sys.stderr)
-        sys.exit(2)
+        _fail("--config is required")
+    try:
+        compiler, topology, chip, n = plan(_TOPOLOGY.value, _DEVICES.value, _TARGET.value,
+                                           accelerators.tpu_compiler_available())
+    except ValueError as e:
+        _fail(str(e))
+    if compiler == "cpu-standin" and topology:
+        print(f"[CPU STAND-IN] libtpu is not installed: falling back to {n} fake CPU devices "
+              f"judged as {chip.name} "
+              "(pip install -r requirements-tpu.txt for the TPU compiler)", file=sys.stderr)
     import jax
 
-    # Must happen before the backend starts: the tool sets its own fake device count.
-    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-    if len(jax.devices()) != _DEVICES.value:
-        print(f"error: could not create {_DEVICES.value} CPU devices (got {len(jax.devices())})",
-              file=sys.stderr)
-        sys.exit(2)
+    if compiler == "cpu-standin":
+        # Must happen before the backend starts: the tool sets its own fake device count.
+        jax.config.update("jax_num_cpu_devices", n)
+        devices = jax.devices("cpu")
+        if len(devices) != n:
+            _fail(f"could not create {n} CPU devices (got {len(devices)})")
+    else:
+        # The local backend stays the CPU: never try to open a TPU on this host (a TPU VM's chips
+        # may be busy; the compile is deviceless anyway).
+        jax.config.update("jax_platforms", "cpu")
+        try:
+            devices = accelerators.topology_devices(topology)
+        except accelerators.TopologyError as e:
+            _fail(str(e))
+        except accelerators.CompilerUnavailable as e:
+            _fail(str(e))
     from umg_jax import config_checks
 
-    rows = []
+    where = (f"{topology} ({n} x {devices[0].device_kind}, {chip.hbm_gib:g} GiB each)"
+             if compiler == "tpu" else f"{n} fake CPU devices judged as {chip.name} "
+             f"({chip.hbm_gib:g} GiB each)")
+    tag = "[TPU compiler]" if compiler == "tpu" else "[CPU STAND-IN]"
     try:
         grid = list(sweep_configs(_CONFIG.value, _SWEEP.value))
     except (ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    rows = []
     for overrides, cfg in grid:
         name = ",".join(f"{k}={v}" for k, v in overrides.items()) or cfg.get("name", "config")
-        print(f"compiling {name} on {_DEVICES.value} devices ...", file=sys.stderr, flush=True)
+        print(f"{tag} compiling {name} for {where} ...", file=sys.stderr, flush=True)
         try:
-            r = analyse(cfg, target=profiles[_TARGET.value], mfu=_MFU.value)
-        except config_checks.ConfigError as e:
+            if _MAX_BATCH.value:
+                r, probes = find_max_batch(
+                    cfg, chip=chip, devices=devices, compiler=compiler,
+                    log=lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True))
+                r = dict(r, max_batch_probes=[
+                    {"batch_size": p["batch_size"], "total": p["bytes_per_device"]["total"],
+                     "fits": p["fits"]} for p in probes])
+                if _CLIP.value:
+                    best = cfg.copy_and_resolve_references()
+                    best.batch_size = r["batch_size"]
+                    r.update(clip_baseline_costs(best, devices, r["compiled"]["flops"]))
+            else:
+                hlo = (os.path.join(_HLO_DIR.value, f"{name.replace('/', '_')}.hlo.txt")
+                       if _HLO_DIR.value else None)
+                r = analyse(cfg, chip=chip, devices=devices, compiler=compiler,
+                            clip_baseline=_CLIP.value, hlo_path=hlo)
+        except (config_checks.ConfigError, ValueError) as e:
             if len(grid) == 1:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
+                _fail(str(e))
             r = {"error": str(e)}
         rows.append({"name": name, "overrides": overrides, **r})
-    print(format_rows(rows, _TARGET.value))
+        print(f"{tag} {name}: compiled in {r.get('compile_s', 0):.0f} s", file=sys.stderr,
+              flush=True)
+    print(format_rows(rows, where, compiler))
     for r in rows:
         if "error" not in r and not r["fits"]:
-            print(f"{r['name']}: does not fit by {-r['margin_gib']:.2f} GiB per device "
+            print(f"{tag} {r['name']}: does not fit by {-r['margin_gib']:.2f} GiB per device "
                   f"({r['bytes_per_device']['total'] / GiB:.2f} GiB needed, "
                   f"{r['hbm_bytes'] / GiB:.0f} GiB available)")
     if _JSON.value:
+        import importlib.metadata as md
+
+        def version(p):
+            try:
+                return md.version(p)
+            except md.PackageNotFoundError:
+                return None
+
+        out = {"compiler": compiler, "topology": topology, "chip": chip.name, "devices": n,
+               "config": _CONFIG.value.get("name", None),
+               "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+               "libtpu": version("libtpu"), "rows": rows}
+        os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
         with open(_JSON.value, "w") as f:
-            json.dump({"target": _TARGET.value, "devices": _DEVICES.value, "rows": rows}, f,
-                      indent=2, default=str)
+            json.dump(out, f, indent=2, default=str)
     ok = [r for r in rows if "error" not in r]
     if not ok or not all(r["fits"] for r in ok):
         sys.exit(1)

@@ -1,85 +1,441 @@
-"""Reads collective traffic out of a compiled (SPMD-partitioned) HLO module's text.
+"""Per-step costs read out of a compiled (SPMD-partitioned) HLO module's text: matmul FLOPs, HBM
+bytes accessed and collective traffic, per device, with loops counted as often as they run.
 
-Ops inside ``while`` bodies are counted ``known_trip_count`` times (scanned layers, chunked loss
-loops); ops in called computations (fusions, calls, conditionals) once per call site.
+Why not ``compiled.cost_analysis()``: XLA's cost analysis counts a ``while`` body once, so a
+scanned 24-layer tower (``model.scan``) and the chunked contrastive loss are undercounted by
+their trip counts (ViT-L at 32k: 14.8 compiled vs 143.8 analytic TFLOP per device). Here every
+instruction is weighted by the trip counts of the loops around it. The TPU compiler does not
+annotate ``known_trip_count``: the count is read from the loop condition (``i < N`` against a
+constant, how ``lax.scan`` / ``fori_loop`` lower); a loop whose count cannot be read counts once
+and is reported in ``unknown_trip_counts``.
+
+- FLOPs: ``dot`` and ``convolution`` (the TPU compiler writes matmuls as convolutions) with
+  XLA's own formula (valid kernel positions per spatial dimension, group counts); elementwise
+  work is not counted (model FLOPs are matmuls). Pallas kernels (``tpu_custom_call``) are opaque:
+  counted in ``custom_calls``, not in FLOPs.
+- Bytes accessed: operands + result of every instruction that runs on its own (fusions count at
+  their call site, as XLA's cost analysis does, so traffic inside a fusion is not counted; an
+  operand a fusion only slices counts as its slices, an in-place dynamic-update-slice as its
+  update);
+  arrays the TPU compiler placed in on-chip memory (layout ``S(1)`` / ``S(2)``) are not HBM
+  traffic and are skipped.
+- Collectives: result bytes per kind (async ``-start`` ops included, ``-done`` not double
+  counted), and an interconnect traffic estimate: all-gather / permute / all-to-all move their
+  result, reduce-scatter its operand, all-reduce twice its size (reduce-scatter + all-gather).
+  A collective inside a fusion (the TPU compiler's async collective fusions, which spread one
+  collective over the iterations of the loop it overlaps) counts once per program.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
 import re
+
+import numpy as np
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 _DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
-                "pred": 1, "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
-_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+                "pred": 1, "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1,
+                "s4": 1, "u4": 1, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _COMP_HEAD = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(")
-_OP = re.compile(r"=\s*(.*?)\s+([a-z\-]+)\(")
+_INSTR = re.compile(r"^(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLEE = re.compile(r"(?:body|calls|to_apply|branch_computations|true_computation|"
-                     r"false_computation)=\{?%([\w.\-]+)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+# Ops that move no data of their own (views, bookkeeping) or whose cost is their callees'.
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
+         "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
+         "add-dependency", "get-dimension-size", "domain"}
 
 
-def shape_bytes(type_str: str) -> int:
-    """Bytes of every array in an HLO result type such as ``(f32[8,64]{1,0}, bf16[2])``."""
+def shape_bytes(type_str: str, hbm_only: bool = False) -> int:
+    """Bytes of every array in an HLO result type such as ``(f32[8,64]{1,0}, bf16[2])``.
+    ``hbm_only``: skip arrays whose layout puts them in another memory space (``S(1)``: the TPU's
+    on-chip VMEM, ``S(2)``: SMEM), which are not HBM traffic."""
     total = 0
-    for dtype, dims in _SHAPE.findall(type_str):
+    for dtype, dims, layout in _SHAPE.findall(type_str):
         if dtype not in _DTYPE_BYTES:
             continue
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES[dtype]
+        if hbm_only and layout:
+            space = _MEMORY_SPACE.search(layout)
+            if space and space.group(1) != "0":
+                continue
+        total += math.prod(int(d) for d in filter(None, dims.split(","))) * _DTYPE_BYTES[dtype]
     return total
 
 
-def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
-    comps: dict[str, list[str]] = {}
+def _dims(type_str: str) -> tuple[int, ...]:
+    m = _SHAPE.search(type_str)
+    return tuple(int(d) for d in filter(None, m.group(2).split(","))) if m else ()
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    type: str
+    op: str
+    operands: list[str]
+    attrs: str
+    line: str
+
+
+def _split_args(rest: str) -> tuple[str, str]:
+    """``"a, b), attr=..."`` -> (``"a, b"``, ``"attr=..."``): the operand list up to its closing
+    parenthesis (nested parentheses in operand types are skipped)."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return rest[:i], rest[i + 1:]
+    return rest, ""
+
+
+def parse_module(text: str) -> tuple[dict[str, list[Instr]], str | None]:
+    """``({computation: [Instr]}, entry name)`` of an HLO module's text."""
+    comps: dict[str, list[Instr]] = {}
     entry = None
     current = None
     for line in text.splitlines():
         s = line.strip()
         m = _COMP_HEAD.match(s)
-        if m and s.endswith("{"):
+        if m and s.endswith("{") and " = " not in s.split("(")[0]:
             current = m.group(1)
             comps[current] = []
             if s.startswith("ENTRY"):
                 entry = current
-        elif s == "}":
+            continue
+        if s == "}":
             current = None
-        elif current is not None:
-            comps[current].append(s)
+            continue
+        if current is None:
+            continue
+        m = _INSTR.match(s)
+        if m:
+            args, attrs = _split_args(m.group(4))
+            comps[current].append(Instr(m.group(1), m.group(2), m.group(3),
+                                        _OPERAND.findall(args), attrs, s))
     return comps, entry
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """``{collective kind: result bytes per device per step}`` (async ``-start`` ops included,
-    ``-done`` ops not double counted)."""
-    comps, entry = _computations(hlo_text)
-    memo: dict[str, collections.Counter] = {}
+def _callees(attrs: str, key: str) -> list[str]:
+    m = re.search(key + r"=\{?([^}]*?)\}?(?:,\s|$)", attrs)
+    if not m:
+        return []
+    return _OPERAND.findall(m.group(1)) or [x.strip().lstrip("%") for x in m.group(1).split(",")]
 
-    def visit(name: str, depth: int = 0) -> collections.Counter:
-        if name in memo:
-            return memo[name]
-        out: collections.Counter = collections.Counter()
-        memo[name] = out  # guards against cycles
-        for s in comps.get(name, []):
-            m = _OP.search(s)
+
+def trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int | None:
+    """Iterations of a ``while``: its ``known_trip_count``, else the constant ``N`` of an
+    ``i < N`` loop condition (loops from ``lax.scan`` / ``fori_loop`` count from 0 by 1)."""
+    t = _TRIP.search(instr.attrs)
+    if t:
+        return int(t.group(1))
+    cond = _callees(instr.attrs, "condition")
+    body = comps.get(cond[0]) if cond else None
+    if not body:
+        return None
+    consts = {}
+    for i in body:
+        if i.op == "constant" and i.type.startswith(("s32[]", "s64[]", "u32[]")):
+            m = re.search(r"constant\((-?\d+)\)", i.line)
             if m:
-                rtype, op = m.group(1), m.group(2)
-                base = op[:-6] if op.endswith("-start") else op
-                if base in COLLECTIVES and not op.endswith("-done"):
-                    out[base] += shape_bytes(rtype)
-            mult = 1
-            t = _TRIP.search(s)
-            if t and " while(" in s:
-                mult = int(t.group(1))
-            for callee in _CALLEE.findall(s):
-                if callee in comps and depth < 50:
-                    for k, v in visit(callee, depth + 1).items():
-                        out[k] += mult * v
+                consts[i.name] = int(m.group(1))
+    for i in body:
+        if i.op == "compare" and "direction=LT" in i.attrs and len(i.operands) == 2:
+            if i.operands[1] in consts:
+                return max(consts[i.operands[1]], 0)
+    return None
+
+
+def _window(attrs: str, n: int) -> dict[str, list]:
+    """Per-spatial-dimension window attributes of a convolution (defaults when absent)."""
+    out = {"size": [1] * n, "stride": [1] * n, "pad": [(0, 0)] * n, "lhs_dilate": [1] * n,
+           "rhs_dilate": [1] * n}
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    if not m:
+        return out
+    for part in m.group(1).split():
+        key, _, val = part.partition("=")
+        if key == "pad":
+            out["pad"] = [tuple(int(x) for x in p.split("_")) for p in val.split("x")]
+        elif key in out:
+            out[key] = [int(x) for x in val.split("x")]
+    return out
+
+
+def _valid_positions(in_size: int, k_size: int, out_size: int, stride: int, pad_lo: int,
+                     lhs_dil: int, rhs_dil: int) -> int:
+    """(output, kernel) position pairs of one spatial dimension that read a real input element
+    (not padding, not a dilation hole): XLA's count for convolution FLOPs."""
+    o = np.arange(out_size)[:, None]
+    k = np.arange(k_size)[None, :]
+    idx = o * stride - pad_lo + k * rhs_dil
+    ok = (idx >= 0) & (idx % lhs_dil == 0) & (idx // lhs_dil < in_size)
+    return int(ok.sum())
+
+
+def conv_flops(instr: Instr, types: dict[str, str]) -> float:
+    """FLOPs (2 per multiply-add) of a ``convolution`` instruction."""
+    m = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", instr.attrs)
+    if not m or len(instr.operands) < 2:
+        return 0.0
+    lhs_l, rhs_l, out_l = m.groups()
+    lhs, rhs = (_dims(types.get(o, "")) for o in instr.operands[:2])
+    out = _dims(instr.type)
+    if len(lhs) != len(lhs_l) or len(rhs) != len(rhs_l) or len(out) != len(out_l):
+        return 0.0
+    spatial = sorted(c for c in lhs_l if c.isdigit())
+    win = _window(instr.attrs, len(spatial))
+    valid = 1
+    for j, c in enumerate(spatial):
+        valid *= _valid_positions(lhs[lhs_l.index(c)], rhs[rhs_l.index(c)], out[out_l.index(c)],
+                                  win["stride"][j], win["pad"][j][0], win["lhs_dilate"][j],
+                                  win["rhs_dilate"][j])
+    fgc = int((re.search(r"feature_group_count=(\d+)", instr.attrs) or [0, 1])[1])
+    bgc = int((re.search(r"batch_group_count=(\d+)", instr.attrs) or [0, 1])[1])
+    fma = (lhs[lhs_l.index("f")] // fgc) * out[out_l.index("f")] * (lhs[lhs_l.index("b")] // bgc)
+    return 2.0 * fma * valid
+
+
+def dot_flops(instr: Instr, types: dict[str, str]) -> float:
+    """FLOPs of a ``dot``: 2 x result elements x contracted size."""
+    m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
+    lhs = _dims(types.get(instr.operands[0], "")) if instr.operands else ()
+    contracted = math.prod(lhs[int(d)] for d in filter(None, m.group(1).split(","))) if m and lhs \
+        else 1
+    return 2.0 * math.prod(_dims(instr.type)) * contracted
+
+
+_SLICES = ("slice", "dynamic-slice")
+
+
+def _users(instrs: list[Instr]) -> dict[str, list[tuple[Instr, int]]]:
+    out: dict[str, list[tuple[Instr, int]]] = collections.defaultdict(list)
+    for i in instrs:
+        for pos, o in enumerate(i.operands):
+            out[o].append((i, pos))
+    return out
+
+
+# Ops that read each input element once into an output of the same shape (a slice taken after
+# them reads only the sliced part of their input).
+_PASS_THROUGH = ("bitcast", "reshape", "convert", "copy", "negate", "exponential", "tanh",
+                 "multiply", "add", "subtract", "divide")
+
+
+def _elements(type_str: str) -> int:
+    return math.prod(_dims(type_str)) if _SHAPE.search(type_str) else 1
+
+
+def _read_fraction(instr: Instr, users: dict, comps: dict, depth: int = 0) -> float:
+    """Fraction of value ``instr`` that its uses inside a fused computation read: the slices
+    taken when every use is a (dynamic-)slice, nothing for the buffer a dynamic-update-slice
+    writes in place, followed through shape-preserving elementwise ops and nested fusions."""
+    uses = users.get(instr.name, [])
+    if not uses or depth > 8:
+        return 1.0
+    n = max(_elements(instr.type), 1)
+    total = 0.0
+    for u, pos in uses:
+        if u.op in _SLICES and pos == 0:
+            total += _elements(u.type) / n
+        elif u.op == "dynamic-update-slice" and pos == 0:
+            continue
+        elif u.op in _PASS_THROUGH and _elements(u.type) == n:
+            total += _read_fraction(u, users, comps, depth + 1)
+        elif u.op == "fusion":
+            total += _param_fraction(u, pos, comps, depth + 1)
+        elif u.op == "tuple" and u.line.startswith("ROOT"):
+            continue  # passed through to the output, aliased in place: not read
+        else:
+            return 1.0
+    return min(total, 1.0)
+
+
+def _param_fraction(fusion: Instr, pos: int, comps: dict, depth: int = 0) -> float:
+    """Fraction of its operand ``pos`` that a fusion reads."""
+    callees = _callees(fusion.attrs, "calls")
+    body = comps.get(callees[0]) if callees else None
+    if not body:
+        return 1.0
+    for i in body:
+        if i.op == "parameter" and re.search(rf"parameter\({pos}\)", i.line):
+            return _read_fraction(i, _users(body), comps, depth)
+    return 1.0
+
+
+def _written_bytes(root: Instr, by_name: dict[str, Instr]) -> int:
+    """HBM bytes written by a fused computation's root: a dynamic-update-slice writes its update
+    (in place), a tuple the sum of its elements."""
+    if root.op == "dynamic-update-slice" and len(root.operands) > 1:
+        upd = by_name.get(root.operands[1])
+        return shape_bytes(upd.type, True) if upd else shape_bytes(root.type, True)
+    if root.op == "tuple":
+        return sum(_written_bytes(by_name[o], by_name) if o in by_name else 0
+                   for o in root.operands)
+    if root.op == "parameter" or root.op.removesuffix("-start") in COLLECTIVES:
+        return 0  # an input passed through in place; a collective's result is ICI traffic
+    if root.op in ("bitcast", "reshape") and root.operands and root.operands[0] in by_name:
+        return _written_bytes(by_name[root.operands[0]], by_name)
+    return shape_bytes(root.type, True)
+
+
+def fusion_bytes(instr: Instr, types: dict[str, str], comps: dict[str, list[Instr]]) -> int:
+    """HBM bytes a fusion reads and writes: its operands (only the slices it takes of them) and
+    its result (only the update of an in-place dynamic-update-slice), as XLA's cost analysis
+    counts a fusion. A scan over stacked layers or text chunks slices one row of a big array
+    per iteration; counting the whole array each time overstates traffic by the trip count."""
+    callees = _callees(instr.attrs, "calls")
+    body = comps.get(callees[0]) if callees else None
+    if not body:
+        return shape_bytes(instr.type, True) + sum(shape_bytes(types.get(o, ""), True)
+                                                   for o in instr.operands)
+    read = sum(_param_fraction(instr, pos, comps) * shape_bytes(types.get(o, ""), True)
+               for pos, o in enumerate(instr.operands))
+    root = next((i for i in body if i.line.startswith("ROOT")), body[-1])
+    return read + _written_bytes(root, {i.name: i for i in body})
+
+
+def _traffic(kind: str, instr: Instr, types: dict[str, str]) -> int:
+    if kind == "reduce-scatter":
+        return sum(shape_bytes(types.get(o, "")) for o in instr.operands)
+    return shape_bytes(instr.type) * (2 if kind == "all-reduce" else 1)
+
+
+def program_costs(hlo_text: str) -> dict:
+    """Per-device costs of one execution of the module (loops weighted by their trip counts).
+
+    Returns ``{"flops": float, "bytes_accessed": float, "collective_bytes": {kind: bytes},
+    "ici_traffic_bytes": float, "custom_calls": {target: count}, "unknown_trip_counts": int,
+    "while_loops": int}``.
+    """
+    comps, entry = parse_module(hlo_text)
+    types = {name: {i.name: i.type for i in instrs} for name, instrs in comps.items()}
+    unknown = [0]
+    loops = [0]
+
+    def flops_of(name: str, seen: tuple = ()) -> float:
+        """FLOPs inside a fused computation (recursively through nested fusions)."""
+        if name in seen or name not in comps:
+            return 0.0
+        total = 0.0
+        for i in comps[name]:
+            if i.op == "convolution":
+                total += conv_flops(i, types[name])
+            elif i.op == "dot":
+                total += dot_flops(i, types[name])
+            elif i.op == "fusion":
+                total += sum(flops_of(c, seen + (name,)) for c in _callees(i.attrs, "calls"))
+        return total
+
+    acc: collections.Counter = collections.Counter()
+    coll: collections.Counter = collections.Counter()
+    custom: collections.Counter = collections.Counter()
+    seen_fused: set[str] = set()
+
+    def fused_collectives(name: str, outer_types: dict[str, str]) -> None:
+        """Collectives inside a fusion (the TPU compiler's async collective fusions overlap one
+        collective with a loop's compute, its work spread over the iterations): counted once
+        per program, not once per iteration."""
+        if name in seen_fused or name not in comps:
+            return
+        seen_fused.add(name)
+        for i in comps[name]:
+            base = i.op.removesuffix("-start")
+            if base in COLLECTIVES and not i.op.endswith("-done"):
+                coll[base] += shape_bytes(i.type)
+                acc["ici"] += _traffic(base, i, types[name])
+            elif i.op == "fusion":
+                for c in _callees(i.attrs, "calls"):
+                    fused_collectives(c, types[name])
+
+    def visit(name: str, mult: float, depth: int = 0) -> None:
+        if name not in comps or depth > 64:
+            return
+        t = types[name]
+        for i in comps[name]:
+            base = i.op[:-6] if i.op.endswith("-start") else i.op
+            if i.op.endswith("-done"):
+                continue
+            if base in COLLECTIVES:
+                coll[base] += mult * shape_bytes(i.type)
+                acc["ici"] += mult * _traffic(base, i, t)
+            if i.op == "custom-call":
+                target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
+                custom[target.group(1) if target else "?"] += mult
+            if i.op == "convolution":
+                acc["flops"] += mult * conv_flops(i, t)
+            elif i.op == "dot":
+                acc["flops"] += mult * dot_flops(i, t)
+            elif i.op == "fusion":
+                acc["flops"] += mult * sum(flops_of(c) for c in _callees(i.attrs, "calls"))
+                for c in _callees(i.attrs, "calls"):
+                    fused_collectives(c, t)
+            if i.op == "fusion":
+                acc["bytes"] += mult * fusion_bytes(i, t, comps)
+            elif i.op in _SLICES:
+                acc["bytes"] += mult * 2 * shape_bytes(i.type, True)
+            elif i.op == "dynamic-update-slice" and len(i.operands) > 1:
+                acc["bytes"] += mult * 2 * shape_bytes(t.get(i.operands[1], ""), True)
+            elif i.op not in _FREE:
+                acc["bytes"] += mult * (shape_bytes(i.type, True)
+                                        + sum(shape_bytes(t.get(o, ""), True) for o in i.operands))
+            if i.op == "while":
+                loops[0] += 1
+                n = trip_count(i, comps)
+                if n is None:
+                    unknown[0] += 1
+                    n = 1
+                for body in _callees(i.attrs, "body"):
+                    visit(body, mult * n, depth + 1)
+            elif i.op == "conditional":
+                # One branch runs: count the costliest (an upper bound), not their sum.
+                branches = (_callees(i.attrs, "branch_computations")
+                            or _callees(i.attrs, "true_computation")
+                            + _callees(i.attrs, "false_computation"))
+                best = None
+                for b in branches:
+                    sub = program_costs_of(comps, b, types)
+                    if best is None or sub["flops"] > best["flops"]:
+                        best = sub
+                if best:
+                    acc["flops"] += mult * best["flops"]
+                    acc["bytes"] += mult * best["bytes"]
+                    acc["ici"] += mult * best["ici"]
+                    for k, v in best["coll"].items():
+                        coll[k] += mult * v
+            elif i.op in ("call", "async-start") or (i.op.endswith("-start")
+                                                      and base not in COLLECTIVES):
+                for c in _callees(i.attrs, "calls") or _callees(i.attrs, "to_apply"):
+                    visit(c, mult, depth + 1)
+
+    def program_costs_of(comps_, name, types_):
+        saved = (acc.copy(), coll.copy())
+        acc.clear()
+        coll.clear()
+        visit(name, 1.0, 1)
+        out = {"flops": acc["flops"], "bytes": acc["bytes"], "ici": acc["ici"],
+               "coll": dict(coll)}
+        acc.clear()
+        coll.clear()
+        acc.update(saved[0])
+        coll.update(saved[1])
         return out
 
-    if entry is None:
-        return {}
-    return dict(visit(entry))
+    if entry is not None:
+        visit(entry, 1.0)
+    return {"flops": float(acc["flops"]), "bytes_accessed": float(acc["bytes"]),
+            "collective_bytes": {k: int(v) for k, v in coll.items()},
+            "ici_traffic_bytes": float(acc["ici"]), "custom_calls": dict(custom),
+            "unknown_trip_counts": unknown[0], "while_loops": loops[0]}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """``{collective kind: result bytes per device per step}`` (loops weighted)."""
+    return program_costs(hlo_text)["collective_bytes"]

@@ -242,6 +242,30 @@ def mfu(model_flops_per_step: float, step_time_s: float, peak_flops: float) -> f
 
 
 
+def mfu_peak(devices, dtype: str = "float32", measure=None) -> tuple[float, str]:
+    """The MFU denominator of a run on ``devices``: ``(FLOP/s of all of them, where it came
+    from)``.
+
+    TPU / GPU: the spec bf16 peak of the device kind (``umg_jax/accelerators.toml``) times the
+    device count. A short timed matmul there measures launch overhead, not the peak, and would
+    inflate MFU several times over. CPU: measured (``measure``, default
+    :func:`measure_peak_flops`), as no spec fits every host. An accelerator the table lacks:
+    ``(0.0, ...)``, i.e. no MFU rather than a wrong one.
+    """
+    from umg_jax import accelerators
+    from umg_jax.ops import platform
+
+    devices = list(devices)
+    spec = accelerators.spec_peak_flops(devices)
+    if spec:
+        return spec, f"spec bf16 peak of {len(devices)} x {devices[0].device_kind}"
+    if platform.of_devices(devices) == "cpu":
+        measure = measure or measure_peak_flops
+        return measure(dtype=dtype), f"measured {dtype} matmul on {len(devices)} CPU device(s)"
+    return 0.0, (f"no spec peak for {devices[0].device_kind!r} in umg_jax/accelerators.toml: "
+                 "MFU not reported (set log.peak_flops)")
+
+
 @functools.cache  # once per process: the devices do not change, every train() call reuses it
 def measure_peak_flops(n: int = 1024, repeats: int = 10, dtype: str = "float32") -> float:
     """Measured matmul FLOP/s of all the run's devices together, for MFU.

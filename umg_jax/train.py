@@ -117,11 +117,11 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
                  config.batch_size, local_batch)
 
     peak = config.log.peak_flops  # of all devices together (configs/common.py:log_config)
-    if peak < 0:  # measured before the data workers start competing for the cores
-        peak = metrics_lib.measure_peak_flops(dtype=config.model.dtype)
+    if peak < 0:  # before the data workers start competing for the cores (CPU measures)
+        peak, source = metrics_lib.mfu_peak(jax.devices(), dtype=config.model.dtype)
         if is_main:
-            print(f"MFU peak: {peak / 1e9:.0f} GFLOP/s measured ({config.model.dtype} matmul, "
-                  f"{jax.device_count()} device(s); set log.peak_flops to fix it)", flush=True)
+            print(f"MFU peak: {peak / 1e12:.3g} TFLOP/s, {source}; set log.peak_flops to fix "
+                  "it", flush=True)
 
     # ---------------------------------------------------------------- data
     data_iter = pipeline.make_iterator(config.data, config.model, batch_size=local_batch,

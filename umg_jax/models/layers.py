@@ -111,12 +111,13 @@ class Attention(nn.Module):
         self.out = Dense(self.width, n_in=2, dtype=self.dtype,
                          kernel_init=nn.initializers.normal(ostd), name="out")
 
-    def __call__(self, xq: jax.Array, xkv: jax.Array, mask: jax.Array | None = None,
+    def __call__(self, xq: jax.Array, xkv: jax.Array, causal: bool = False,
                  key_bias: jax.Array | None = None) -> jax.Array:
-        """``xq [B, Nq, D]``, ``xkv [B, Nk, D]``, ``mask [Nq, Nk] bool`` (True = attend),
-        ``key_bias [B, Nk]`` float32 added to every query's logits (ToMe's log token size).
-        Returns ``[B, Nq, D]``. Scores and softmax in float32."""
-        o = attention(self.query(xq), self.key(xkv), self.value(xkv), mask, key_bias)
+        """``xq [B, Nq, D]``, ``xkv [B, Nk, D]``, ``causal``: static, query ``i`` attends keys
+        ``0..i`` only; ``key_bias [B, Nk]`` float32 added to every query's logits (ToMe's log
+        token size). Returns ``[B, Nq, D]``. Scores and softmax in float32."""
+        o = attention(self.query(xq), self.key(xkv), self.value(xkv), causal=bool(causal),
+                      key_bias=key_bias)
         return self.out(o)
 
     def value_path(self, x: jax.Array) -> jax.Array:
@@ -201,13 +202,11 @@ class ResidualBlock(nn.Module):
                   hidden=self.mlp_dim, name="mlp")
         h = ln_1(x).astype(self.dtype)
         if self.dense_value_path:
-            cls = x[:, :1] + attn(h[:, :1], h, None, key_bias)
+            cls = x[:, :1] + attn(h[:, :1], h, False, key_bias)
             patches = x[:, 1:] + attn.value_path(h[:, 1:])
             x = jnp.concatenate([cls, patches.astype(cls.dtype)], axis=1)
         else:
-            n = x.shape[1]
-            mask = jnp.tril(jnp.ones((n, n), bool)) if self.causal else None
-            x = x + attn(h, h, mask, key_bias)
+            x = x + attn(h, h, self.causal, key_bias)
         x = x + mlp(ln_2(x).astype(self.dtype))
         if self.adapter_dim:
             x = x + Adapter(self.width, self.adapter_dim, self.dtype, name="adapter")(x)

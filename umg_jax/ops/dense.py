@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from umg_jax.ops.platform import target_platform
+
 _BF16, _F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
 
 
@@ -79,7 +81,8 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, n_i
       bias: ``[F_1..F_m]`` float32, or None.
       n_in: how many trailing axes of ``x`` are contracted.
       dtype: compute and output dtype (float32, bfloat16 or float16).
-      backend: ``"cpu"`` takes the custom VJP; default ``jax.default_backend()``.
+      backend: ``"cpu"`` takes the custom VJP; default: the platform the trace is compiled for
+        (:func:`umg_jax.ops.platform.target_platform`).
 
     Returns:
       ``[..., F_1..F_m]`` in ``dtype``.
@@ -93,7 +96,7 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, n_i
     x2 = x.astype(dtype).reshape(-1, k)
     w2 = kernel.reshape(k, n)
     b = jnp.zeros((n,), _F32) if bias is None else bias.reshape(n)
-    if (backend or jax.default_backend()) == "cpu":
+    if (backend or target_platform()) == "cpu":
         y = _cpu_dense(x2, w2, b)
     else:
         y = (jnp.dot(x2, w2.astype(dtype), preferred_element_type=_F32) + b).astype(dtype)

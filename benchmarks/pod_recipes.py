@@ -1,0 +1,149 @@
+"""Pod recipes from the TPU compiler: for each config and TPU slice, the largest global batch that
+fits, its per-device HBM, the roofline img/s and the compiler's FLOP ratio of the UMG step to
+the CLIP-only step at that batch; beside it, the CPU stand-in's figure for the same config.
+
+    python benchmarks/pod_recipes.py                         # every cell (hours on 2 cores)
+    python benchmarks/pod_recipes.py --configs vit_l --topologies v5e:16x16
+    python benchmarks/pod_recipes.py --table_only             # rebuild the table from the JSONs
+
+Each cell is one ``python -m umg_jax.dryrun --max_batch --clip_baseline`` run in its own process
+(its JSON in ``benchmarks/results/dryrun/``; a cell whose JSON exists is not recompiled, so an
+interrupted run resumes). ViT-L/14 compiles in 2-4 minutes per probe here and a cell takes 3-6
+probes. Writes ``benchmarks/results/pod_recipes.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "benchmarks/results/dryrun"
+CONFIGS = ("vit_l", "vit_l336", "seg_vit_l")
+# One slice of 128-512 chips per TPU generation (memory per device depends on the per-device
+# batch, not the slice size, so the largest batch scales with the chip count).
+TOPOLOGIES = ("v4:4x4x8", "v5e:16x16", "v5p:4x8x8", "v6e:16x16")
+GiB = 1024 ** 3
+
+
+def cell_path(config: str, topology: str) -> pathlib.Path:
+    return OUT_DIR / f"{config}_{topology.replace(':', '_')}.json"
+
+
+def standin_path(config: str, devices: int, target: str) -> pathlib.Path:
+    return OUT_DIR / f"{config}_cpu{devices}_{target}.json"
+
+
+def run(args: list[str], out: pathlib.Path, log) -> bool:
+    """Runs the dry run (unless ``out`` exists); True if ``out`` holds a result."""
+    if out.exists():
+        log(f"{out.name}: exists, kept")
+        return True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "umg_jax.dryrun", *args, "--json", str(out)]
+    log(" ".join(cmd[1:]))
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    log(f"  exit {p.returncode} after {time.time() - t0:.0f} s")
+    if p.returncode not in (0, 1) or not out.exists():
+        log(p.stderr[-3000:])
+        return False
+    return True
+
+
+def table(configs, topologies, standins) -> tuple[str, list[dict]]:
+    rows = []
+    for cfg in configs:
+        for topo in topologies:
+            path = cell_path(cfg, topo)
+            if not path.exists():
+                continue
+            d = json.loads(path.read_text())
+            r = d["rows"][0]
+            rows.append({
+                "config": cfg, "topology": topo, "chips": d["devices"], "chip": d["chip"],
+                "compiler": d["compiler"], "max_batch": r["batch_size"] if r["fits"] else 0,
+                "per_device_batch": r["per_device_batch"],
+                "hbm_gib": r["bytes_per_device"]["total"] / GiB,
+                "chip_hbm_gib": r["hbm_bytes"] / GiB, "img_s": r["est_images_per_s"],
+                "bound": r["roofline"]["bound"], "mfu": r["est_mfu"],
+                "umg_over_clip": r.get("umg_over_clip_flops"),
+                "fused_attention_calls": r.get("fused_attention_calls", 0),
+                "probes": r.get("max_batch_probes", []), "date": d.get("date")})
+    lines = ["| config | slice | largest global batch (per chip) | HBM / chip at it | "
+             "roofline img/s (bound, MFU) | UMG / CLIP FLOPs |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['umg_over_clip']:.2f}x" if r["umg_over_clip"] else "-"
+        batch = (f"{r['max_batch']:,} ({r['per_device_batch']:g})" if r["max_batch"]
+                 else "none fits")
+        lines.append(f"| {r['config']} | {r['topology']} ({r['chips']} chips) | {batch} | "
+                     f"{r['hbm_gib']:.1f} of {r['chip_hbm_gib']:g} GiB | {r['img_s']:,.0f} "
+                     f"({r['bound']}, {100 * r['mfu']:.0f} %) | {ratio} |")
+    cmp_lines = []
+    for cfg, devices, target, topo in standins:
+        s_path, t_path = standin_path(cfg, devices, target), cell_path(cfg, topo)
+        if not (s_path.exists() and t_path.exists()):
+            continue
+        s = json.loads(s_path.read_text())["rows"][0]
+        t = json.loads(t_path.read_text())["rows"][0]
+        probe = [p for p in t.get("max_batch_probes", []) if p["batch_size"] == s["batch_size"]]
+        if not probe:
+            continue
+        cmp_lines.append(f"| {cfg} | {s['batch_size']:,} | {topo} | "
+                         f"{s['bytes_per_device']['total'] / GiB:.1f} GiB | "
+                         f"{probe[0]['total'] / GiB:.1f} GiB |")
+    if cmp_lines:
+        lines += ["", "| config | global batch | slice | CPU stand-in / device | TPU compiler / "
+                  "device |", "|---|---|---|---|---|", *cmp_lines]
+    return "\n".join(lines), rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names")
+    ap.add_argument("--topologies", default=",".join(TOPOLOGIES), help="comma-separated slices")
+    ap.add_argument("--standin", default="vit_l:256:tpu_v5e:v5e:16x16",
+                    help="CPU stand-in comparisons, CONFIG:DEVICES:TARGET:TOPOLOGY;... "
+                    "('' = none)")
+    ap.add_argument("--table_only", action="store_true", help="only rebuild the table")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pod_recipes.json"))
+    args = ap.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    topologies = [t for t in args.topologies.split(",") if t]
+    for c in configs:
+        if not (ROOT / f"configs/{c}.py").exists():
+            ap.error(f"no configs/{c}.py")
+    standins = []
+    for spec in filter(None, args.standin.split(";")):
+        parts = spec.split(":")
+        if len(parts) != 5 or not parts[1].isdigit():
+            ap.error(f"--standin {spec!r}: expected CONFIG:DEVICES:TARGET:GEN:SHAPE")
+        standins.append((parts[0], int(parts[1]), parts[2], f"{parts[3]}:{parts[4]}"))
+
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+
+    if not args.table_only:
+        for cfg in configs:
+            for topo in topologies:
+                run(["--config", f"configs/{cfg}.py", "--topology", topo, "--max_batch",
+                     "--clip_baseline"], cell_path(cfg, topo), log)
+        for cfg, devices, target, _ in standins:
+            run(["--config", f"configs/{cfg}.py", "--devices", str(devices), "--target", target],
+                standin_path(cfg, devices, target), log)
+    md, rows = table(configs, topologies, standins)
+    print(md)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"rows": rows, "table": md}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
