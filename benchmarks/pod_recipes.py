@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU stand-in comparisons, CONFIG:DEVICES:TARGET:TOPOLOGY;... "
                     "('' = none)")
     ap.add_argument("--table_only", action="store_true", help="only rebuild the table")
+    ap.add_argument("--hlo_dir", default=None, help="keep every probe's compiled HLO text here "
+                    "(DIR/<config>_<slice>/...), to re-read costs without recompiling")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pod_recipes.json"))
     args = ap.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
@@ -132,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         for cfg in configs:
             for topo in topologies:
+                hlo = ([f"--hlo_dir={args.hlo_dir}/{cell_path(cfg, topo).stem}"]
+                       if args.hlo_dir else [])
                 run(["--config", f"configs/{cfg}.py", "--topology", topo, "--max_batch",
-                     "--clip_baseline"], cell_path(cfg, topo), log)
+                     "--clip_baseline", *hlo], cell_path(cfg, topo), log)
         for cfg, devices, target, _ in standins:
             run(["--config", f"configs/{cfg}.py", "--devices", str(devices), "--target", target],
                 standin_path(cfg, devices, target), log)

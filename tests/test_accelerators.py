@@ -47,7 +47,13 @@ def test_bad_topology_names(bad):
 def test_topology_devices_one_per_chip():
     """v4 in megacore mode, as JAX runs it: one device per chip (libtpu's default config gives
     one per TensorCore, i.e. twice as many devices with half the HBM each)."""
+    import os
+
+    had = "TPU_WORKER_HOSTNAMES" in os.environ
     devs = A.topology_devices("v4:2x2x1")
+    # libtpu's start-up variables are not left behind: a trainer started from this process
+    # would take the host for a TPU VM and initialise multi-host
+    assert ("TPU_WORKER_HOSTNAMES" in os.environ) == had
     assert len(devs) == 4 and {d.device_kind for d in devs} == {"TPU v4"}
     assert A.chip_for_devices(devs).name == "tpu_v4"
     assert A.spec_peak_flops(devs) == 4 * 275e12

@@ -127,7 +127,7 @@ def test_find_max_batch_brackets_the_boundary(monkeypatch, limit):
     """The search on a memory model (a compile per probe is what the other tests check)."""
     calls = []
 
-    def fake_analyse(config, *, chip, devices, compiler):
+    def fake_analyse(config, *, chip, devices, compiler, hlo_path=None):
         b = config.batch_size
         calls.append(b)
         total = _memory(b)

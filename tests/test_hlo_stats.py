@@ -139,3 +139,20 @@ def test_scan_reads_one_layer_per_iteration(platform, request):
     assert u["bytes_accessed"] >= stack  # every layer read once
     assert s["bytes_accessed"] < 3 * u["bytes_accessed"]
     assert s["bytes_accessed"] < 16 * stack, s  # the whole stack per step would be >= 16x
+
+
+@needs_libtpu
+def test_pallas_kernels_count_their_cost_estimate(tpu_mesh):
+    """The flash-attention kernel is a tpu_custom_call: its FLOPs come from the cost estimate
+    it carries (forward: q k^T and p v, 4 B H N^2 Dh at the padded length)."""
+    from umg_jax.ops.attention import attention
+
+    def f(q, k, v):
+        return attention(q, k, v, implementation="pallas_flash")
+
+    spec = P("d")
+    with jax.sharding.use_abstract_mesh(tpu_mesh.abstract_mesh):
+        c = _compile(f, tpu_mesh, *[((8, 256, 4, 64), spec)] * 3)
+    r = hlo_stats.program_costs(c.as_text())
+    assert r["custom_calls"].get("tpu_custom_call") == 1
+    assert r["flops"] >= 4 * 2 * 4 * 256 * 256 * 64  # 2 local sequences, 4 heads

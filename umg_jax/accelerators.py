@@ -14,6 +14,7 @@ mode (one device per chip, two TensorCores), as JAX runs them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -118,19 +119,30 @@ def topology_size(name: str) -> int:
     return math.prod(int(d) for d in dims.split("x"))
 
 
-def _quiet_libtpu(chip: Chip, n: int) -> None:
-    """libtpu expects a TPU VM's environment; on a plain host it logs warnings about the missing
-    worker list and accelerator type, and a second process would stop at its lock file."""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # tests run several workers
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
-    os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+@contextlib.contextmanager
+def _libtpu_env(chip: Chip, n: int):
+    """The environment libtpu reads when it starts (inside the first topology call), set for
+    that call only: a plain host lacks a TPU VM's worker list and accelerator type (libtpu logs
+    warnings without them), and a second process would stop at libtpu's lock file. Restored
+    afterwards, so that child processes (a trainer started by a test) do not mistake this host
+    for a TPU VM (``TPU_WORKER_HOSTNAMES`` makes ``umg_jax.train`` initialise multi-host)."""
     cores = n * (2 if chip.chip_config == "megacore" else 1)
     prefix = {"v5e": "v5litepod", "v4": "v4", "v5p": "v5p", "v6e": "v6e"}[chip.topology]
-    # v4 / v5p accelerator types count TensorCores, v5e / v6e count chips
-    size = cores if prefix in ("v4", "v5p") else n
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{prefix}-{size}")
+    size = cores if prefix in ("v4", "v5p") else n  # v4 / v5p types count TensorCores
+    env = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+           "TPU_SKIP_MDS_QUERY": "1", "TPU_STDERR_LOG_LEVEL": "3", "TPU_MIN_LOG_LEVEL": "3",
+           "TPU_ACCELERATOR_TYPE": f"{prefix}-{size}"}
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def tpu_compiler_available() -> bool:
@@ -150,12 +162,12 @@ def topology_devices(name: str) -> list:
     if not tpu_compiler_available():
         raise CompilerUnavailable("libtpu is not installed (pip install -r requirements-tpu.txt "
                                   "or 'jax[tpu]' at the pinned jax version)")
-    _quiet_libtpu(chip, n)
     from jax.experimental import topologies
 
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=name.strip(),
-                                            chip_config_name=chip.chip_config)
+        with _libtpu_env(chip, n):
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=name.strip(),
+                                                chip_config_name=chip.chip_config)
     except Exception as e:  # libtpu reports a bad shape as a generic runtime error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "lockfile" in msg or "plugin" in msg.lower():

@@ -271,12 +271,14 @@ def batch_granule(config, n_devices: int) -> int:
     return sizes["data"] * sizes["fsdp"]
 
 
-def find_max_batch(config, *, chip, devices, compiler: str, log=print) -> tuple[dict, list]:
+def find_max_batch(config, *, chip, devices, compiler: str, log=print,
+                   hlo_dir: str | None = None) -> tuple[dict, list]:
     """Largest global batch of ``config`` that fits ``chip`` (in multiples of the batch shards).
 
-    Memory is close to linear in the per-device batch: two probes (the config's batch and half /
-    double it) fit the line, the prediction is compiled, and the search steps down (or up) from
-    it until the boundary is bracketed. Returns ``(best fitting row, every probe row)``.
+    Memory is close to linear in the per-device batch: two probes (the config's batch, then the
+    batch scaled by HBM / its memory, within 0.5x..2x) fit a line, its crossing of the HBM size is
+    compiled, and secant and bisection steps alternate until the largest fitting batch is
+    bracketed within ~3 % (at most 8 compiles). Returns ``(best fitting row, every probe row)``.
     """
     g = batch_granule(config, len(devices))
     probes: dict[int, dict] = {}
@@ -286,7 +288,8 @@ def find_max_batch(config, *, chip, devices, compiler: str, log=print) -> tuple[
             c = config.copy_and_resolve_references()
             c.batch_size = b
             log(f"  probe batch_size={b} ...")
-            probes[b] = analyse(c, chip=chip, devices=devices, compiler=compiler)
+            hlo = os.path.join(hlo_dir, f"batch{b}.hlo.txt") if hlo_dir else None
+            probes[b] = analyse(c, chip=chip, devices=devices, compiler=compiler, hlo_path=hlo)
             r = probes[b]
             log(f"  batch_size={b}: {r['bytes_per_device']['total'] / GiB:.2f} GiB / "
                 f"{chip.hbm_gib:g} ({'fits' if r['fits'] else 'does not fit'})")
@@ -294,9 +297,11 @@ def find_max_batch(config, *, chip, devices, compiler: str, log=print) -> tuple[
 
     b0 = max(g, config.batch_size // g * g)
     r0 = probe(b0)
-    b1 = b0 * 2 if r0["fits"] else max(g, b0 // 2 // g * g)
+    # Second probe: as if memory were proportional to the batch (within 0.5x..2x).
+    ratio = min(max(chip.hbm_bytes / max(r0["bytes_per_device"]["total"], 1), 0.5), 2.0)
+    b1 = max(g, int(b0 * ratio) // g * g)
     if b1 == b0:
-        b1 = b0 + g
+        b1 = b0 + g if r0["fits"] else max(g, b0 - g)
     probe(b1)
     secant = True
     while len(probes) < 8:
@@ -448,7 +453,8 @@ def main(argv: list[str]) -> None:
             if _MAX_BATCH.value:
                 r, probes = find_max_batch(
                     cfg, chip=chip, devices=devices, compiler=compiler,
-                    log=lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True))
+                    log=lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True),
+                    hlo_dir=os.path.join(_HLO_DIR.value, name) if _HLO_DIR.value else None)
                 r = dict(r, max_batch_probes=[
                     {"batch_size": p["batch_size"], "total": p["bytes_per_device"]["total"],
                      "fits": p["fits"]} for p in probes])

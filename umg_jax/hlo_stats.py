@@ -11,8 +11,8 @@ and is reported in ``unknown_trip_counts``.
 
 - FLOPs: ``dot`` and ``convolution`` (the TPU compiler writes matmuls as convolutions) with
   XLA's own formula (valid kernel positions per spatial dimension, group counts); elementwise
-  work is not counted (model FLOPs are matmuls). Pallas kernels (``tpu_custom_call``) are opaque:
-  counted in ``custom_calls``, not in FLOPs.
+  work is not counted (model FLOPs are matmuls). Pallas kernels (``tpu_custom_call``, e.g. the
+  flash attention) count with the ``cost_estimate`` they carry (FLOPs and bytes accessed).
 - Bytes accessed: operands + result of every instruction that runs on its own (fusions count at
   their call site, as XLA's cost analysis does, so traffic inside a fusion is not counted; an
   operand a fusion only slices counts as its slices, an in-place dynamic-update-slice as its
@@ -45,6 +45,8 @@ _COMP_HEAD = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(")
 _INSTR = re.compile(r"^(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OPERAND = re.compile(r"%([\w.\-]+)")
+# Pallas kernels carry their own cost in the custom call's backend config.
+_COST_ESTIMATE = re.compile(r'"cost_estimate":\{"flops":"(\d+)"[^}]*?"bytes_accessed":"(\d+)"')
 # Ops that move no data of their own (views, bookkeeping) or whose cost is their callees'.
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
          "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
@@ -366,10 +368,15 @@ def program_costs(hlo_text: str) -> dict:
             if base in COLLECTIVES:
                 coll[base] += mult * shape_bytes(i.type)
                 acc["ici"] += mult * _traffic(base, i, t)
+            estimate = None
             if i.op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
                 custom[target.group(1) if target else "?"] += mult
-            if i.op == "convolution":
+                estimate = _COST_ESTIMATE.search(i.attrs)
+            if estimate:  # a Pallas kernel states its own cost
+                acc["flops"] += mult * float(estimate.group(1))
+                acc["bytes"] += mult * float(estimate.group(2))
+            elif i.op == "convolution":
                 acc["flops"] += mult * conv_flops(i, t)
             elif i.op == "dot":
                 acc["flops"] += mult * dot_flops(i, t)
@@ -377,7 +384,9 @@ def program_costs(hlo_text: str) -> dict:
                 acc["flops"] += mult * sum(flops_of(c) for c in _callees(i.attrs, "calls"))
                 for c in _callees(i.attrs, "calls"):
                     fused_collectives(c, t)
-            if i.op == "fusion":
+            if estimate:
+                pass
+            elif i.op == "fusion":
                 acc["bytes"] += mult * fusion_bytes(i, t, comps)
             elif i.op in _SLICES:
                 acc["bytes"] += mult * 2 * shape_bytes(i.type, True)
