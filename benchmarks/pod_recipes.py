@@ -6,10 +6,13 @@ the CLIP-only step at that batch; beside it, the CPU stand-in's figure for the s
     python benchmarks/pod_recipes.py --configs vit_l --topologies v5e:16x16
     python benchmarks/pod_recipes.py --table_only             # rebuild the table from the JSONs
 
-Each cell is one ``python -m umg_jax.dryrun --max_batch --clip_baseline`` run in its own process
-(its JSON in ``benchmarks/results/dryrun/``; a cell whose JSON exists is not recompiled, so an
-interrupted run resumes). ViT-L/14 compiles in 2-4 minutes per probe here and a cell takes 3-6
-probes. Writes ``benchmarks/results/pod_recipes.json`` and prints a markdown table.
+Each cell is one ``python -m umg_jax.dryrun --max_batch`` run in its own process (its JSON and log
+in ``benchmarks/results/dryrun/``; a cell whose JSON exists is not recompiled, so an interrupted
+run resumes). The first cell of a config also compiles the CLIP-only step (``--clip_baseline``):
+the UMG / CLIP FLOP ratio depends on the per-chip mix of work, not on the slice. Later cells start
+their search where the per-chip memory line of the previous cell meets their HBM. ViT-L/14
+compiles in 4-5 minutes per probe on 2 cores and a cell takes 2-6 probes. Writes
+``benchmarks/results/pod_recipes.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def standin_path(config: str, devices: int, target: str) -> pathlib.Path:
 
 
 def run(args: list[str], out: pathlib.Path, log) -> bool:
-    """Runs the dry run (unless ``out`` exists); True if ``out`` holds a result."""
+    """Runs the dry run (unless ``out`` exists), its output in ``out`` + ``.log``; True if
+    ``out`` holds a result."""
     if out.exists():
         log(f"{out.name}: exists, kept")
         return True
@@ -48,12 +52,40 @@ def run(args: list[str], out: pathlib.Path, log) -> bool:
     t0 = time.time()
     cmd = [sys.executable, "-m", "umg_jax.dryrun", *args, "--json", str(out)]
     log(" ".join(cmd[1:]))
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    log(f"  exit {p.returncode} after {time.time() - t0:.0f} s")
-    if p.returncode not in (0, 1) or not out.exists():
-        log(p.stderr[-3000:])
+    log_path = out.with_suffix(".log")
+    with open(log_path, "w") as f:  # a file, not a pipe: the child outlives a killed parent
+        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    log(f"  exit {code} after {time.time() - t0:.0f} s ({log_path})")
+    if code not in (0, 1) or not out.exists():
+        log(log_path.read_text()[-3000:])
         return False
     return True
+
+
+def per_chip_line(path: pathlib.Path) -> tuple[float, float] | None:
+    """``(fixed bytes, bytes per example)`` per chip, fitted (least squares) to a cell's probes
+    against the per-chip batch; None with fewer than two probes."""
+    d = json.loads(path.read_text())
+    probes = d["rows"][0].get("max_batch_probes", [])
+    if len(probes) < 2:
+        return None
+    x = [p["batch_size"] / d["devices"] for p in probes]
+    y = [p["total"] for p in probes]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    var = sum((a - mx) ** 2 for a in x)
+    if var == 0:
+        return None
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / var
+    return my - slope * mx, slope
+
+
+def batch_hint(line: tuple[float, float], hbm_gib: float, chips: int) -> int | None:
+    """First probe for a new slice: the per-chip batch where ``line`` meets 97 % of the HBM."""
+    fixed, slope = line
+    if slope <= 0:
+        return None
+    per_chip = int((0.97 * hbm_gib * GiB - fixed) / slope)
+    return per_chip * chips if per_chip >= 1 else None
 
 
 def table(configs, topologies, standins) -> tuple[str, list[dict]]:
@@ -75,11 +107,20 @@ def table(configs, topologies, standins) -> tuple[str, list[dict]]:
                 "umg_over_clip": r.get("umg_over_clip_flops"),
                 "fused_attention_calls": r.get("fused_attention_calls", 0),
                 "probes": r.get("max_batch_probes", []), "date": d.get("date")})
+    ratio_of = {}
+    for r in rows:
+        if r["umg_over_clip"]:
+            ratio_of.setdefault(r["config"], (r["umg_over_clip"], r["topology"]))
+    for r in rows:
+        if not r["umg_over_clip"] and r["config"] in ratio_of:
+            r["umg_over_clip"], r["umg_over_clip_from"] = ratio_of[r["config"]]
     lines = ["| config | slice | largest global batch (per chip) | HBM / chip at it | "
              "roofline img/s (bound, MFU) | UMG / CLIP FLOPs |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['umg_over_clip']:.2f}x" if r["umg_over_clip"] else "-"
+        if r.get("umg_over_clip_from"):
+            ratio += f" (on {r['umg_over_clip_from']})"
         batch = (f"{r['max_batch']:,} ({r['per_device_batch']:g})" if r["max_batch"]
                  else "none fits")
         lines.append(f"| {r['config']} | {r['topology']} ({r['chips']} chips) | {batch} | "
@@ -112,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU stand-in comparisons, CONFIG:DEVICES:TARGET:TOPOLOGY;... "
                     "('' = none)")
     ap.add_argument("--table_only", action="store_true", help="only rebuild the table")
+    ap.add_argument("--clip_all", action="store_true", help="compile the CLIP-only baseline "
+                    "in every cell (default: the first cell of each config)")
     ap.add_argument("--hlo_dir", default=None, help="keep every probe's compiled HLO text here "
                     "(DIR/<config>_<slice>/...), to re-read costs without recompiling")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pod_recipes.json"))
@@ -132,12 +175,27 @@ def main(argv: list[str] | None = None) -> int:
         print(s, file=sys.stderr, flush=True)
 
     if not args.table_only:
+        from umg_jax import accelerators
+
         for cfg in configs:
+            line, clip_done = None, False
             for topo in topologies:
-                hlo = ([f"--hlo_dir={args.hlo_dir}/{cell_path(cfg, topo).stem}"]
-                       if args.hlo_dir else [])
-                run(["--config", f"configs/{cfg}.py", "--topology", topo, "--max_batch",
-                     "--clip_baseline", *hlo], cell_path(cfg, topo), log)
+                path = cell_path(cfg, topo)
+                extra = ([f"--hlo_dir={args.hlo_dir}/{path.stem}"] if args.hlo_dir else [])
+                # The UMG / CLIP FLOP ratio depends on the per-chip mix of work, not the slice:
+                # the CLIP-only step is compiled once per config unless --clip_all.
+                if args.clip_all or not clip_done:
+                    extra.append("--clip_baseline")
+                if line and not path.exists():
+                    chip = accelerators.topology_chip(topo)
+                    hint = batch_hint(line, chip.hbm_gib, accelerators.topology_size(topo))
+                    if hint:
+                        extra.append(f"--config.batch_size={hint}")
+                if run(["--config", f"configs/{cfg}.py", "--topology", topo, "--max_batch",
+                        *extra], path, log):
+                    line = per_chip_line(path) or line
+                    clip_done = clip_done or bool(
+                        json.loads(path.read_text())["rows"][0].get("umg_over_clip_flops"))
         for cfg, devices, target, _ in standins:
             run(["--config", f"configs/{cfg}.py", "--devices", str(devices), "--target", target],
                 standin_path(cfg, devices, target), log)

@@ -261,26 +261,30 @@ def sweep_configs(config, sweeps: list[str]):
         yield dict(combo), c
 
 
-def batch_granule(config, n_devices: int) -> int:
-    """Global batches must be multiples of this: the data x fsdp shards (mesh -1 resolved)."""
+def batch_granule(config, n_devices: int, per_shard: int = 1) -> int:
+    """Global batches must be multiples of this: the data x fsdp shards (mesh -1 resolved),
+    times ``per_shard``."""
     sizes = {a: int(config.mesh[a]) for a in ("data", "fsdp", "tensor")}
     fixed = math.prod(s for s in sizes.values() if s != -1)
     for a, s in sizes.items():
         if s == -1:
             sizes[a] = n_devices // fixed
-    return sizes["data"] * sizes["fsdp"]
+    return sizes["data"] * sizes["fsdp"] * per_shard
 
 
 def find_max_batch(config, *, chip, devices, compiler: str, log=print,
                    hlo_dir: str | None = None) -> tuple[dict, list]:
-    """Largest global batch of ``config`` that fits ``chip`` (in multiples of the batch shards).
+    """Largest global batch of ``config`` that fits ``chip`` (per-device batches in multiples
+    of 8).
 
     Memory is close to linear in the per-device batch: two probes (the config's batch, then the
     batch scaled by HBM / its memory, within 0.5x..2x) fit a line, its crossing of the HBM size is
     compiled, and secant and bisection steps alternate until the largest fitting batch is
     bracketed within ~3 % (at most 8 compiles). Returns ``(best fitting row, every probe row)``.
     """
-    g = batch_granule(config, len(devices))
+    # Per-device batches in multiples of 8 (the TPU's sublane tile): the compiler's memory is
+    # not monotonic in odd sizes (ViT-L on v4: 236 per chip needed more HBM than 256).
+    g = batch_granule(config, len(devices), per_shard=8)
     probes: dict[int, dict] = {}
 
     def probe(b: int) -> dict:
@@ -311,6 +315,8 @@ def find_max_batch(config, *, chip, devices, compiler: str, log=print,
         hi = failing[0] if failing else None
         if lo is not None and hi is not None and hi - lo <= max(g, lo // 32):
             break  # bracketed within ~3 %
+        if lo is None and hi == g:
+            break  # not even the smallest batch fits
         if lo is not None and hi is not None and not secant:
             nxt = (lo + hi) // 2 // g * g  # bisection: progress when the line misleads
         else:
