@@ -281,3 +281,28 @@ def eval_config() -> mlc.ConfigDict:
     e.num_examples = 256  # held-out examples per evaluation
     e.batch_size = 64  # evaluation batch (global)
     return e
+
+
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")  # slice names of config arguments (GEN-CHIPS)
+
+
+def slice_batch(arg: str | None, batch_size: int, per_chip_max: dict[str, int]) -> int:
+    """The global batch for the TPU slice named by the config argument ``GEN-CHIPS`` (e.g.
+    ``configs/vit_l.py:v5e-256``; chips, not Cloud's core counts for v4 / v5p): ``batch_size``
+    when it fits, else the largest per-chip batch the TPU compiler fitted times the chips.
+
+    ``per_chip_max``: generation -> largest per-chip batch that fits, measured with
+    ``benchmarks/pod_recipes.py`` (memory per chip depends on the per-chip batch, not the slice
+    size). No argument: ``batch_size`` unchanged.
+    """
+    if not arg:
+        return batch_size
+    gen, _, chips = arg.partition("-")
+    if gen not in TPU_GENERATIONS or not chips.isdigit() or int(chips) < 1:
+        raise ValueError(f"config argument {arg!r}: expected GEN-CHIPS with GEN one of "
+                         f"{', '.join(TPU_GENERATIONS)}, e.g. v5e-256")
+    if gen not in per_chip_max:
+        raise ValueError(f"config argument {arg!r}: this config has not been compiled for {gen} "
+                         "(python benchmarks/pod_recipes.py --configs NAME --topologies ...); "
+                         "set --config.batch_size instead")
+    return min(batch_size, per_chip_max[gen] * int(chips))

@@ -7,6 +7,13 @@ Continued multi-granularity training from a pretrained CLIP imported from PyTorc
         --config.init.checkpoint=/ckpt/init --config.data.path=SHARDS
 
 The paper's hyper-parameters are not public; these follow EVA-CLIP-style continued training.
+
+Pod slices (the TPU compiler's verdict, ``benchmarks/pod_recipes.py``, README "Pods"): the global
+batch of 32,768 fits v4 and v6e slices of 256 chips and v5p from 64 chips, not a v5e slice (it
+needs 19.9 GiB of a v5e chip's 16 at 128 per chip). Name the slice as the config argument and the
+batch becomes the largest that fits it when 32,768 does not:
+
+    python -m umg_jax.train --config configs/vit_l.py:v5e-256 ...    # batch 22,528 (88 per chip)
 """
 
 import pathlib
@@ -16,12 +23,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import common  # noqa: E402
 import ml_collections as mlc  # noqa: E402
 
+# Largest per-chip batch that fits, by TPU generation (the TPU compiler, libtpu 0.0.42.1,
+# fsdp 8, 2026-11-30; benchmarks/results/dryrun/vit_l_*.json).
+PER_CHIP_MAX = {"v4": 208, "v5e": 88, "v5p": 632, "v6e": 192}
+
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    """``arg``: a TPU slice ``GEN-CHIPS`` (e.g. ``v5e-256``) caps the batch to what fits it."""
     config = mlc.ConfigDict()
     config.name = "vit_l"  # run name shown in logs
     config.seed = 0  # parameter-init seed
-    config.batch_size = 32768  # global batch
+    config.batch_size = common.slice_batch(arg, 32768, PER_CHIP_MAX)  # global batch
     config.total_steps = 20000  # training steps
     config.model = common.model_config(
         image_size=224, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,

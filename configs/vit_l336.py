@@ -1,17 +1,26 @@
 """ViT-L/14 UMG-CLIP at 336 px (OpenAI ViT-L/14@336 shapes; positional embeddings are resized
-on import)."""
+on import).
+
+The batch of 16,384 (64 per chip on 256 chips) fits a v5e slice at 14.1 of 16 GiB per chip, with
+the Pallas flash-attention kernel in every vision block (577 tokens); ``configs/vit_l336.py:v5e-N``
+caps it for a smaller slice."""
 
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import common  # noqa: E402
 import ml_collections as mlc  # noqa: E402
 import vit_l  # noqa: E402
+
+# Largest per-chip batch that fits (the TPU compiler, libtpu 0.0.42.1, fsdp 8, 2026-11-30;
+# benchmarks/results/dryrun/vit_l336_*.json): fits, the largest not searched yet; v5e only.
+PER_CHIP_MAX = {"v5e": 64}
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config = vit_l.get_config(arg)
     config.name = "vit_l336"  # run name shown in logs
     config.model.vision.image_size = 336  # 24 x 24 patch grid
-    config.batch_size = 16384  # 2.25x the tokens per image of 224 px
+    config.batch_size = common.slice_batch(arg, 16384, PER_CHIP_MAX)  # 2.25x the tokens of 224 px
     return config

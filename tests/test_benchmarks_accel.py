@@ -1,6 +1,8 @@
-"""Pure helpers of ``benchmarks/accelerator_check.py`` and ``benchmarks/vit_l_smoke.py`` (flag
-parsing, memory totals, token counts, the printed table); nothing is compiled or timed."""
+"""Pure helpers of ``benchmarks/accelerator_check.py``, ``benchmarks/vit_l_smoke.py`` and
+``benchmarks/pod_recipes.py`` (flag parsing, memory totals, token counts, batch hints, the printed
+tables); nothing is compiled or timed."""
 
+import json
 import pathlib
 import sys
 from types import SimpleNamespace
@@ -11,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import accelerator_check as ac  # noqa: E402
+import pod_recipes  # noqa: E402
 import vit_l_smoke  # noqa: E402
 
 from umg_jax import config_lib  # noqa: E402
@@ -126,3 +129,62 @@ def test_attention_plan_calls_the_chooser(monkeypatch):
     bf16 = jnp.dtype(jnp.bfloat16)
     assert calls == [(65, 65, 32, bf16, "gpu", False, False),  # 8x8 patches + class token
                      (32, 32, 32, bf16, "gpu", True, False), (8, 8, 32, bf16, "gpu", True, False)]
+
+
+GIB = pod_recipes.GiB
+
+
+def _cell(path, *, devices, chip, probes, fits=True, ratio=None, total=None):
+    best = max((p for p in probes if p["total"] <= 16 * GIB), key=lambda p: p["batch_size"])
+    row = {"batch_size": best["batch_size"], "per_device_batch": best["batch_size"] / devices,
+           "bytes_per_device": {"total": total or best["total"]}, "hbm_bytes": 16 * GIB,
+           "fits": fits, "est_images_per_s": 12345.6, "est_mfu": 0.42,
+           "roofline": {"bound": "memory"}, "max_batch_probes": probes,
+           "umg_over_clip_flops": ratio}
+    path.write_text(json.dumps({"devices": devices, "chip": chip, "compiler": "tpu",
+                                "date": "2026-11-30", "rows": [row]}))
+
+
+def test_per_chip_line_and_batch_hint(tmp_path):
+    path = tmp_path / "c.json"
+    # 2 GiB fixed + 0.1 GiB per example on each of 4 chips.
+    probes = [{"batch_size": 4 * b, "total": (2 + 0.1 * b) * GIB} for b in (40, 80, 120)]
+    _cell(path, devices=4, chip="tpu_v5e", probes=probes)
+    fixed, slope = pod_recipes.per_chip_line(path)
+    assert fixed == pytest.approx(2 * GIB) and slope == pytest.approx(0.1 * GIB)
+    # 0.97 * 32 GiB = 31.04 GiB -> (31.04 - 2) / 0.1 = 290.4 examples per chip.
+    assert pod_recipes.batch_hint((fixed, slope), 32, 256) == 290 * 256
+    assert pod_recipes.batch_hint((fixed, -slope), 32, 256) is None
+    assert pod_recipes.batch_hint((40 * GIB, slope), 32, 256) is None
+    _cell(path, devices=4, chip="tpu_v5e", probes=probes[:1])
+    assert pod_recipes.per_chip_line(path) is None
+
+
+def test_recipes_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(pod_recipes, "OUT_DIR", tmp_path)
+    _cell(pod_recipes.cell_path("vit_l", "v4:4x4x8"), devices=128, chip="tpu_v4", ratio=2.25,
+          probes=[{"batch_size": 1024, "total": 10 * GIB}, {"batch_size": 2048, "total": 15 * GIB},
+                  {"batch_size": 4096, "total": 30 * GIB}])
+    _cell(pod_recipes.cell_path("vit_l", "v5e:16x16"), devices=256, chip="tpu_v5e",
+          probes=[{"batch_size": 2048, "total": 14 * GIB}])
+    # The stand-in's batch was never probed on v5e: its single compile is read instead.
+    _cell(tmp_path / "vit_l_v5e_16x16_batch4096.json", devices=256, chip="tpu_v5e",
+          probes=[{"batch_size": 4096, "total": 15.5 * GIB}], total=19.9 * GIB, fits=False)
+    # A config never searched on a slice: its largest fitting single compile, as a lower bound.
+    _cell(tmp_path / "seg_vit_l_v5e_16x16_batch512.json", devices=256, chip="tpu_v5e",
+          probes=[{"batch_size": 512, "total": 3 * GIB}])
+    _cell(tmp_path / "seg_vit_l_v5e_16x16_batch99999.json", devices=256, chip="tpu_v5e",
+          probes=[{"batch_size": 1024, "total": 5 * GIB}], fits=False)
+    _cell(pod_recipes.standin_path("vit_l", 256, "tpu_v5e"), devices=256, chip="tpu_v5e",
+          probes=[{"batch_size": 4096, "total": 15 * GIB}], total=27.3 * GIB)
+    md, rows = pod_recipes.table(["vit_l", "seg_vit_l"], ["v4:4x4x8", "v5e:16x16"],
+                                 [("vit_l", 256, "tpu_v5e", "v5e:16x16")])
+    lines = md.splitlines()
+    assert [(r["config"], r["topology"]) for r in rows] == [
+        ("vit_l", "v4:4x4x8"), ("vit_l", "v5e:16x16"), ("seg_vit_l", "v5e:16x16")]
+    assert lines[4].startswith("| seg_vit_l | v5e:16x16 (256 chips) | >= 512 (2) (fits; largest "
+                               "not searched) | 3.0 of 16 GiB |")
+    assert lines[2] == ("| vit_l | v4:4x4x8 (128 chips) | 2,048 (16) | 15.0 of 16 GiB | "
+                        "12,346 (memory, 42 %) | 2.25x |")
+    assert lines[3].endswith("| 2.25x (on v4:4x4x8) |")  # the ratio is per config
+    assert lines[-1] == "| vit_l | 4,096 | v5e:16x16 | 27.3 GiB | 19.9 GiB |"

@@ -8,6 +8,7 @@ against the same torch model with its GELUs switched to ``approximate="tanh"``.
 """
 
 import functools
+import json
 import pathlib
 
 import jax
@@ -266,6 +267,8 @@ def test_cli_writes_an_import_dir_with_the_tokenizer(tmp_path, tiny_npz, spm_mod
     import_torch.main([tiny_npz, "--out", str(out), "--tokenizer", spm_model])
     cfg = import_torch.load_model_config(str(out / "model_config.json"))
     assert cfg.text.tokenizer == str(out.absolute() / "tokenizer.model")
+    stored = json.loads((out / "model_config.json").read_text())["text"]["tokenizer"]
+    assert stored == "tokenizer.model"  # relative to the dir, which can be moved
     assert (out / "tokenizer.model").read_bytes() == pathlib.Path(spm_model).read_bytes()
     model = inference.load(str(out))
     toks = model.tokenize(["a photo of a cat"])

@@ -1,6 +1,7 @@
 """umg_jax/checkpoint.py: sharded round trip, restore onto 4 of 8 devices, keep-last-K,
 keep-best, interrupted save (SIGKILL of a subprocess mid-save), params-only restore."""
 
+import json
 import os
 import pathlib
 import signal
@@ -296,3 +297,37 @@ def test_async_save_survives_donation(tmp_path):
         c.wait()
         restored, _, _ = c.restore(1, abstract)
     _assert_tree_equal(restored, expected)
+
+
+def test_stored_paths_resolve_against_their_directory(tmp_path, monkeypatch):
+    """Relative names resolve inside the directory; an old absolute path is kept while it exists
+    and falls back to the file of the same name inside the (moved) directory."""
+    d = tmp_path / "moved"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(b"spm")
+    elsewhere = tmp_path / "elsewhere.model"
+    elsewhere.write_bytes(b"other")
+    gone = tmp_path / "old_place" / "tokenizer.model"
+    assert ck.resolve_stored_path("tokenizer.model", d) == str(d / "tokenizer.model")
+    assert ck.resolve_stored_path(str(elsewhere), d) == str(elsewhere)  # old dir, still there
+    assert ck.resolve_stored_path(str(gone), d) == str(d / "tokenizer.model")  # old dir, moved
+    assert ck.resolve_stored_path("/nowhere/x.model", d) == "/nowhere/x.model"  # reported later
+    assert ck.resolve_stored_path("x.model", d) == str(d / "x.model")
+    monkeypatch.chdir(tmp_path)  # a cwd-relative path written by an older run still works
+    assert ck.resolve_stored_path("elsewhere.model", d) == "elsewhere.model"
+    # Read through read_model_config: both file layouts (import dir, workdir config.json).
+    model = {"vision": {}, "text": {"tokenizer": str(gone)}}
+    (d / "model_config.json").write_text(json.dumps(model))
+    (d / "config.json").write_text(json.dumps({"model": model}))
+    for name in ("model_config.json", "config.json"):
+        assert ck.read_model_config(d / name).text.tokenizer == str(d / "tokenizer.model")
+    assert ck.read_run_config(d / "config.json").model.text.tokenizer == str(d / "tokenizer.model")
+    # Writing: the file is copied in and named relative to the directory.
+    out = tmp_path / "out"
+    out.mkdir()
+    m = ck.bundle_model_files({"text": {"tokenizer": str(elsewhere)}}, out)
+    assert m["text"]["tokenizer"] == "tokenizer.model"
+    assert (out / "tokenizer.model").read_bytes() == b"other"
+    for spec in ("clip", "", "/nowhere/x.model"):  # no file: left as named
+        assert ck.bundle_model_files({"text": {"tokenizer": spec}}, out)["text"]["tokenizer"] \
+            == spec

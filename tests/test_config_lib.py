@@ -28,3 +28,19 @@ def test_every_knob_is_commented(name):
     assert not missing, f"{name}: knobs without a comment: {missing}"
     table = config_lib.describe(cfg, ROOT / "configs")
     assert "--config.batch_size=" in table
+
+
+def test_slice_argument_caps_the_batch_to_what_the_tpu_compiler_fitted():
+    """``configs/vit_l.py:GEN-CHIPS``: the batch the README's recipe table gives for the slice."""
+    load = lambda arg: config_lib.load_config(str(ROOT / "configs" / arg))  # noqa: E731
+    assert load("vit_l.py").batch_size == 32768
+    assert load("vit_l.py:v5e-256").batch_size == 88 * 256  # 32,768 needs 19.9 of 16 GiB
+    assert load("vit_l.py:v5e-64").batch_size == 88 * 64
+    assert load("vit_l.py:v4-256").batch_size == 32768  # 128 per chip fits (<= 208)
+    assert load("vit_l.py:v4-128").batch_size == 208 * 128
+    assert load("vit_l336.py:v5e-256").batch_size == 16384
+    for bad in ("vit_l.py:v5e", "vit_l.py:tpu9-8", "vit_l.py:v5e-0", "vit_l.py:v5e-x"):
+        with pytest.raises(ValueError, match="expected GEN-CHIPS"):
+            load(bad)
+    with pytest.raises(ValueError, match="has not been compiled for v4"):
+        load("vit_l336.py:v4-256")

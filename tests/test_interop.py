@@ -300,6 +300,107 @@ def test_export_open_clip_pt_and_local_dir(oc_tiny, torch_mod, open_clip_mod, tm
                      _oc_forward(torch_mod, model, images, tokens)) == 0.0
 
 
+# ------------------------------------------------------------------------------ OpenAI TorchScript
+# OpenAI-shaped (head dim 64, as every OpenAI ViT: the importer infers heads from it), 2 heads.
+OPENAI_TINY = dict(image_size=32, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2,
+                   text_width=128, text_layers=2, text_heads=2, embed_dim=32, context_length=16,
+                   act="quick_gelu")
+OPENAI_META = ("input_resolution", "context_length", "vocab_size")  # int buffers, no weights
+
+
+def _open_clip_openai(open_clip, arch):
+    """open_clip's classic CLIP (OpenAI's own architecture and parameter names)."""
+    return open_clip.model.CLIP(
+        embed_dim=arch["embed_dim"], quick_gelu=True,
+        vision_cfg=dict(image_size=arch["image_size"], layers=arch["vision_layers"],
+                        width=arch["vision_width"], patch_size=arch["patch_size"],
+                        head_width=arch["vision_width"] // arch["vision_heads"]),
+        text_cfg=dict(context_length=arch["context_length"], vocab_size=49408,
+                      width=arch["text_width"], heads=arch["text_heads"],
+                      layers=arch["text_layers"])).eval()
+
+
+def _openai_jit_archive(torch, model, path):
+    """Writes ``model`` as OpenAI's ``ViT-*.pt`` are: a traced TorchScript module (forward: image
+    and text features) whose state dict has OpenAI's names, fp16 weights, the three int buffers
+    ``input_resolution`` / ``context_length`` / ``vocab_size``, and no ``attn_mask`` (OpenAI's
+    causal mask is a traced constant; open_clip's non-persistent buffer would be saved by
+    TorchScript, so the text mask is kept off the traced module). ``model`` is left as it was."""
+    import copy
+
+    model = copy.deepcopy(model)  # the fp16 cast below is in place
+
+    class OpenAIArchive(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name in ("visual", "transformer", "token_embedding", "ln_final",
+                         "positional_embedding", "text_projection", "logit_scale"):
+                setattr(self, name, getattr(model, name))
+            v = model.visual
+            for name, value in zip(OPENAI_META, (v.image_size[0], model.context_length,
+                                                 model.vocab_size), strict=True):
+                self.register_buffer(name, torch.tensor(value))
+            object.__setattr__(self, "clip", model)  # not a submodule: its params are ours
+
+        def forward(self, image, text):
+            return self.clip.encode_image(image), self.clip.encode_text(text)
+
+    wrapper = OpenAIArchive().eval()
+    s = model.visual.image_size[0]
+    example = (torch.zeros(1, 3, s, s), torch.zeros(1, model.context_length, dtype=torch.long))
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    torch.jit.save(traced.half(), str(path))
+
+
+def test_openai_torchscript_fp16_archive_imports_and_matches_open_clip(
+        torch_mod, open_clip_mod, tmp_path):
+    """The flagship route, ``import_torch ViT-L-14.pt`` with no flags, on a small archive made
+    the way OpenAI's are. Reference: open_clip's CLIP strictly loaded with the archive's weights
+    (fp16 -> fp32). That cast is exact, so both sides compute with the same float32 numbers and
+    the float32 parity bound (TOL) holds; the fp16 rounding itself is checked to be present, by
+    the distance to the fp32 model the archive was cut from (> 100 x TOL)."""
+    import umg_jax
+
+    torch = torch_mod
+    arch = OPENAI_TINY
+    model = _open_clip_openai(open_clip_mod, arch)
+    _randomize_torch(torch, model, 6)
+    path = tmp_path / "ViT-T-8.pt"
+    _openai_jit_archive(torch, model, path)
+
+    archive = torch.jit.load(str(path)).state_dict()
+    assert set(archive) == set(model.state_dict()) | set(OPENAI_META)  # OpenAI's key set
+    assert {"visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj", "logit_scale",
+            "positional_embedding", "token_embedding.weight"} <= set(archive)
+    assert {v.dtype for k, v in archive.items() if k not in OPENAI_META} == {torch.float16}
+
+    import_torch.main([str(path), "--out", str(tmp_path / "imp")])
+    report = json.loads((tmp_path / "imp" / "import_report.json").read_text())
+    assert (report["format"], report["act"], report["ln_eps"]) == ("classic", "quick_gelu", 1e-5)
+    assert sorted(report["ignored"]) == sorted(OPENAI_META)
+    ours = umg_jax.load(str(tmp_path / "imp"))
+    assert infer.arch_of_config(ours.config) == {**{k: v for k, v in arch.items() if k != "act"},
+                                                 "vocab_size": 49408, "vision_mlp_ratio": 4.0,
+                                                 "text_mlp_ratio": 4.0}
+
+    ref = _open_clip_openai(open_clip_mod, arch)
+    ref.load_state_dict({k: v.float() for k, v in archive.items() if k not in OPENAI_META},
+                        strict=True)
+    images, tokens = _inputs(ours.config, seed=7)
+    got = (ours.encode_image(images)[0], ours.encode_text(tokens))
+    got += (_logits(*got, float(np.asarray(ours.params["logit_scale"]))),)
+    want = _oc_forward(torch, ref, images, tokens)
+    diff = _max_diff(got, want)
+    assert diff <= TOL, diff
+    with torch.no_grad():  # the archive is a working TorchScript model of those weights
+        traced = torch.jit.load(str(path)).float()(
+            torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(tokens))
+    assert _max_diff([t.numpy() for t in traced], want[:2]) <= TOL
+    fp16_effect = _max_diff(got, _oc_forward(torch, model, images, tokens))
+    assert fp16_effect > 100 * TOL, fp16_effect
+
+
 # ------------------------------------------------------------------------------ round trips
 @pytest.mark.parametrize("fmt", ["hf", "open_clip"])
 def test_import_export_round_trip_bit_exact(fmt, tmp_path):
@@ -459,3 +560,108 @@ def test_resnet_state_dict_refused(capsys, tmp_path):
                                                           "--out", str(tmp_path / "o"),
                                                           "--act", "quick_gelu"]),
                        tmp_path / "o", "ResNet CLIP")
+
+
+# ------------------------------------------------------------------------------ portability
+def _siglip_import(tmp_path, spm_model):
+    """A tiny big_vision SigLIP import dir (its SentencePiece model copied in), via the CLI."""
+    from test_big_vision import TINY as BV
+    from test_big_vision import siglip_weights
+
+    np.savez(tmp_path / "s.npz", **siglip_weights(BV))
+    out = tmp_path / "first_place" / "imp"
+    import_torch.main([str(tmp_path / "s.npz"), "--out", str(out), "--tokenizer", spm_model])
+    return out
+
+
+def _moved(src, dst):
+    """``shutil.move``; the old parent is removed, so nothing can be read from there any more."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(src, dst)
+    shutil.rmtree(src.parent)
+    return dst
+
+
+def _check_loads_and_exports(d, spm_model, tmp_path, name):
+    """``umg_jax.load`` tokenizes with ``d``'s own copy of the SentencePiece model and export
+    reads ``d``: the path-dependent parts of using a moved directory."""
+    import umg_jax
+    from umg_jax.data.tokenizer import SentencePieceTokenizer
+
+    model = umg_jax.load(str(d))
+    assert model.config.text.tokenizer == str(d / "tokenizer.model")
+    texts = ["a photo of a cat", "red car"]
+    ref = SentencePieceTokenizer(spm_model, model.config.text.context_length, 1)(texts)
+    np.testing.assert_array_equal(model.tokenize(texts), ref)
+    assert np.isfinite(model.embed_text(texts)).all()
+    export_torch.main([str(d), "--format", "hf", "--out", str(tmp_path / f"exp_{name}")])
+    assert (tmp_path / f"exp_{name}" / "model.safetensors").is_file()
+    return model
+
+
+def _siglip_run_config(model_cfg):
+    """configs/tiny.py training ``model_cfg`` (a SigLIP: sigmoid loss)."""
+    from umg_jax import config_lib
+
+    config = config_lib.load_config(str(ROOT / "configs/tiny.py"))
+    config.model = model_cfg
+    config.loss.kind = "sigmoid"
+    config.batch_size = 8
+    return config
+
+
+def _check_init_from(d, model_cfg):
+    """What training's ``init.checkpoint`` does with ``d`` before the first step: the config
+    checks (same model, same tokenizer by content) and the params restore."""
+    from umg_jax import checkpoint, config_checks
+
+    config = _siglip_run_config(model_cfg)
+    config.init.checkpoint = str(d)
+    config_checks.validate(config, 8)
+    src, _ = checkpoint.locate(str(d))
+    abstract = clip.abstract_params(model_cfg)
+    restored = checkpoint.restore_params_only(src, abstract)
+    assert jax.tree.structure(restored) == jax.tree.structure(abstract)
+
+
+def test_moved_import_dir_and_workdir_load_init_and_export(tmp_path, spm_model):
+    """An import dir and a workdir, each moved to another folder after it was written (the old
+    folder gone): ``umg_jax.load``, export and training's ``init.checkpoint`` use the copy of the
+    tokenizer they hold. Import dirs written with an absolute path still load. (A real training
+    run from a moved import dir, its workdir moved too: tests/test_train.py.)"""
+    from safetensors.numpy import load_file
+
+    import umg_jax
+    from umg_jax import checkpoint, train
+
+    first = _siglip_import(tmp_path, spm_model)
+    stored = json.loads((first / "model_config.json").read_text())["text"]["tokenizer"]
+    assert stored == "tokenizer.model"  # relative: nothing names the first place
+    imp = _moved(first, tmp_path / "second_place" / "imp")
+    model = _check_loads_and_exports(imp, spm_model, tmp_path, "imp")
+    _check_init_from(imp, model.config)
+
+    # A workdir as training writes it: config.json (tokenizer copied in) + a step checkpoint.
+    wd = tmp_path / "first_run" / "wd"
+    wd.mkdir(parents=True)
+    train._write_config(_siglip_run_config(model.config), str(wd))
+    assert json.loads((wd / "config.json").read_text())["model"]["text"]["tokenizer"] == \
+        "tokenizer.model"
+    with checkpoint.Checkpointer(wd, every_steps=1, keep=1, async_save=False) as ck:
+        ck.save(3, {"params": model.params, "step": np.int32(3)})
+    wd = _moved(wd, tmp_path / "second_run" / "wd")
+    _check_loads_and_exports(wd, spm_model, tmp_path, "wd")
+    _check_init_from(wd, model.config)
+    a, b = (load_file(tmp_path / f"exp_{n}" / "model.safetensors") for n in ("imp", "wd"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+    # An import dir written before paths were relative: an absolute path that still exists is
+    # used as is; one that no longer exists falls back to the copy inside the directory.
+    cfg = json.loads((imp / "model_config.json").read_text())
+    for old, want in ((spm_model, spm_model),
+                      (str(first / "tokenizer.model"), str(imp / "tokenizer.model"))):
+        cfg["text"]["tokenizer"] = old
+        (imp / "model_config.json").write_text(json.dumps(cfg))
+        assert umg_jax.load(str(imp)).config.text.tokenizer == want

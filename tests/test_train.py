@@ -233,18 +233,25 @@ def test_init_from_params_checkpoint(tmp_path):
 
 def test_starts_from_a_siglip_import_with_its_tokenizer(tmp_path, spm_model):
     """A big_vision SigLIP import (SentencePiece tokenizer, MAP pooling, sigmoid loss) trains from
-    ``init.checkpoint``; a config whose model computes something else is refused first."""
+    ``init.checkpoint``; a config whose model computes something else is refused first. The import
+    dir is moved before training and the workdir after: both hold their tokenizer."""
+    import shutil
+
     from test_big_vision import TINY, siglip_weights
 
+    import umg_jax
     from umg_jax.interop import import_torch
 
     np.savez(tmp_path / "s.npz", **siglip_weights(TINY))
-    import_torch.main([str(tmp_path / "s.npz"), "--out", str(tmp_path / "imp"),
+    import_torch.main([str(tmp_path / "s.npz"), "--out", str(tmp_path / "a" / "imp"),
                        "--tokenizer", spm_model])
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    imp = tmp_path / "b" / "imp"
     config = _config(tmp_path, **{"total_steps": 2, "optim.warmup_steps": 1,
                                   "ckpt.every_steps": 2, "loss.kind": "sigmoid"})
-    config.model = ckpt_lib.read_model_config(tmp_path / "imp" / "model_config.json")
-    config.init.checkpoint = str(tmp_path / "imp")
+    config.model = ckpt_lib.read_model_config(imp / "model_config.json")
+    assert config.model.text.tokenizer == str(imp / "tokenizer.model")
+    config.init.checkpoint = str(imp)
     bad = config.copy_and_resolve_references()
     bad.model.text.pad_id = 0
     with pytest.raises(config_checks.ConfigError, match="model.text.pad_id is 0 but"):
@@ -252,8 +259,12 @@ def test_starts_from_a_siglip_import_with_its_tokenizer(tmp_path, spm_model):
     bad.model.text.pad_id, bad.model.text.tokenizer = 1, ""
     with pytest.raises(config_checks.ConfigError, match="SentencePiece"):
         config_checks.validate(bad, 8)
-    last = train.train(config, str(tmp_path / "wd"))
+    last = train.train(config, str(tmp_path / "c" / "wd"))
     assert np.isfinite(last["loss"])
+    shutil.move(tmp_path / "c", tmp_path / "d")
+    model = umg_jax.load(str(tmp_path / "d" / "wd"))
+    assert model.config.text.tokenizer == str(tmp_path / "d" / "wd" / "tokenizer.model")
+    assert model.tokenize(["a photo of a cat"])[0, -1] == 1  # SigLIP pad id, from its copy
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path):

@@ -260,16 +260,92 @@ def locate(path: str | pathlib.Path, step: int | None = None
     return p, None
 
 
-def read_model_config(path: str | pathlib.Path):
-    """The ``config.model`` section from a ``model_config.json`` or a workdir ``config.json``."""
-    import ml_collections as mlc
+# ------------------------------------------------------------- files a directory names ---
+# A run or import directory names the files it needs (a SigLIP's SentencePiece model) relative to
+# itself, so that the directory can be moved to another folder or machine and still load.
+TOKENIZER_FILE = "tokenizer.model"
+_NOT_A_PATH = ("", "clip")  # model.text.tokenizer values that name no file
 
-    path = pathlib.Path(path)
+
+def resolve_stored_path(stored: str, directory: str | pathlib.Path) -> str:
+    """A file path read from ``directory``'s config, as a path usable from here.
+
+    Relative: against ``directory`` (a cwd-relative path of an older run still works when it
+    exists from the cwd). Absolute (older directories): as is while it exists, else the file of
+    the same name inside ``directory`` (the directory was moved with its file). When nothing
+    exists, the path the caller should report as missing."""
+    d = pathlib.Path(directory).absolute()
+    p = pathlib.Path(stored)
+    if p.is_absolute():
+        if p.exists():
+            return stored
+        moved = d / p.name
+        return str(moved) if moved.exists() else stored
+    for candidate in (d / p, p, d / p.name):  # p itself: cwd-relative, from an older run
+        if candidate.exists():
+            return str(candidate)
+    return str(d / p)
+
+
+def resolve_model_paths(model: dict, directory: str | pathlib.Path) -> dict:
+    """``model`` (a ``config.model`` dict read from ``directory``) with the files it names
+    resolved by :func:`resolve_stored_path`; the dict is changed in place and returned."""
+    text = model.get("text")
+    tok = text.get("tokenizer") if isinstance(text, dict) else None
+    if isinstance(tok, str) and tok not in _NOT_A_PATH:
+        text["tokenizer"] = resolve_stored_path(tok, directory)
+    return model
+
+
+def bundle_model_files(model: dict, directory: str | pathlib.Path) -> dict:
+    """Copies the files ``model`` (a ``config.model`` dict) names into ``directory`` and names them
+    relative to it (the tokenizer as ``tokenizer.model``), so that the directory holds all it
+    needs. Files that do not exist are left named as they are (config checks report them).
+    ``model`` is changed in place and returned."""
+    import shutil
+
+    text = model.get("text")
+    tok = text.get("tokenizer") if isinstance(text, dict) else None
+    if not isinstance(tok, str) or tok in _NOT_A_PATH or not pathlib.Path(tok).is_file():
+        return model
+    dst = pathlib.Path(directory) / TOKENIZER_FILE
+    if not (dst.exists() and dst.samefile(tok)):  # resuming with the copy itself named
+        shutil.copyfile(tok, dst)
+    text["tokenizer"] = TOKENIZER_FILE
+    return model
+
+
+def _read_config_file(path: pathlib.Path) -> dict:
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    return mlc.ConfigDict(d["model"] if "model" in d and "vision" not in d else d)
+    if not isinstance(d, dict):
+        raise ValueError(f"cannot read {path}: not a JSON object")
+    return d
+
+
+def read_model_config(path: str | pathlib.Path):
+    """The ``config.model`` section from a ``model_config.json`` or a workdir ``config.json``, the
+    files it names resolved against the file's directory (:func:`resolve_stored_path`)."""
+    import ml_collections as mlc
+
+    path = pathlib.Path(path)
+    d = _read_config_file(path)
+    model = d["model"] if "model" in d and "vision" not in d else d
+    return mlc.ConfigDict(resolve_model_paths(model, path.parent))
+
+
+def read_run_config(path: str | pathlib.Path):
+    """A workdir's full ``config.json`` with the files its model names resolved against the
+    workdir (:func:`resolve_stored_path`)."""
+    import ml_collections as mlc
+
+    path = pathlib.Path(path)
+    d = _read_config_file(path)
+    if isinstance(d.get("model"), dict):
+        resolve_model_paths(d["model"], path.parent)
+    return mlc.ConfigDict(d)
 
 
 def _read_json_dict(path: str | pathlib.Path | None) -> dict:
@@ -299,7 +375,11 @@ def read_seg_config(path: str | pathlib.Path | None):
 
     d = _read_json_dict(path)
     seg = d.get("seg")
-    return mlc.ConfigDict(d) if seg and seg.get("enabled") else None
+    if not (seg and seg.get("enabled")):
+        return None
+    if isinstance(d.get("model"), dict):
+        resolve_model_paths(d["model"], pathlib.Path(path).parent)
+    return mlc.ConfigDict(d)
 
 
 def _restore_cpu(path: str | pathlib.Path, abstract: PyTree) -> PyTree:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import os
 
 import jax
@@ -116,6 +117,16 @@ def _knob(m: mlc.ConfigDict, path: str, default):
     return tuple(v) if isinstance(v, list | tuple) else v
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Two tokenizer specs name the same SentencePiece model: the same file, or equal bytes (a
+    workdir or import dir holds its own copy, ``checkpoint.bundle_model_files``)."""
+    if "clip" in (a, b):
+        return a == b
+    if not (os.path.isfile(a) and os.path.isfile(b)):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+
+
 def check_same_model(m: mlc.ConfigDict, init_from: str) -> None:
     """``config.model`` must compute what the weights in ``init_from`` were made for: compares the
     model config stored beside them (an import's ``model_config.json`` or a workdir's
@@ -132,9 +143,8 @@ def check_same_model(m: mlc.ConfigDict, init_from: str) -> None:
     for path, default in _weight_knobs().items():
         ours, stored = _knob(m, path, default), _knob(theirs, path, default)
         if path == "text.tokenizer":
-            if stored == "":  # imported without --tokenizer: the config names it
+            if stored == "" or _same_file(ours, stored):  # "": imported without --tokenizer
                 continue
-            ours, stored = (os.path.realpath(t) if t != "clip" else t for t in (ours, stored))
         if ours != stored:
             raise ConfigError(f"model.{path} is {ours!r} but init.checkpoint was made with "
                               f"{stored!r} ({cfg_file}); pass --config.model.{path}=... or "

@@ -27,7 +27,9 @@ Per device it reports:
 
 Without libtpu, or with ``--devices N``, N fake CPU devices stand in for the chips (XLA:CPU's
 buffer assignment, which upcasts bf16 dots: pessimistic), and every printed line says so.
-Compiling ViT-L/14 for 256 chips takes 2-4 minutes per row on a 2-core machine (tiny: ~1 min).
+Compiling ViT-L/14 for 256 chips takes 4-5 minutes per row on an idle 2-core machine (measured
+231-293 s on 2026-11-30; up to 11 minutes when other work shares the cores; tiny: ~1 min), and
+``--max_batch`` compiles 3-8 rows.
 Exit status: 0 all rows fit, 1 a row does not fit, 2 a bad request (config, topology, flags).
 """
 

@@ -161,7 +161,10 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
     if config is None:
         if cfg_file is None or cfg_file.name != "config.json":
             raise EvalError(f"{workdir} has no training config.json: pass --config")
-        config = mlc.ConfigDict(json.loads(cfg_file.read_text()))
+        try:
+            config = checkpoint.read_run_config(cfg_file)  # files it names: from the workdir
+        except ValueError as e:
+            raise EvalError(str(e)) from None
     try:
         model = load(workdir, step)
     except InputError as e:

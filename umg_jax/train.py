@@ -94,7 +94,8 @@ class _StopSignal:
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training into ``workdir``; returns the last logged metrics.
 
-    Writes ``workdir/config.json`` (the full config; ``umg_jax.load`` reads the model part),
+    Writes ``workdir/config.json`` (the full config; ``umg_jax.load`` reads the model part; a
+    SentencePiece tokenizer is copied in beside it as ``tokenizer.model``),
     ``checkpoints/<step>/``, ``metrics.jsonl`` + TensorBoard events, ``final_metrics.json``.
     """
     workdir = str(pathlib.Path(workdir).resolve())
@@ -106,8 +107,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        _write_config(config, workdir)
     if is_main and step_lib.seg_enabled(config):
         # The head's training vocabulary: inference treats other labels as unseen (ensemble).
         vocab = step_lib.train_vocabulary(config)
@@ -268,6 +268,17 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
             print(f"stopped by signal at step {step}; re-run the same command to resume",
                   flush=True)
     return last
+
+
+def _write_config(config: mlc.ConfigDict, workdir: str) -> None:
+    """``workdir/config.json``: the full config, with the files the model names (a SigLIP's
+    SentencePiece model) copied into the workdir and named relative to it, so that the workdir
+    can be moved and still load (``umg_jax.checkpoint.read_model_config`` resolves them)."""
+    d = json.loads(config.to_json_best_effort())
+    if isinstance(d.get("model"), dict):
+        ckpt_lib.bundle_model_files(d["model"], workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(d, f, indent=2)
 
 
 def _all_agree(flag: bool) -> bool:

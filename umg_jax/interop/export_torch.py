@@ -20,6 +20,12 @@ Output:
   UMG extras (per-granularity ``logit_scale_*`` / ``logit_bias*``, which plain CLIP has no slot
   for) go to ``umg_extras.safetensors`` in the directory (``<stem>_umg_extras.safetensors``
   beside a ``.pt``), named in the CLI output; the CLIP part still loads strictly.
+  ``umg_config.json`` (``<stem>_umg_config.json`` beside a ``.pt``): everything a reader needs so
+  that nothing is guessed (dense mode, per-granularity temperatures, image size, normalisation,
+  tokenizer, context length, box / mask pooling, prompt templates); ``umg_jax/interop/
+  torch_model.py`` (``UMGTorch.from_export``) reads it with the HF directory. ``--format hf`` of
+  a CLIP-BPE model also writes the tokenizer as ``vocab.json`` + ``merges.txt`` (HF
+  ``CLIPTokenizer``); a SentencePiece file is copied in as ``tokenizer.model``.
 Errors: one line on stderr, exit status 2.
 """
 
@@ -178,6 +184,10 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
         save_file({k: np.asarray(v, np.float32) for k, v in extras.items()}, str(extras_path),
                   metadata={"format": "umg-extras"})
         files.append(extras_path)
+    arch = "hf_clip" if fmt == "hf" else "open_clip"
+    files += write_umg_config(model_cfg, canonical, arch, extras,
+                              outp.parent if torch_file else outp,
+                              f"{outp.stem}_" if torch_file else "")
     return {"files": [str(f) for f in files], "extras": sorted(extras),
             "extras_file": str(extras_path) if extras else None}
 
@@ -202,8 +212,115 @@ def _export_siglip(flat: dict, model_cfg: mlc.ConfigDict, fmt: str, outp: pathli
     if extras:
         save_file(extras, str(outp / EXTRAS_FILE), metadata={"format": "umg-extras"})
         files.append(outp / EXTRAS_FILE)
+    files += write_umg_config(model_cfg, canonical, "hf_siglip", extras, outp)
     return {"files": [str(f) for f in files], "extras": sorted(extras),
             "extras_file": str(outp / EXTRAS_FILE) if extras else None}
+
+
+# ------------------------------------------------------------------------------ umg_config.json
+UMG_CONFIG_FILE = "umg_config.json"
+UMG_CONFIG_VERSION = 1
+# Region / mask pooling of the inference API (umg_jax/inference.py: roi_pool_embed(.., 2, 2),
+# mask_pool's eps), written out so that a reader does not have to copy the constants.
+ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO, MASK_EPS = 2, 2, 1e-6
+
+
+def temperatures(canonical: dict[str, np.ndarray], m: mlc.ConfigDict) -> dict:
+    """``{"log_logit_scales": {g: clamped log scale}, "logit_biases": {g: bias} | None}`` for
+    every granularity, as ``CLIP.temperatures`` computes them (shared params where a granularity
+    has no own one)."""
+    from umg_jax.models.clip import GRANULARITIES
+
+    cap = float(m.logit_scale_max)
+
+    def own(name: str, g: str) -> float:
+        return float(np.asarray(canonical.get(f"{name}_{g}", canonical[name])).reshape(()))
+
+    scales = {g: min(own("logit_scale", g), cap) for g in GRANULARITIES}
+    biases = ({g: own("logit_bias", g) for g in GRANULARITIES}
+              if "logit_bias" in canonical else None)
+    return {"log_logit_scales": scales, "logit_biases": biases}
+
+
+def write_tokenizer_files(m: mlc.ConfigDict, out: pathlib.Path, arch: str) -> tuple[dict, list]:
+    """The tokenizer entry of ``umg_config.json`` and the files written for it into ``out``.
+
+    CLIP BPE (``model.text.tokenizer == "clip"``) + HF format: ``vocab.json`` / ``merges.txt``,
+    the files of ``transformers.CLIPTokenizer``, built from the merge table umg_jax ships (a
+    reader needs no umg_jax). A SentencePiece file is copied in (``bundle_model_files``) and
+    named relative to ``out``."""
+    from umg_jax import checkpoint
+    from umg_jax.data import tokenizer as tk
+
+    t = m.text
+    spec = t.get("tokenizer", "clip")
+    entry = {"kind": "clip_bpe" if spec == "clip" else "sentencepiece",
+             "context_length": int(t.context_length), "pad_id": int(t.get("pad_id", 0)),
+             "pool": t.get("pool", "eot"), "sot_id": tk.SOT_ID, "eot_id": tk.EOT_ID}
+    if spec != "clip":
+        model = {"text": {"tokenizer": spec}}
+        checkpoint.bundle_model_files(model, out)
+        entry["file"] = model["text"]["tokenizer"]
+        return entry, ([out / entry["file"]] if entry["file"] == checkpoint.TOKENIZER_FILE
+                       else [])
+    if arch != "hf_clip":
+        return entry, []
+    encoder, ranks, _ = tk._load_tables(tk.DEFAULT_VOCAB_PATH)
+    # HF / OpenAI spell the two special symbols <|startoftext|> / <|endoftext|>; same ids.
+    names = {tk.SOT_TOKEN: "<|startoftext|>", tk.EOT_TOKEN: "<|endoftext|>"}
+    vocab = {names.get(s, s): i for s, i in encoder.items()}
+    merges = sorted(ranks, key=ranks.get)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+    entry.update(vocab="vocab.json", merges="merges.txt")
+    return entry, [out / "vocab.json", out / "merges.txt"]
+
+
+def umg_config(m: mlc.ConfigDict, canonical: dict[str, np.ndarray], arch: str,
+               extras: dict[str, np.ndarray], tokenizer: dict) -> dict:
+    """The ``umg_config.json`` dict: how to run the exported weights as umg_jax does."""
+    from umg_jax.inference import DEFAULT_TEMPLATES, MEAN, STD
+    from umg_jax.models.clip import tower_switches
+
+    v = m.vision
+    return {
+        "format": "umg-jax-export", "version": UMG_CONFIG_VERSION, "architecture": arch,
+        "dense_mode": m.dense_mode, "embed_dim": int(m.embed_dim), "act": m.act,
+        "dtype": m.dtype, "image_size": int(v.image_size), "patch_size": int(v.patch_size),
+        "vision": tower_switches(m, "vision"), "text": tower_switches(m, "text"),
+        "token_merge_at_inference": bool(v.get("merge_after", -1) >= 0
+                                         and v.get("merge_at_inference", False)),
+        # umg_jax.inference.preprocess: RGB uint8 / 255, resized (no crop, aspect not kept) to
+        # image_size with jax.image.resize(bilinear, antialias=True), then (x - mean) / std.
+        "preprocess": {"resize": "bilinear_antialias", "crop": None, "rescale": 1 / 255,
+                       "mean": [float(x) for x in v.get("pixel_mean", MEAN)],
+                       "std": [float(x) for x in v.get("pixel_std", STD)]},
+        "tokenizer": tokenizer, "context_length": int(m.text.context_length),
+        "logit_scale_max": float(m.logit_scale_max),
+        "granularity_scales": bool(m.get("granularity_scales", False)),
+        **temperatures(canonical, m),
+        "extras": {k: float(np.asarray(x).reshape(())) for k, x in sorted(extras.items())},
+        # umg_jax.inference: boxes are absolute pixels (x0, y0, x1, y1) of the given image,
+        # RoIAlign aligned=True on the dense map, mean over the bins; masks are resized to the
+        # grid (bilinear, antialias) and area-weighted means; segmentation is the argmax of the
+        # bilinearly upsampled cosine logits against prompt-ensembled label embeddings.
+        "boxes": {"format": "xyxy_pixels", "output_size": ROI_OUTPUT_SIZE,
+                  "sampling_ratio": ROI_SAMPLING_RATIO, "aligned": True},
+        "masks": {"resize": "bilinear_antialias", "eps": MASK_EPS},
+        "segment": {"templates": list(DEFAULT_TEMPLATES), "upsample": "bilinear"},
+    }
+
+
+def write_umg_config(m: mlc.ConfigDict, canonical: dict[str, np.ndarray], arch: str,
+                     extras: dict[str, np.ndarray], out: pathlib.Path,
+                     prefix: str = "") -> list[pathlib.Path]:
+    """Writes ``out/<prefix>umg_config.json`` (and the tokenizer files it names); returns the
+    paths written."""
+    tokenizer, files = write_tokenizer_files(m, out, arch)
+    path = out / f"{prefix}{UMG_CONFIG_FILE}"
+    path.write_text(json.dumps(umg_config(m, canonical, arch, extras, tokenizer), indent=2))
+    return [*files, path]
 
 
 def _check_config(canonical: dict[str, np.ndarray], m: mlc.ConfigDict) -> None:

@@ -9,7 +9,7 @@ without torch), an open_clip directory (``open_clip_config.json`` + weights), a 
 (``big_vision.py``: the model config gets SigLIP's tower switches; activation tanh GELU as in
 big_vision unless ``--act gelu``, which is what open_clip / timm run). A SigLIP needs its
 SentencePiece model: ``--tokenizer FILE.model`` copies it into ``DIR/tokenizer.model`` and names
-it in ``model.text.tokenizer``.
+it in ``model.text.tokenizer`` (relative to ``DIR``, which can be moved).
 
 Without ``--config`` the architecture is inferred from the weights (heads: HF ``config.json``,
 else head dim 64). The activation comes from the source when it says (HF ``hidden_act``, open_clip
@@ -22,7 +22,8 @@ Output (``DIR``, written to a temp dir and renamed, so a failure leaves nothing)
                              ``resblocks`` when scan=True), read by ``restore_params_only``;
   ``DIR/model_config.json``  the ``config.model`` section used;
   ``DIR/import_report.json`` source, format, activation, resize, initialised / ignored keys;
-  ``DIR/tokenizer.model``    the SentencePiece model given with ``--tokenizer``.
+  ``DIR/tokenizer.model``    the SentencePiece model given with ``--tokenizer`` (or named by
+                             ``--config``), named ``tokenizer.model`` in the config.
 Errors: one line on stderr, exit status 2.
 """
 
@@ -37,6 +38,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import warnings
 import zipfile
 
 import ml_collections as mlc
@@ -112,7 +114,9 @@ def read_torch(path: str) -> tuple[dict[str, np.ndarray], bool]:
 
     err = None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a TorchScript archive is read below, as it says
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         obj, err = None, e
     if obj is None and zipfile.is_zipfile(path):
@@ -410,11 +414,13 @@ def _rows_named(flax_names: list[str]):
 def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: dict,
                      tokenizer: str | None = None) -> None:
     """Writes ``out/{params, model_config.json, import_report.json}`` atomically (temp dir in the
-    same parent, then rename). ``tokenizer``: a SentencePiece model copied to
-    ``out/tokenizer.model``, whose absolute path becomes ``model.text.tokenizer``."""
+    same parent, then rename). ``tokenizer``: a SentencePiece model for ``model.text.tokenizer``.
+    The tokenizer the config names is copied to ``out/tokenizer.model`` and stored as that name,
+    relative to ``out`` (read back with ``umg_jax.checkpoint.read_model_config``), so the
+    directory can be moved."""
     import jax
 
-    from umg_jax.checkpoint import save_params
+    from umg_jax.checkpoint import bundle_model_files, save_params
 
     dst = pathlib.Path(out).absolute()
     if dst.exists():
@@ -422,10 +428,10 @@ def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
+        model = model_cfg.to_dict()
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-            model_cfg = mlc.ConfigDict(model_cfg.to_dict())
-            model_cfg.text.tokenizer = str(dst / "tokenizer.model")
+            model["text"]["tokenizer"] = tokenizer
+        model_cfg = mlc.ConfigDict(bundle_model_files(model, tmp))
         save_params(tmp / "params", jax.tree.map(np.asarray, params))
         (tmp / "model_config.json").write_text(model_cfg.to_json(indent=2))
         (tmp / "import_report.json").write_text(json.dumps(report, indent=2))
@@ -436,9 +442,15 @@ def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: 
 
 
 def load_model_config(path: str) -> mlc.ConfigDict:
-    """``configs/x.py`` (its ``.model`` section) or a ``model_config.json``."""
+    """``configs/x.py`` (its ``.model`` section) or a ``model_config.json`` / workdir
+    ``config.json`` (files it names resolved against its directory)."""
     if path.endswith(".json"):
-        return mlc.ConfigDict(_read_json(pathlib.Path(path)))
+        from umg_jax.checkpoint import read_model_config
+
+        try:
+            return read_model_config(path)
+        except ValueError as e:
+            raise InteropError(str(e)) from None
     from umg_jax.config_lib import load_config
 
     try:
