@@ -38,7 +38,8 @@ def test_slice_argument_caps_the_batch_to_what_the_tpu_compiler_fitted():
     assert load("vit_l.py:v5e-64").batch_size == 88 * 64
     assert load("vit_l.py:v4-256").batch_size == 32768  # 128 per chip fits (<= 208)
     assert load("vit_l.py:v4-128").batch_size == 208 * 128
-    assert load("vit_l336.py:v5e-256").batch_size == 16384
+    assert load("vit_l336.py:v5e-256").batch_size == 16384  # the base batch; 72 per chip fits
+    assert load("vit_l336.py:v5e-128").batch_size == 72 * 128
     for bad in ("vit_l.py:v5e", "vit_l.py:tpu9-8", "vit_l.py:v5e-0", "vit_l.py:v5e-x"):
         with pytest.raises(ValueError, match="expected GEN-CHIPS"):
             load(bad)
