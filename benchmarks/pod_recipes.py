@@ -10,8 +10,10 @@ Each cell is one ``python -m umg_jax.dryrun --max_batch`` run in its own process
 in ``benchmarks/results/dryrun/``; a cell whose JSON exists is not recompiled, so an interrupted
 run resumes). The first cell of a config also compiles the CLIP-only step (``--clip_baseline``):
 the UMG / CLIP FLOP ratio depends on the per-chip mix of work, not on the slice. Later cells start
-their search where the per-chip memory line of the previous cell meets their HBM. ViT-L/14
-compiles in 4-5 minutes per probe on 2 idle cores and a cell takes 3-8 probes. Writes
+their search where the per-chip memory line of the previous cell meets their HBM; the first cell
+of a config starts from the line of its single compiles (``<cell>_batch<N>.json``) when there are
+two. Head-only configs (``seg_vit_l``) get no CLIP baseline. ViT-L/14 compiles in 4-5 minutes
+per probe on 2 idle cores (``seg_vit_l`` 10-12) and a cell takes 2-8 probes. Writes
 ``benchmarks/results/pod_recipes.json`` and prints a markdown table.
 """
 
@@ -28,6 +30,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "benchmarks/results/dryrun"
 CONFIGS = ("vit_l", "vit_l336", "seg_vit_l")
+# Configs that train a head on a frozen backbone: the UMG / CLIP ratio (which step costs more)
+# is a question about the contrastive step, so no CLIP-only baseline is compiled for them.
+HEAD_ONLY = ("seg_vit_l",)
 # One slice of 128-512 chips per TPU generation (memory per device depends on the per-device
 # batch, not the slice size, so the largest batch scales with the chip count).
 TOPOLOGIES = ("v4:4x4x8", "v5e:16x16", "v5p:4x8x8", "v6e:16x16")
@@ -62,21 +67,36 @@ def run(args: list[str], out: pathlib.Path, log) -> bool:
     return True
 
 
-def per_chip_line(path: pathlib.Path) -> tuple[float, float] | None:
-    """``(fixed bytes, bytes per example)`` per chip, fitted (least squares) to a cell's probes
-    against the per-chip batch; None with fewer than two probes."""
-    d = json.loads(path.read_text())
-    probes = d["rows"][0].get("max_batch_probes", [])
-    if len(probes) < 2:
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least-squares ``(intercept, slope)`` of ``(x, y)`` points; None without two distinct x."""
+    if len(points) < 2:
         return None
-    x = [p["batch_size"] / d["devices"] for p in probes]
-    y = [p["total"] for p in probes]
+    x, y = [p[0] for p in points], [p[1] for p in points]
     mx, my = sum(x) / len(x), sum(y) / len(y)
     var = sum((a - mx) ** 2 for a in x)
     if var == 0:
         return None
     slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / var
     return my - slope * mx, slope
+
+
+def per_chip_line(path: pathlib.Path) -> tuple[float, float] | None:
+    """``(fixed bytes, bytes per example)`` per chip, fitted (least squares) to a cell's probes
+    against the per-chip batch; None with fewer than two probes."""
+    d = json.loads(path.read_text())
+    probes = d["rows"][0].get("max_batch_probes", [])
+    return _fit([(p["batch_size"] / d["devices"], p["total"]) for p in probes])
+
+
+def singles_line(config: str) -> tuple[float, float] | None:
+    """The per-chip memory line of ``config``'s single compiles (``<config>_<slice>_batch<N>
+    .json``), to seed its first search; None without two batches."""
+    points = []
+    for q in sorted(OUT_DIR.glob(f"{config}_*_batch*.json")):
+        d = json.loads(q.read_text())
+        r = d["rows"][0]
+        points.append((r["batch_size"] / d["devices"], r["bytes_per_device"]["total"]))
+    return _fit(points)
 
 
 def batch_hint(line: tuple[float, float], hbm_gib: float, chips: int) -> int | None:
@@ -126,7 +146,8 @@ def table(configs, topologies, standins) -> tuple[str, list[dict]]:
              "roofline img/s (bound, MFU) | UMG / CLIP FLOPs |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['umg_over_clip']:.2f}x" if r["umg_over_clip"] else "-"
+        ratio = (f"{r['umg_over_clip']:.2f}x" if r["umg_over_clip"]
+                 else "n/a (head only)" if r["config"] in HEAD_ONLY else "-")
         if r.get("umg_over_clip_from"):
             ratio += f" (on {r['umg_over_clip_from']})"
         batch = (f"{r['max_batch']:,} ({r['per_device_batch']:g})" if r["max_batch"]
@@ -194,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         from umg_jax import accelerators
 
         for cfg in configs:
-            line, clip_done = None, False
+            # No cell searched yet: the config's single compiles, if any, seed the first one.
+            line, clip_done = singles_line(cfg), cfg in HEAD_ONLY
             for topo in topologies:
                 path = cell_path(cfg, topo)
                 extra = ([f"--hlo_dir={args.hlo_dir}/{path.stem}"] if args.hlo_dir else [])

@@ -6,7 +6,8 @@ block of both towers.
 
 Only the adapters (and their Adam moments) train; the start-of-run report lists trainable vs
 frozen parameters per module. Adapters start as the identity (zero ``up`` projection). Unlike
-LoRA they cannot be folded into CLIP weights, so ``umg_jax.interop.export_torch`` refuses them.
+LoRA they cannot be folded into CLIP weights: ``umg_jax.interop.export_torch --format hf`` writes
+them to ``umg_adapters.safetensors``, which ``interop/torch_model.py`` applies (open_clip refuses).
 """
 
 import pathlib

@@ -160,6 +160,17 @@ def test_per_chip_line_and_batch_hint(tmp_path):
     assert pod_recipes.per_chip_line(path) is None
 
 
+def test_singles_line_seeds_the_first_search(tmp_path, monkeypatch):
+    monkeypatch.setattr(pod_recipes, "OUT_DIR", tmp_path)
+    assert pod_recipes.singles_line("seg_vit_l") is None
+    # Single compiles at 128 and 256 per chip: 0.5 GiB + 0.05 GiB per example.
+    for b in (128, 256):
+        _cell(tmp_path / f"seg_vit_l_v5e_16x16_batch{256 * b}.json", devices=256,
+              chip="tpu_v5e", probes=[{"batch_size": 256 * b, "total": (0.5 + 0.05 * b) * GIB}])
+    assert pod_recipes.singles_line("seg_vit_l") == pytest.approx((0.5 * GIB, 0.05 * GIB))
+    assert pod_recipes.singles_line("vit_l") is None  # another config's files are not read
+
+
 def test_recipes_table(tmp_path, monkeypatch):
     monkeypatch.setattr(pod_recipes, "OUT_DIR", tmp_path)
     _cell(pod_recipes.cell_path("vit_l", "v4:4x4x8"), devices=128, chip="tpu_v4", ratio=2.25,

@@ -232,8 +232,13 @@ def test_adapter_training_from_a_pretrained_backbone(tmp_path, monkeypatch, caps
     assert moved > 0
     from umg_jax.interop import export_torch
 
+    # HF export carries the adapters in a side file (read by interop/torch_model.py); the
+    # open_clip state dict has no place for them and is refused, naming the format that works.
+    export_torch.main([str(tmp_path / "wd"), "--format", "hf", "--out", str(tmp_path / "x")])
+    assert (tmp_path / "x" / "umg_adapters.safetensors").is_file()
     with pytest.raises(SystemExit) as e:
-        export_torch.main([str(tmp_path / "wd"), "--format", "hf", "--out", str(tmp_path / "x")])
+        export_torch.main([str(tmp_path / "wd"), "--format", "open_clip", "--out",
+                           str(tmp_path / "y")])
     assert e.value.code == 2
-    assert "adapter" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    assert "--format hf" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -26,6 +26,7 @@ from umg_jax.models import clip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULE = ROOT / "umg_jax/interop/torch_model.py"
+SEG_MODULE = ROOT / "umg_jax/interop/torch_seg.py"
 TOL = 1e-4  # max abs diff, float32
 LABELS = ["circle", "star", "grass", "sky"]
 TEXTS = ["a photo of a circle.", "Two  STARS &amp; a sky!", "grass"]
@@ -309,13 +310,18 @@ def test_module_imports_no_jax():
     assert not roots & {"jax", "jaxlib", "flax", "umg_jax", "optax", "ml_collections"}
 
 
-def test_copied_module_runs_without_jax(run, image, tmp_path):
-    """The file alone, copied elsewhere, with jax / flax / umg_jax made unimportable, loads the
-    export and gives the same dense map."""
+def test_copied_module_runs_without_jax(run, image, seg_run, scene, tmp_path):
+    """torch_model.py and torch_seg.py alone, copied elsewhere, with jax / flax / umg_jax made
+    unimportable, load the exports and give the same dense map and segmentation."""
     _, out, tm, _ = run
-    shutil.copy(MODULE, tmp_path / "serving_umg.py")
+    _, ts, seg_out, _ = seg_run
+    for f in (MODULE, SEG_MODULE):
+        shutil.copy(f, tmp_path / f.name)
     np.save(tmp_path / "image.npy", image)
     np.save(tmp_path / "want.npy", tm.dense(image).numpy())
+    np.save(tmp_path / "scene.npy", scene)
+    np.save(tmp_path / "want_pan.npy",
+            ts.predict(scene, SEG_LABELS, isthing=SEG_THING)["panoptic"].numpy())
     code = f"""
 import sys
 sys.path = [p for p in sys.path if p not in ("", ".", {str(ROOT)!r})]
@@ -327,10 +333,13 @@ lib = torch.library.Library("torchvision", "DEF")  # this environment's torchvis
 for s in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
           "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
     lib.define(s)
-import serving_umg
-m = serving_umg.UMGTorch.from_export({str(out)!r})
+import torch_model, torch_seg
+m = torch_model.UMGTorch.from_export({str(out)!r})
 got = m.dense(np.load({str(tmp_path / "image.npy")!r})).numpy()
 assert np.abs(got - np.load({str(tmp_path / "want.npy")!r})).max() == 0.0
+s = torch_seg.UMGTorchSegmenter.from_export({str(seg_out)!r})
+got = s.predict(np.load({str(tmp_path / "scene.npy")!r}), {SEG_LABELS!r}, isthing={SEG_THING!r})
+assert (got["panoptic"].numpy() == np.load({str(tmp_path / "want_pan.npy")!r})).all()
 assert not any(k.split(".")[0] in ("jax", "flax", "umg_jax") and sys.modules[k] is not None
                for k in sys.modules)
 """
@@ -348,3 +357,290 @@ def test_warnings_clean_on_full_export(run, tm_mod):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         tm_mod.UMGTorch.from_export(out)
+
+
+# ------------------------------------------------------------------------------ workdir runs
+# Command-1-sized tiny models (configs/tiny_adapter.py, configs/seg_tiny.py at their own sizes),
+# random params, saved as training workdirs and exported by the CLI, as a user would.
+
+
+def _workdir(wd, config, params):
+    from umg_jax import checkpoint
+
+    wd.mkdir()
+    (wd / "config.json").write_text(config.to_json_best_effort())
+    with checkpoint.Checkpointer(wd, every_steps=1, keep=1, async_save=False) as ck:
+        ck.save(7, {"params": params, "step": np.int32(7)})
+    return wd
+
+
+def _seg_params(config, seed=3):
+    """Random decoder params (the :func:`_params` rules; a sharp class temperature and sharp
+    masks, so that the random head's label maps are not one class)."""
+    from umg_jax.models import mask_decoder
+
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda: mask_decoder.init_params(config, jax.random.key(0)))
+    out = {}
+    for k, a in mapping.flatten(abstract).items():
+        z = rng.normal(size=a.shape).astype(np.float32)
+        leaf = k.rsplit("/", 1)[-1]
+        if leaf == "scale":
+            v = 1 + 0.1 * z
+        elif leaf == "bias":
+            v = 0.1 * z
+        elif leaf == "log_scale":
+            v = np.float32(4.0)
+        else:  # kernels, queries, positions, void: unit-gain
+            v = z * float(np.prod(a.shape[:-1]) if a.ndim > 1 else 1) ** -0.5
+            if k.endswith(("query/kernel", "key/kernel", "value/kernel")):
+                v = z * float(a.shape[0]) ** -0.5
+            if k in ("queries", "query_pos"):
+                v = z  # flax's init: distinct queries
+            if k == "mask_mlp_1/kernel":
+                v = 4 * v  # decisive masks: queries own different parts of the image
+        out[k] = np.asarray(v, np.float32)
+    return mapping.unflatten(out)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A 50 x 44 image with regions of flat colour and noise (not square, not the model size)."""
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (50, 44, 3), dtype=np.uint8)
+    img[:20] = [90, 150, 230]
+    img[30:, :30] = [60, 170, 60]
+    img[5:15, 5:15] = [220, 40, 40]
+    return img
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tm_mod, tmp_path_factory):
+    """``(umg_jax.load(wd), UMGTorch of its --format hf export, export dir)`` of a random
+    configs/tiny_adapter.py run (adapters in both towers, non-zero ``up``)."""
+    import umg_jax
+
+    c = config_lib.load_config(str(ROOT / "configs/tiny_adapter.py"))
+    tmp = tmp_path_factory.mktemp("adapter")
+    wd = _workdir(tmp / "wd", c, _params(c.model, seed=4))
+    out = tmp / "hf"
+    export_torch.main([str(wd), "--format", "hf", "--out", str(out)])
+    return umg_jax.load(str(wd)), tm_mod.UMGTorch.from_export(out), out
+
+
+def test_adapter_export_matches(adapter_run, scene):
+    import copy
+
+    jm, tm, out = adapter_run
+    cfg = json.loads((out / "umg_config.json").read_text())
+    assert cfg["adapters"] == {"act": "gelu_tanh", "dims": {"vision": 32, "text": 32}}
+    assert len(tm.adapters["vision"]) == 4 and len(tm.adapters["text"]) == 3
+    assert _diff(tm.encode_image(scene), jm.embed_image(scene)) <= TOL
+    assert _diff(tm.dense(scene), jm.encode_dense(scene)) <= TOL
+    assert _diff(tm.encode_text(TEXTS), jm.embed_text(TEXTS)) <= TOL
+    boxes = [[0, 0, 44, 50], [3.5, 7, 20, 31.25], [30, 40, 44, 50]]
+    assert _diff(tm.encode_boxes(scene, boxes), jm.encode_boxes(scene, boxes)) <= TOL
+    masks = np.zeros((2, 50, 44), bool)
+    masks[0, 10:30, 5:25] = masks[1, 30:] = True
+    assert _diff(tm.encode_masks(scene, masks), jm.encode_masks(scene, masks)) <= TOL
+    np.testing.assert_array_equal(tm.segment(scene, LABELS).numpy(), jm.segment(scene, LABELS))
+    # the adapters matter: without them the towers give other embeddings
+    plain = copy.copy(tm)
+    plain.adapters, plain._label_cache = {}, {}
+    assert _diff(plain.encode_image(scene), jm.embed_image(scene)) > 1e-3
+    assert _diff(plain.encode_text(TEXTS), jm.embed_text(TEXTS)) > 1e-3
+
+
+def test_adapter_export_refusals(adapter_run, tm_mod, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    jm, _, out = adapter_run
+    with pytest.raises(mapping.InteropError, match="--format hf"):
+        export_torch.export_params(jm.params, jm.config, "open_clip", str(tmp_path / "oc"))
+    assert not (tmp_path / "oc").exists()
+    d = _copy(out, tmp_path / "bad")
+    sd = load_file(str(d / "umg_adapters.safetensors"))
+    key = "text_model.encoder.layers.2.adapter.up.weight"
+    save_file({**sd, key: sd[key][:, :16].copy()}, str(d / "umg_adapters.safetensors"))
+    with pytest.raises(ValueError, match=r"layers.2.adapter.up.weight is \(128, 16\)"):
+        tm_mod.UMGTorch.from_export(d)
+    save_file({**sd, "text_model.encoder.layers.9.adapter.up.bias": sd[key][0].copy()},
+              str(d / "umg_adapters.safetensors"))
+    with pytest.raises(ValueError, match="no listed adapter uses"):
+        tm_mod.UMGTorch.from_export(d)
+    (d / "umg_adapters.safetensors").unlink()
+    with pytest.raises(ValueError, match="umg_adapters.safetensors is missing"):
+        tm_mod.UMGTorch.from_export(d)
+    save_file(sd, str(d / "umg_adapters.safetensors"))
+    cfg = json.loads((d / "umg_config.json").read_text())
+    (d / "umg_config.json").write_text(json.dumps({**cfg, "adapters": None}))
+    with pytest.raises(ValueError, match="lists none"):
+        tm_mod.UMGTorch.from_export(d)
+
+
+def test_adapter_export_of_scanned_layers(adapter_run, tmp_path):
+    """A scanned (stacked) param tree exports the same adapters file as the per-block one."""
+    from safetensors.numpy import load_file
+
+    jm, _, out = adapter_run
+    m = config_lib.load_config(str(ROOT / "configs/tiny_adapter.py")).model
+    m.scan = True
+    canonical = mapping.to_canonical(mapping.flatten(jm.params))
+    stacked = mapping.to_model_layout(canonical, mapping.flatten(clip.abstract_params(m)))
+    assert any("/resblocks/adapter/" in k for k in stacked)
+    export_torch.export_params(mapping.unflatten(stacked), m, "hf", str(tmp_path / "hf"))
+    want = load_file(str(out / "umg_adapters.safetensors"))
+    got = load_file(str(tmp_path / "hf/umg_adapters.safetensors"))
+    assert got.keys() == want.keys() and len(got) == 4 * (4 + 3)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+# ------------------------------------------------------------------------------ seg head
+SEG_LABELS = ["circle", "star", "grass", "sky", "water"]
+SEG_THING = [True, True, False, False, False]
+
+
+@pytest.fixture(scope="module")
+def seg_run(tm_mod, tmp_path_factory):
+    """``(umg_jax.load_segmenter(wd), UMGTorchSegmenter of the export, export dir, wd)`` of a
+    random configs/seg_tiny.py run (low panoptic thresholds: random queries are unsure)."""
+    import umg_jax
+    from umg_jax.interop import torch_seg
+
+    c = config_lib.load_config(str(ROOT / "configs/seg_tiny.py"))
+    c.seg.update(object_threshold=0.0, overlap_threshold=0.2)
+    tmp = tmp_path_factory.mktemp("seg")
+    params = {"base": _params(c.model, seed=6), "seg": _seg_params(c)}
+    wd = _workdir(tmp / "wd", c, params)
+    (wd / "seg_vocab.json").write_text(json.dumps({"names": ["circle", "grass", "sky"],
+                                                   "holdout": ["star", "water"]}))
+    out = tmp / "hf"
+    export_torch.main([str(wd), "--format", "hf", "--out", str(out)])
+    return umg_jax.load_segmenter(str(wd)), torch_seg.UMGTorchSegmenter.from_export(out), out, wd
+
+
+def test_seg_export_writes_head(seg_run):
+    js, ts, out, _ = seg_run
+    cfg = json.loads((out / "umg_config.json").read_text())["seg_head"]
+    assert cfg["file"] == "umg_seg_head.safetensors" and (out / cfg["file"]).is_file()
+    assert cfg["train_labels"] == ["circle", "grass", "sky"]
+    assert (cfg["num_queries"], cfg["width"], cfg["mask_stride"]) == (16, 128, 4)
+    assert cfg["object_threshold"] == 0.0 and cfg["ensemble"] is True
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(js.seg_params))
+    assert sum(p.numel() for p in ts.decoder.parameters()) == n
+
+
+@pytest.fixture(scope="module")
+def seg_jax(seg_run, scene):
+    """umg_jax's decoder outputs on ``scene``: ``(mask_logits [N, h, w], class_logits
+    [N, C + 1], mask_prob [N, H, W], {"head" | "ensemble": [N, C + 1]})``."""
+    from umg_jax.evaluators import segmentation as se
+
+    js = seg_run[0]
+    bb = js.backbone
+    text = bb.encode_text_labels(SEG_LABELS)
+    pv = bb.preprocess(scene)[None]
+    dense = inference._normalize(bb.encode_image(pv)[1])
+    mask_logits, cls_logits = map(np.asarray, js._decode(js.seg_params, pv, dense, text))
+    seen = np.array([lab in js.train_labels for lab in SEG_LABELS])
+    mask_prob, probs = se.head_predictions(
+        lambda *a: js._decode(js.seg_params, *a), pv, dense, text, scene.shape[:2], seen,
+        js.config.seg, se.mask_logit_scale(bb))
+    return mask_logits[0], cls_logits[0], mask_prob[0], {k: v[0] for k, v in probs.items()}
+
+
+def test_seg_head_beside_open_clip_state_dict(seg_run, tmp_path):
+    """``--format open_clip`` to a ``.pt`` writes the head beside it, named after the file."""
+    js, _, out, _ = seg_run
+    head = export_torch.SegHead(js.seg_params, js.config.seg, ["circle"])
+    export_torch.export_params(js.backbone.params, js.backbone.config, "open_clip",
+                               str(tmp_path / "umg.pt"), seg=head)
+    cfg = json.loads((tmp_path / "umg_umg_config.json").read_text())["seg_head"]
+    assert cfg["file"] == "umg_umg_seg_head.safetensors" and cfg["train_labels"] == ["circle"]
+    assert (tmp_path / cfg["file"]).read_bytes() == (out / "umg_seg_head.safetensors").read_bytes()
+
+
+def test_seg_head_logits_match(seg_run, seg_jax, scene):
+    _, ts, _, _ = seg_run
+    mask_logits, cls_logits, mask_prob, probs = seg_jax
+    got = ts.head_outputs(scene, SEG_LABELS)
+    assert got["mask_logits"].shape == (16, 16, 16)
+    assert _diff(got["mask_logits"], mask_logits) <= TOL
+    assert _diff(got["class_logits"], cls_logits) <= TOL
+    assert _diff(got["mask_prob"], mask_prob) <= TOL
+    for k in ("head", "ensemble"):
+        assert _diff(got[k], probs[k]) <= TOL, k
+    assert _diff(got["ensemble"], got["head"]) > 1e-3  # the ensemble changes the probabilities
+
+
+def _near_ties(p, mask_prob, object_threshold, eps=1e-5):
+    """``[H, W]`` bool: pixels where the panoptic merge decides on a float32 near-tie (umg_jax's
+    values): the two best ``score * mask`` of the kept queries within ``eps``, or a kept query's
+    mask within ``eps`` of 0.5. Two correct float32 implementations may differ there."""
+    score = p[:, :-1].max(-1)
+    keep = (p.argmax(-1) < p.shape[-1] - 1) & (score > object_threshold)
+    prod = np.sort(score[keep, None, None] * mask_prob[keep], axis=0)
+    tie = prod[-1] - prod[-2] < eps if keep.sum() > 1 else np.zeros(mask_prob.shape[1:], bool)
+    return tie | (np.abs(mask_prob[keep] - 0.5) < eps).any(0)
+
+
+@pytest.mark.parametrize("ensemble", [None, False])
+def test_seg_predict_matches(seg_run, seg_jax, scene, ensemble):
+    import torch
+
+    js, ts, _, _ = seg_run
+    want = js.predict(scene, SEG_LABELS, isthing=SEG_THING, ensemble=ensemble)
+    got = ts.predict(scene, SEG_LABELS, isthing=SEG_THING, ensemble=ensemble)
+    assert got["semantic"].dtype == got["panoptic"].dtype == torch.int32
+    np.testing.assert_array_equal(got["semantic"].numpy(), want["semantic"])
+    assert len(np.unique(want["semantic"])) > 1 and len(want["segments"]) > 1  # not trivial
+    # Panoptic ids: identical except where umg_jax itself decides on a float32 near-tie (with
+    # this seed: one pixel where two queries' score * mask differ by 2e-8).
+    ties = _near_ties(seg_jax[3]["ensemble" if ensemble is None else "head"], seg_jax[2],
+                      js.config.seg.object_threshold)
+    differ = got["panoptic"].numpy() != want["panoptic"]
+    assert not (differ & ~ties).any(), np.argwhere(differ & ~ties)[:5]
+    assert ties.mean() < 1e-3
+    assert got["segments"].keys() == want["segments"].keys()
+    for sid, (label, score) in want["segments"].items():
+        assert got["segments"][sid][0] == label
+        assert got["segments"][sid][1] == pytest.approx(score, abs=TOL)
+
+
+def test_seg_bad_input(seg_run, run, tm_mod, scene, tmp_path):
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from umg_jax.interop import torch_seg
+
+    _, ts, out, _ = seg_run
+    with pytest.raises(ValueError, match="label list is empty"):
+        ts.predict(scene, [])
+    with pytest.raises(ValueError, match="isthing has 1 entries for 2 labels"):
+        ts.predict(scene, ["sky", "grass"], isthing=[True])
+    with pytest.raises(ValueError, match="one image"):
+        ts.predict(torch.stack([ts.backbone.preprocess(scene)] * 2), ["sky"])
+    with pytest.raises(ValueError, match="no segmentation head"):
+        torch_seg.UMGTorchSegmenter.from_export(run[1])
+    d = _copy(out, tmp_path / "bad")
+    sd = load_file(str(d / "umg_seg_head.safetensors"))
+    save_file({k: v for k, v in sd.items() if k != "layer_1.self.out.bias"},
+              str(d / "umg_seg_head.safetensors"))
+    with pytest.raises(ValueError, match="layer_1.self.out.bias is missing"):
+        torch_seg.UMGTorchSegmenter.from_export(d)
+    (d / "umg_seg_head.safetensors").unlink()
+    with pytest.raises(ValueError, match="umg_seg_head.safetensors is missing"):
+        torch_seg.UMGTorchSegmenter.from_export(d)
+
+
+def test_torch_seg_imports_no_jax():
+    """torch_seg.py imports only what torch_model.py may, and torch_model itself (relative in
+    the package, by name when copied beside it)."""
+    roots = set()
+    for node in ast.walk(ast.parse(SEG_MODULE.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots.add(node.module.split(".")[0])
+    assert roots - ALLOWED - set(sys.stdlib_module_names) == {"torch_model"}

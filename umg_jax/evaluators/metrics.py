@@ -6,8 +6,10 @@ Conventions (documented because references differ):
 - PQ follows Kirillov et al. / the COCO panoptic API: a predicted and a ground-truth segment of the
   same category match when IoU > 0.5, where the predicted area overlapping unlabeled ground-truth
   pixels is left out of the union; an unmatched prediction more than half on unlabeled pixels is
-  not a false positive. PQ / SQ / RQ are averaged over the categories that occur in the ground
-  truth or the prediction, separately for things and stuff.
+  not a false positive (pixels on a crowd region of the prediction's own category count as
+  unlabeled there; crowd segments are never matched nor missed). PQ / SQ / RQ are averaged over
+  the categories that occur in the ground truth or the prediction, separately for things and
+  stuff.
 """
 
 from __future__ import annotations
@@ -77,9 +79,13 @@ class PanopticAccumulator:
         self.fn = np.zeros(num_classes, np.int64)
 
     def update(self, pred_seg: np.ndarray, pred_cls: dict[int, int], gt_seg: np.ndarray,
-               gt_cls: dict[int, int]) -> None:
+               gt_cls: dict[int, int], gt_crowd: dict[int, int] | None = None) -> None:
         """One image. ``pred_seg`` / ``gt_seg [H, W]`` int segment ids (``< 0`` = none /
-        unlabeled); ``pred_cls`` / ``gt_cls``: segment id -> category."""
+        unlabeled); ``pred_cls`` / ``gt_cls``: segment id -> category. ``gt_crowd``: crowd
+        segments of ``gt_seg`` (id -> category, not in ``gt_cls``): never matched nor missed,
+        and, as in panopticapi, a prediction's pixels on a crowd region of its own category
+        count like unlabeled ones in the false-positive test."""
+        gt_crowd = gt_crowd or {}
         void = gt_seg < 0
         pairs, counts = np.unique(np.stack([gt_seg.ravel(), pred_seg.ravel()]), axis=1,
                                   return_counts=True)
@@ -107,8 +113,9 @@ class PanopticAccumulator:
         for p, c in pred_cls.items():
             if p in pred_hit or pred_area[p] == 0:
                 continue
-            if pred_void[p] / pred_area[p] > 0.5:
-                continue  # mostly on unlabeled pixels: not counted against the prediction
+            on_crowd = sum(inter.get((g, p), 0) for g, cg in gt_crowd.items() if cg == c)
+            if (pred_void[p] + on_crowd) / pred_area[p] > 0.5:
+                continue  # mostly on unlabeled / same-class crowd pixels: not a false positive
             self.fp[c] += 1
 
     def scores(self, classes: np.ndarray | None = None) -> dict[str, float]:

@@ -26,15 +26,25 @@ Output:
   torch_model.py`` (``UMGTorch.from_export``) reads it with the HF directory. ``--format hf`` of
   a CLIP-BPE model also writes the tokenizer as ``vocab.json`` + ``merges.txt`` (HF
   ``CLIPTokenizer``); a SentencePiece file is copied in as ``tokenizer.model``.
+  Bottleneck adapters (``peft.method="adapter"`` runs, which cannot be merged into CLIP weights):
+  ``--format hf`` writes them to ``umg_adapters.safetensors`` (HF layer names, torch ``Linear``
+  layout) and lists their widths in ``umg_config.json``; ``--format open_clip`` refuses them.
+  Segmentation-head runs (``configs/seg_*.py``): the mask decoder goes to
+  ``umg_seg_head.safetensors`` (``<stem>_umg_seg_head.safetensors`` beside a ``.pt``; torch layout
+  of ``umg_jax/interop/torch_seg.py``'s ``MaskDecoder``), its config, thresholds and training
+  vocabulary (``seg_vocab.json``) to ``umg_config.json``'s ``seg_head``.
 Errors: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
+import re
 import sys
+import warnings
 from collections.abc import Callable
 
 import ml_collections as mlc
@@ -56,9 +66,8 @@ BOS_ID, EOS_ID, PAD_ID = 49406, 49407, 0  # CLIP BPE <start>/<end>; our tokenise
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# A param transform maps the restored param tree to plain CLIP params before conversion. This is
-# the hook for merging PEFT / LoRA deltas into the base weights; PEFT does not exist yet, so the
-# default is the identity.
+# A param transform maps the restored param tree to plain CLIP params before conversion (a hook;
+# LoRA runs are merged when they are read, checkpoint.load_params). Default: the identity.
 ParamTransform = Callable[[dict], dict]
 
 
@@ -131,9 +140,12 @@ def hf_config(m: mlc.ConfigDict) -> dict:
 
 # ------------------------------------------------------------------------------ export
 def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
-                  param_transform: ParamTransform | None = None) -> dict:
+                  param_transform: ParamTransform | None = None,
+                  seg: SegHead | None = None) -> dict:
     """Writes ``params`` (the model's tree, stacked or not) in ``fmt`` (``"open_clip"`` or
-    ``"hf"``) to ``out``. ``param_transform``: applied first (LoRA-merge hook). Returns
+    ``"hf"``) to ``out``. ``param_transform``: applied first (LoRA-merge hook). Bottleneck
+    adapters (``--format hf`` only) go to ``umg_adapters.safetensors``; ``seg``: a segmentation
+    head, written to ``umg_seg_head.safetensors`` and described in ``umg_config.json``. Returns
     ``{"files": [...], "extras": [names], "extras_file": path | None}``."""
     from safetensors.numpy import save_file
 
@@ -142,16 +154,23 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
     if param_transform is not None:
         params = param_transform(params)
     flat = flatten(params)
-    adapters = [k for k in flat if "/adapter/" in k]
-    if adapters:
-        raise InteropError(f"{len(adapters)} bottleneck-adapter params (e.g. {adapters[0]}) "
-                           "have no place in a CLIP state dict and cannot be merged into its "
-                           "weights; export a LoRA run instead, or use the model with umg_jax")
+    adapter_keys = [k for k in flat if "/adapter/" in k]
     outp = pathlib.Path(out)
+    if adapter_keys and (fmt != "hf" or hf_siglip.is_siglip(model_cfg)):
+        raise InteropError(f"{len(adapter_keys)} bottleneck-adapter params (e.g. "
+                           f"{adapter_keys[0]}) cannot be merged into CLIP weights; --format hf "
+                           "of a CLIP model writes them to umg_adapters.safetensors for "
+                           "umg_jax/interop/torch_model.py (open_clip and SigLIP exports have "
+                           "no reader for them)")
     if hf_siglip.is_siglip(model_cfg):
+        if seg is not None:
+            warnings.warn("the segmentation head of a SigLIP backbone has no PyTorch reader "
+                          "(torch_seg runs on a CLIPModel): exporting the backbone only",
+                          stacklevel=2)
         return _export_siglip(flat, model_cfg, fmt, outp)
     check_clip_towers(model_cfg, fmt)
     canonical = to_canonical(flat)
+    adapters = {k: canonical.pop(k) for k in [k for k in canonical if "/adapter/" in k]}
     _check_config(canonical, model_cfg)
     sd, extras = flax_to_torch(canonical, "classic" if fmt == "open_clip" else "hf")
     files = []
@@ -184,12 +203,126 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
         save_file({k: np.asarray(v, np.float32) for k, v in extras.items()}, str(extras_path),
                   metadata={"format": "umg-extras"})
         files.append(extras_path)
+    side = dict(adapters=None, seg_head=None)
+    if adapters:
+        ad_sd, side["adapters"] = adapter_state_dict(adapters, model_cfg)
+        save_file(ad_sd, str(outp / ADAPTERS_FILE), metadata={"format": "umg-adapters"})
+        files.append(outp / ADAPTERS_FILE)
+    if seg is not None:
+        seg_path = (outp.parent / f"{outp.stem}_{SEG_HEAD_FILE}" if torch_file
+                    else outp / SEG_HEAD_FILE)
+        save_file(seg_head_state_dict(seg.params), str(seg_path),
+                  metadata={"format": "umg-seg-head"})
+        files.append(seg_path)
+        side["seg_head"] = seg_head_config(seg, model_cfg, seg_path.name)
     arch = "hf_clip" if fmt == "hf" else "open_clip"
     files += write_umg_config(model_cfg, canonical, arch, extras,
                               outp.parent if torch_file else outp,
-                              f"{outp.stem}_" if torch_file else "")
+                              f"{outp.stem}_" if torch_file else "", **side)
     return {"files": [str(f) for f in files], "extras": sorted(extras),
             "extras_file": str(extras_path) if extras else None}
+
+
+# ------------------------------------------------------------------------------ adapters, head
+ADAPTERS_FILE = "umg_adapters.safetensors"
+SEG_HEAD_FILE = "umg_seg_head.safetensors"
+HF_LAYERS = {"visual": ("vision", "vision_model.encoder.layers"),
+             "text": ("text", "text_model.encoder.layers")}
+_ADAPTER_KEY = re.compile(r"^(visual|text)/transformer/resblocks_(\d+)/adapter/(down|up)/"
+                          r"(kernel|bias)$")
+
+
+def adapter_state_dict(adapters: dict[str, np.ndarray], m: mlc.ConfigDict
+                       ) -> tuple[dict[str, np.ndarray], dict]:
+    """Canonical flat adapter params (``<tower>/transformer/resblocks_<i>/adapter/{down,up}/
+    {kernel [in, out], bias}``) -> ``(state dict, umg_config entry)``: keys
+    ``<HF tower layers>.<i>.adapter.{down,up}.{weight [out, in], bias}`` float32, the entry
+    ``{"act": "gelu_tanh", "dims": {"vision" | "text": bottleneck}}``. Every block of a tower
+    with ``adapter_dim > 0`` must have its adapter."""
+    sd, dims = {}, {}
+    for k, v in adapters.items():
+        mt = _ADAPTER_KEY.match(k)
+        if mt is None:
+            raise InteropError(f"unexpected adapter param {k}")
+        tower, i, part, leaf = mt.groups()
+        name, prefix = HF_LAYERS[tower]
+        v = np.asarray(v, np.float32)
+        sd[f"{prefix}.{i}.adapter.{part}.{'weight' if leaf == 'kernel' else 'bias'}"] = (
+            np.ascontiguousarray(v.T) if leaf == "kernel" else v)
+        if part == "down" and leaf == "kernel":
+            dims[name] = int(v.shape[1])
+    for name, prefix in HF_LAYERS.values():  # name: the model config's tower section
+        dim, n = int(m[name].get("adapter_dim", 0)), int(m[name].layers)
+        have = sum(f"{prefix}.{i}.adapter.down.weight" in sd for i in range(n))
+        if dims.get(name, 0) != dim or have != (n if dim else 0) or \
+                len([k for k in sd if k.startswith(prefix + ".")]) != 4 * have:
+            raise InteropError(f"the {name} tower's adapters ({have} of {n} blocks, width "
+                               f"{dims.get(name, 0)}) do not match model.{name}.adapter_dim "
+                               f"{dim}")
+    return sd, {"act": "gelu_tanh", "dims": dims}
+
+
+@dataclasses.dataclass(frozen=True)
+class SegHead:
+    """A segmentation head to export: ``params`` (the ``MaskDecoder`` tree), ``config`` (the
+    run's ``config.seg`` section) and ``train_labels`` (its training vocabulary, ``None`` if
+    unknown: every label then counts as unseen, as in ``umg_jax.inference.Segmenter``)."""
+
+    params: dict
+    config: mlc.ConfigDict
+    train_labels: list[str] | None = None
+
+
+def seg_head_state_dict(params: dict) -> dict[str, np.ndarray]:
+    """The mask decoder's Flax tree -> the torch state dict of ``torch_seg.MaskDecoder``:
+    ``/`` -> ``.``; Dense ``kernel [in, out]`` -> ``weight [out, in]``; attention ``query / key /
+    value`` ``kernel [D, H, Dh]`` -> ``[H * Dh, D]`` and ``bias [H, Dh]`` -> ``[H * Dh]``,
+    ``out/kernel [H, Dh, D]`` -> ``[D, H * Dh]``; Conv ``kernel [kh, kw, in, out]`` -> ``[out,
+    in, kh, kw]``; LayerNorm ``scale`` -> ``weight``; bare params as they are. float32."""
+    sd = {}
+    for k, v in flatten(params).items():
+        v = np.asarray(v, np.float32)
+        scope, leaf = k.rsplit("/", 1) if "/" in k else ("", k)
+        if leaf == "kernel":
+            if v.ndim == 4:
+                v = v.transpose(3, 2, 0, 1)
+            elif scope.endswith("/out"):
+                v = v.reshape(-1, v.shape[-1]).T
+            else:
+                v = v.reshape(v.shape[0], -1).T
+            leaf = "weight"
+        elif leaf == "bias":
+            v = v.reshape(-1)
+        elif leaf == "scale":
+            leaf = "weight"
+        sd[f"{scope.replace('/', '.')}.{leaf}" if scope else leaf] = np.array(v, order="C")
+    return sd
+
+
+def seg_head_config(seg: SegHead, m: mlc.ConfigDict, file: str) -> dict:
+    """The ``seg_head`` entry of ``umg_config.json``: the decoder's sizes and switches, the
+    inference thresholds and ensemble exponents, the training vocabulary."""
+    from umg_jax.models.mask_decoder import check_config
+
+    c = seg.config
+    keys = ("num_queries", "width", "layers", "heads", "mask_stride", "stem_channels",
+            "pool_pixels", "ensemble", "ensemble_alpha", "ensemble_beta", "object_threshold",
+            "overlap_threshold")
+    missing = [k for k in keys if k not in c and k != "pool_pixels"]
+    if missing:
+        raise InteropError(f"the seg config has no {missing}: not a segmentation-head run")
+    try:
+        check_config(c, int(m.vision.image_size))
+    except ValueError as e:
+        raise InteropError(str(e)) from None
+    entry = {k: c.get(k, True) if k == "pool_pixels" else c[k] for k in keys}
+    entry = {k: v if isinstance(v, bool) else (int(v) if isinstance(v, int) else float(v))
+             for k, v in entry.items()}
+    return {"file": file, "embed_dim": int(m.embed_dim), **entry,
+            # flax.linen defaults of the decoder (LayerNorm epsilon, nn.gelu, Conv padding)
+            "ln_eps": 1e-6, "act": "gelu_tanh", "conv_padding": "SAME",
+            "train_labels": None if seg.train_labels is None else list(seg.train_labels),
+            "holdout": list(c.get("holdout", ()))}
 
 
 def _export_siglip(flat: dict, model_cfg: mlc.ConfigDict, fmt: str, outp: pathlib.Path) -> dict:
@@ -278,8 +411,11 @@ def write_tokenizer_files(m: mlc.ConfigDict, out: pathlib.Path, arch: str) -> tu
 
 
 def umg_config(m: mlc.ConfigDict, canonical: dict[str, np.ndarray], arch: str,
-               extras: dict[str, np.ndarray], tokenizer: dict) -> dict:
-    """The ``umg_config.json`` dict: how to run the exported weights as umg_jax does."""
+               extras: dict[str, np.ndarray], tokenizer: dict, adapters: dict | None = None,
+               seg_head: dict | None = None) -> dict:
+    """The ``umg_config.json`` dict: how to run the exported weights as umg_jax does
+    (``adapters`` / ``seg_head``: the entries of :func:`adapter_state_dict` /
+    :func:`seg_head_config`, ``None`` without)."""
     from umg_jax.inference import DEFAULT_TEMPLATES, MEAN, STD
     from umg_jax.models.clip import tower_switches
 
@@ -309,17 +445,20 @@ def umg_config(m: mlc.ConfigDict, canonical: dict[str, np.ndarray], arch: str,
                   "sampling_ratio": ROI_SAMPLING_RATIO, "aligned": True},
         "masks": {"resize": "bilinear_antialias", "eps": MASK_EPS},
         "segment": {"templates": list(DEFAULT_TEMPLATES), "upsample": "bilinear"},
+        "adapters": adapters, "seg_head": seg_head,
     }
 
 
 def write_umg_config(m: mlc.ConfigDict, canonical: dict[str, np.ndarray], arch: str,
                      extras: dict[str, np.ndarray], out: pathlib.Path,
-                     prefix: str = "") -> list[pathlib.Path]:
+                     prefix: str = "", adapters: dict | None = None,
+                     seg_head: dict | None = None) -> list[pathlib.Path]:
     """Writes ``out/<prefix>umg_config.json`` (and the tokenizer files it names); returns the
     paths written."""
     tokenizer, files = write_tokenizer_files(m, out, arch)
     path = out / f"{prefix}{UMG_CONFIG_FILE}"
-    path.write_text(json.dumps(umg_config(m, canonical, arch, extras, tokenizer), indent=2))
+    path.write_text(json.dumps(umg_config(m, canonical, arch, extras, tokenizer, adapters,
+                                          seg_head), indent=2))
     return [*files, path]
 
 
@@ -392,6 +531,21 @@ def read_model_config(path: pathlib.Path) -> mlc.ConfigDict:
         raise InteropError(str(e)) from None
 
 
+def read_seg_head(ckpt: pathlib.Path, config: mlc.ConfigDict, workdir: pathlib.Path
+                  ) -> SegHead:
+    """The segmentation head of a ``configs/seg_*.py`` run (``config``: its full config) with its
+    training vocabulary (``seg_vocab.json`` of the workdir, if there)."""
+    from umg_jax import checkpoint
+
+    try:
+        params = checkpoint.load_seg_params(ckpt, config)
+    except (OSError, ValueError) as e:
+        raise InteropError(str(e)) from None
+    vocab = workdir / "seg_vocab.json"
+    names = json.loads(vocab.read_text())["names"] if vocab.is_file() else None
+    return SegHead(params, config.seg, names)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m umg_jax.interop.export_torch",
@@ -415,9 +569,11 @@ def main(argv: list[str] | None = None) -> None:
             raise InteropError(f"no model config found with {args.src}; pass --config")
         from umg_jax.checkpoint import read_peft_config, read_seg_config
 
+        seg_cfg = read_seg_config(cfg_path)
         params = restore_params(ckpt, model_cfg, read_peft_config(cfg_path),
-                                read_seg_config(cfg_path) is not None)
-        info = export_params(params, model_cfg, args.format, args.out)
+                                seg_cfg is not None)
+        seg = None if seg_cfg is None else read_seg_head(ckpt, seg_cfg, cfg_path.parent)
+        info = export_params(params, model_cfg, args.format, args.out, seg=seg)
     except InteropError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

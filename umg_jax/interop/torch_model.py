@@ -14,6 +14,9 @@ library, so it can be copied into a serving codebase as it is.
     m.segment("cat.jpg", ["cat", "grass", "sky"])    # [H, W] int32 (segment)
     m.logit_scales["region"]                         # exp of the clamped learned log scale
 
+A segmentation-head run's export adds the mask decoder: ``torch_seg.UMGTorchSegmenter`` (the file
+beside this one) runs it on this backbone.
+
 Inputs. ``images`` is either one image -- a path, a ``PIL.Image`` or a ``uint8 [H, W, 3]`` RGB
 numpy array -- preprocessed exactly as ``umg_jax.inference.UMGModel.preprocess`` does (RGB / 255,
 stretched to ``image_size`` by an antialiased bilinear resize, no crop, then ``(x - mean) / std``),
@@ -27,9 +30,12 @@ What ``umg_config.json`` fixes (written by ``umg_jax.interop.export_torch``): th
 construction (``dense_mode``: ``"maskclip"`` -- the last block's patch tokens take the value path
 ``out_proj(v_proj(ln_1(x)))`` instead of attention, the class token attends as usual -- or
 ``"plain"``), the per-granularity temperatures, the image size and normalisation, the tokenizer
-and context length, the box / mask pooling and the prompt templates. A plain HF CLIP directory
-(no ``umg_config.json``) loads with a warning and these defaults: MaskCLIP dense map, OpenAI
-normalisation (or the directory's ``preprocessor_config.json``), one shared temperature.
+and context length, the box / mask pooling, the prompt templates, and the bottleneck adapters
+of a PEFT adapter run (``adapters``: their widths; the weights in ``umg_adapters.safetensors``,
+added after every block of both towers as umg_jax does, which is why the towers' forward passes
+are written out here). A plain HF CLIP directory (no ``umg_config.json``) loads with a warning
+and these defaults: MaskCLIP dense map, OpenAI normalisation (or the directory's
+``preprocessor_config.json``), one shared temperature, no adapters.
 """
 
 from __future__ import annotations
@@ -50,11 +56,14 @@ from PIL import Image
 GRANULARITIES = ("image", "tags", "region", "mask", "pixel")
 CONFIG_FILE = "umg_config.json"
 EXTRAS_FILE = "umg_extras.safetensors"
+ADAPTERS_FILE = "umg_adapters.safetensors"
 CONFIG_VERSION = 1
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a {} in the scene.", "an image of a {}.")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SOT_ID, EOT_ID = 49406, 49407
+# HF CLIPModel prefixes of the two towers' encoder layers (adapter keys extend them).
+TOWER_LAYERS = {"vision": "vision_model.encoder.layers", "text": "text_model.encoder.layers"}
 # What the HF CLIPModel layout can hold; anything else in umg_config.json is refused.
 CLIP_SWITCHES = {
     "vision": {"class_token": True, "ln_pre": True, "patch_bias": False, "pool": "cls",
@@ -88,7 +97,7 @@ def default_config(hf: dict, directory: pathlib.Path) -> dict:
                        "mean": list(mean), "std": list(std)},
         "tokenizer": tok, "context_length": tok["context_length"],
         "logit_scale_max": math.log(100.0), "granularity_scales": False,
-        "log_logit_scales": None, "logit_biases": None, "extras": None,
+        "log_logit_scales": None, "logit_biases": None, "extras": None, "adapters": None,
         "boxes": {"format": "xyxy_pixels", "output_size": 2, "sampling_ratio": 2,
                   "aligned": True},
         "masks": {"resize": "bilinear_antialias", "eps": 1e-6},
@@ -119,6 +128,10 @@ def check_config(cfg: dict, hf: dict) -> None:
                          "UMGTorch runs every token and would not match umg_jax")
     if cfg["preprocess"].get("resize") != "bilinear_antialias" or cfg["preprocess"].get("crop"):
         raise ValueError(f"unknown preprocessing {cfg['preprocess']}")
+    ad = cfg.get("adapters")
+    if ad is not None and (ad.get("act") != "gelu_tanh" or not set(ad.get("dims", {}))
+                           <= set(TOWER_LAYERS)):
+        raise ValueError(f"unknown adapter description {ad} in {CONFIG_FILE}")
     v, t = hf["vision_config"], hf["text_config"]
     got = (v.get("image_size"), v.get("patch_size"), hf.get("projection_dim"),
            t.get("max_position_embeddings"))
@@ -154,6 +167,63 @@ def read_extras(path: pathlib.Path, cfg: dict) -> dict[str, float]:
             raise ValueError(f"{path} does not match {CONFIG_FILE}: it holds {extras}, the "
                              f"config lists {listed} (extras from another export?)")
     return extras
+
+
+class Adapter(torch.nn.Module):
+    """umg_jax's bottleneck adapter (``umg_jax.models.layers.Adapter``): ``x + up(gelu_tanh(
+    down(x)))`` after a block, ``x [..., D]`` float32 (the residual add is the caller's)."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down = torch.nn.Linear(width, bottleneck)
+        self.up = torch.nn.Linear(bottleneck, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Flax's nn.gelu is the tanh approximation
+        return self.up(F.gelu(self.down(x), approximate="tanh"))
+
+
+def read_adapters(path: pathlib.Path, cfg: dict, hf: dict) -> dict[str, list[Adapter]]:
+    """``{"vision" | "text": [Adapter per layer]}`` from ``umg_adapters.safetensors`` (keys
+    ``<tower layers>.<i>.adapter.{down,up}.{weight,bias}``, torch ``Linear`` layout), checked
+    against the widths ``umg_config.json`` lists and the towers of ``config.json``; ``{}`` for a
+    model without adapters (an adapters file the config does not list is refused)."""
+    from safetensors.torch import load_file
+
+    listed = cfg.get("adapters")
+    if not listed:
+        if path.is_file():
+            raise ValueError(f"{path} holds adapters but {CONFIG_FILE} lists none (files from "
+                             "different exports?)")
+        return {}
+    if not path.is_file():
+        raise ValueError(f"{CONFIG_FILE} lists adapters {listed['dims']} but {path} is missing")
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"cannot read {path}: {e}") from None
+    out, used = {}, set()
+    for tower, dim in listed["dims"].items():
+        tc = hf[f"{tower}_config"]
+        width, n = int(tc["hidden_size"]), int(tc["num_hidden_layers"])
+        out[tower] = []
+        for i in range(n):
+            a = Adapter(width, int(dim))
+            want = {f"{TOWER_LAYERS[tower]}.{i}.adapter.{k}": v
+                    for k, v in a.state_dict().items()}
+            for key, ref in want.items():
+                if key not in sd or tuple(sd[key].shape) != tuple(ref.shape):
+                    got = tuple(sd[key].shape) if key in sd else "missing"
+                    raise ValueError(f"{path} does not match {CONFIG_FILE} and config.json: "
+                                     f"{key} is {got}, expected {tuple(ref.shape)}")
+            a.load_state_dict({k.rsplit(".adapter.", 1)[1]: sd[k].float() for k in want})
+            used |= set(want)
+            out[tower].append(a.eval())
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise ValueError(f"{path} has entries no listed adapter uses (e.g. {extra[0]}): it "
+                         f"does not match {CONFIG_FILE}")
+    return out
 
 
 def temperatures(cfg: dict, logit_scale: float, extras: dict[str, float]
@@ -226,17 +296,18 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention(attn: torch.nn.Module, xq: torch.Tensor, xkv: torch.Tensor,
-               heads: int) -> torch.Tensor:
-    """HF ``CLIPAttention``'s maths from its four projections (no mask): ``xq [B, Nq, D]``,
-    ``xkv [B, Nk, D]`` -> ``[B, Nq, D]``. Written out so that a query subset (the class token)
-    can attend, which transformers' own forward (its signature differs across versions) cannot."""
+               heads: int, causal: bool = False) -> torch.Tensor:
+    """HF ``CLIPAttention``'s maths from its four projections: ``xq [B, Nq, D]``,
+    ``xkv [B, Nk, D]`` -> ``[B, Nq, D]``; ``causal``: query ``i`` sees keys ``0..i``. Written out
+    so that a query subset (the class token) can attend and adapters can follow each block,
+    which transformers' own forward (its signature differs across versions) cannot."""
     b, nq, d = xq.shape
 
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)
 
     o = F.scaled_dot_product_attention(split(attn.q_proj(xq)), split(attn.k_proj(xkv)),
-                                       split(attn.v_proj(xkv)))
+                                       split(attn.v_proj(xkv)), is_causal=causal)
     return attn.out_proj(o.transpose(1, 2).reshape(b, nq, d))
 
 
@@ -245,8 +316,12 @@ class UMGTorch:
     """An exported UMG-CLIP: HF ``CLIPModel`` + temperatures + umg_jax's inference maths."""
 
     def __init__(self, model: torch.nn.Module, config: dict, extras: dict[str, float],
-                 tokenizer: tuple = (None, "no tokenizer given")):
+                 tokenizer: tuple = (None, "no tokenizer given"),
+                 adapters: dict[str, list[Adapter]] | None = None):
         self.model = model.eval()
+        dev = next(model.parameters()).device
+        # {"vision" | "text": [Adapter after block i]}: umg_jax's PEFT adapters, if any
+        self.adapters = {t: [a.to(dev) for a in layers] for t, layers in (adapters or {}).items()}
         self.config = config
         hf = model.config
         self.image_size = int(config["image_size"])
@@ -255,6 +330,7 @@ class UMGTorch:
         self.context_length = int(config["context_length"])
         self.templates = tuple(config["segment"]["templates"])
         self._heads = int(hf.vision_config.num_attention_heads)
+        self._text_heads = int(hf.text_config.num_attention_heads)
         self._mean = torch.tensor(config["preprocess"]["mean"], dtype=torch.float32)
         self._std = torch.tensor(config["preprocess"]["std"], dtype=torch.float32)
         self._tokenizer, self._no_tokenizer = tokenizer
@@ -293,11 +369,12 @@ class UMGTorch:
                           "float32, so outputs differ from umg_jax's by that rounding",
                           stacklevel=2)
         extras = read_extras(d / EXTRAS_FILE, cfg)
+        adapters = read_adapters(d / ADAPTERS_FILE, cfg, hf)
         model, info = CLIPModel.from_pretrained(d, output_loading_info=True)
         if info.get("missing_keys") or info.get("mismatched_keys"):
             raise ValueError(f"{d} is not a complete CLIPModel: {info}")
         model = model.to(device=device, dtype=torch.float32)
-        return cls(model, cfg, extras, _load_tokenizer(d, cfg["tokenizer"]))
+        return cls(model, cfg, extras, _load_tokenizer(d, cfg["tokenizer"]), adapters)
 
     @property
     def device(self) -> torch.device:
@@ -349,10 +426,10 @@ class UMGTorch:
         vm, heads = self.model.vision_model, self._heads
         x = vm.pre_layrnorm(vm.embeddings(pv))
         layers = vm.encoder.layers
-        for layer in layers[:-1]:
+        for i, layer in enumerate(layers[:-1]):
             h = layer.layer_norm1(x)
             x = x + _attention(layer.self_attn, h, h, heads)
-            x = x + layer.mlp(layer.layer_norm2(x))
+            x = self._adapt("vision", i, x + layer.mlp(layer.layer_norm2(x)))
         last = layers[-1]
         h = last.layer_norm1(x)
         cls = x[:, :1] + _attention(last.self_attn, h[:, :1], h, heads)
@@ -361,9 +438,14 @@ class UMGTorch:
         else:
             patches = x[:, 1:] + _attention(last.self_attn, h[:, 1:], h, heads)
         x = torch.cat([cls, patches], dim=1)
-        x = x + last.mlp(last.layer_norm2(x))
+        x = self._adapt("vision", len(layers) - 1, x + last.mlp(last.layer_norm2(x)))
         x = self.model.visual_projection(vm.post_layernorm(x))
         return x[:, 0], x[:, 1:].reshape(x.shape[0], self.grid, self.grid, -1)
+
+    def _adapt(self, tower: str, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after block ``i`` of ``tower``, plus its adapter's output if it has one."""
+        layers = self.adapters.get(tower)
+        return x + layers[i](x) if layers else x
 
     @torch.no_grad()
     def _text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -373,7 +455,13 @@ class UMGTorch:
             raise ValueError(f"token ids must be [N, L<={self.context_length}], got "
                              f"{tuple(ids.shape)}")
         ids = ids.to(self.device, torch.long)
-        h = self.model.text_model(input_ids=ids).last_hidden_state  # after final_layer_norm
+        tm = self.model.text_model
+        x = tm.embeddings(input_ids=ids)
+        for i, layer in enumerate(tm.encoder.layers):  # HF's CLIPTextTransformer, + adapters
+            h = layer.layer_norm1(x)
+            x = x + _attention(layer.self_attn, h, h, self._text_heads, causal=True)
+            x = self._adapt("text", i, x + layer.mlp(layer.layer_norm2(x)))
+        h = tm.final_layer_norm(x)
         pooled = h[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)]
         return self.model.text_projection(pooled)
 

@@ -1,0 +1,248 @@
+"""Dense inference at benchmark resolution: per-pixel class logits of images of any size.
+
+Sliding window (default): the image is resized so that its shorter side is ``short_side``, cut
+into windows of the model's input size at ``window_stride`` x window (the last window of each row
+and column flush with the border), the windows of many images batched through
+:func:`common.encode_images`, each window's patch logits (dense embeddings x prompt-ensembled
+label embeddings x the model's mask logit scale) upsampled bilinearly to window pixels,
+overlapping logits averaged, and the map resized to the original image (mmsegmentation's
+``slide`` inference).
+
+Whole image (``opts.resize_pos``): the resized image (sides rounded to whole patches) in one
+pass with the position embeddings bicubically interpolated to its patch grid (the maths of the
+import's ``--allow_resize``, on a rectangular grid); one compile per image shape.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from umg_jax.benchmark import common
+from umg_jax.benchmark.common import BenchmarkInputError, Options
+
+
+def default_short_side(backbone: Any) -> int:
+    """448 for patch-14 models (the ViT-L/14 protocol), else twice the model's input size."""
+    if backbone.config.vision.patch_size == 14:
+        return 448
+    return 2 * backbone.image_size
+
+
+def short_side(backbone: Any, opts: Options) -> int:
+    """The shorter side images are resized to (``opts.short_side`` or the default)."""
+    s = opts.short_side if opts.short_side is not None else default_short_side(backbone)
+    if s < backbone.image_size:
+        raise BenchmarkInputError(f"--short_side {s} is smaller than the model's input size "
+                                  f"{backbone.image_size}")
+    return int(s)
+
+
+def window_stride(backbone: Any, opts: Options) -> int:
+    """Stride in pixels: ``opts.window_stride`` x window, at least 1 px."""
+    if not 0 < opts.window_stride <= 1:
+        raise BenchmarkInputError(f"--window_stride must be in (0, 1], got {opts.window_stride}")
+    return max(1, round(opts.window_stride * backbone.image_size))
+
+
+def resized_size(hw: tuple[int, int], short: int) -> tuple[int, int]:
+    """``(H, W)`` scaled so that the shorter side is ``short`` (aspect ratio kept, rounded)."""
+    h, w = hw
+    f = short / min(h, w)
+    return max(short, round(h * f)), max(short, round(w * f))
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one axis covering ``[0, length)``: every ``stride``, the last one
+    flush with the end (``length >= window``)."""
+    if length < window:
+        raise ValueError(f"length {length} is shorter than the window {window}")
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def prepare(image: np.ndarray, size: tuple[int, int], backbone: Any) -> np.ndarray:
+    """``uint8 [H, W, 3]`` -> ``float32 [h, w, 3]`` resized (bilinear, antialiased like
+    ``UMGModel.preprocess``) and normalised with the model's pixel mean / std."""
+    x = jax.image.resize(jnp.asarray(image, jnp.float32) / 255.0, (*size, 3), "bilinear",
+                         antialias=True)
+    return (np.asarray(x) - backbone.pixel_mean) / backbone.pixel_std
+
+
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two-tap linear interpolation along one axis, half-pixel centres, edges clamped:
+    ``(i0 [n_out], i1 [n_out], w1 [n_out] float32)``, output = (1 - w1) x[i0] + w1 x[i1]."""
+    src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def _bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """``[h, w, C]`` -> ``[H, W, C]`` two-tap bilinear, half-pixel centres (traceable)."""
+    y0, y1, wy = _taps(x.shape[0], size[0])
+    rows = x[y0] * (1 - wy)[:, None, None] + x[y1] * wy[:, None, None]
+    x0, x1, wx = _taps(x.shape[1], size[1])
+    return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+
+
+_bilinear_jit = jax.jit(_bilinear, static_argnames=("size",))
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``float32 [h, w, C]`` -> ``[H, W, C]``: PyTorch's ``interpolate(mode="bilinear",
+    align_corners=False)`` (mmsegmentation's logit resize) as two separable two-tap passes,
+    fused by XLA: O(H W C), where ``jax.image.resize``'s dense weight matrices cost ~50 GFLOP
+    for an ADE image's 150 class maps (4x slower on the CPU). One compile per shape pair."""
+    if x.shape[:2] == tuple(size):
+        return np.asarray(x)
+    return np.asarray(_bilinear_jit(jnp.asarray(x, jnp.float32), tuple(size)))
+
+
+@functools.partial(jax.jit, static_argnames=("window",))
+def _window_logits(dense: jax.Array, text: jax.Array, scale: jax.Array, window: int
+                   ) -> jax.Array:
+    """``dense [B, gh, gw, E]`` x ``text [C, E]`` -> ``[B, window, window, C]`` logits
+    upsampled bilinearly to window pixels."""
+    logits = scale * jnp.einsum("bhwe,ce->bhwc", dense, text)
+    return jax.vmap(lambda lg: _bilinear(lg, (window, window)))(logits)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """One image's running sums while its windows are in flight."""
+
+    orig: tuple[int, int]
+    acc: np.ndarray  # [h, w, C] float32 summed window logits
+    count: np.ndarray  # [h, w] float32 windows covering each pixel
+    remaining: int  # windows not yet encoded
+
+
+def sliding_logits(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,
+                   opts: Options, scale: float) -> Iterator[np.ndarray]:
+    """``float32 [H, W, C]`` class logits for each ``uint8 [H, W, 3]`` image, in order.
+
+    ``text [C, E]``: L2-normalised label embeddings; ``scale``: the logit scale. Windows of
+    consecutive images share batches of ``opts.batch_size`` (padded at the end), so one
+    compiled encoder serves every image size."""
+    if opts.resize_pos:
+        yield from whole_image_logits(backbone, images, text, opts, scale)
+        return
+    win = backbone.image_size
+    short, stride = short_side(backbone, opts), window_stride(backbone, opts)
+    bsz = max(1, opts.batch_size)
+    text_j, scale_j = jnp.asarray(text, jnp.float32), jnp.float32(scale)
+    pending: collections.deque[_Pending] = collections.deque()
+    queue: list[tuple[_Pending, int, int, np.ndarray]] = []
+
+    def run_batch(items):
+        crops = np.stack([c for *_, c in items])
+        if len(crops) < bsz:  # keep one compiled shape
+            crops = np.concatenate([crops, np.zeros((bsz - len(crops), *crops.shape[1:]),
+                                                    crops.dtype)])
+        _, dense = common.encode_images(backbone, crops)
+        logits = np.asarray(_window_logits(jnp.asarray(dense), text_j, scale_j, win))
+        for (st, y, x, _), lg in zip(items, logits, strict=False):
+            st.acc[y:y + win, x:x + win] += lg
+            st.count[y:y + win, x:x + win] += 1
+            st.remaining -= 1
+
+    def finished():
+        while pending and pending[0].remaining == 0:
+            st = pending.popleft()
+            avg = st.acc / st.count[..., None]
+            yield resize_bilinear(avg, st.orig)
+
+    for image in images:
+        size = resized_size(image.shape[:2], short)
+        x = prepare(image, size, backbone)
+        ys, xs = window_starts(size[0], win, stride), window_starts(size[1], win, stride)
+        st = _Pending(image.shape[:2], np.zeros((*size, len(text)), np.float32),
+                      np.zeros(size, np.float32), len(ys) * len(xs))
+        pending.append(st)
+        queue.extend((st, y, xx, x[y:y + win, xx:xx + win]) for y in ys for xx in xs)
+        while len(queue) >= bsz:
+            run_batch(queue[:bsz])
+            del queue[:bsz]
+        yield from finished()
+    if queue:
+        run_batch(queue)
+    yield from finished()
+
+
+def sliding_labels(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,
+                   opts: Options, scale: float) -> Iterator[np.ndarray]:
+    """``int32 [H, W]`` argmax label map per image (:func:`sliding_logits`)."""
+    for logits in sliding_logits(backbone, images, text, opts, scale):
+        yield logits.argmax(-1).astype(np.int32)
+
+
+# ------------------------------------------------------------------ whole image, resized pos
+def resize_grid_embedding(pos: np.ndarray, grid: tuple[int, int], prefix: int) -> np.ndarray:
+    """``pos [prefix + g*g, D]`` -> ``[prefix + gh*gw, D]``: bicubic (PyTorch's
+    ``align_corners=False`` weights, as the import's ``--allow_resize``) on a rectangular patch
+    grid, the ``prefix`` class rows kept."""
+    from umg_jax.interop.import_torch import _cubic_matrix
+
+    g = int(round((pos.shape[0] - prefix) ** 0.5))
+    if g * g != pos.shape[0] - prefix:
+        raise ValueError(f"positional embedding with {pos.shape[0]} rows is not a square grid")
+    mh, mw = _cubic_matrix(g, grid[0]), _cubic_matrix(g, grid[1])
+    x = pos[prefix:].reshape(g, g, -1).astype(np.float64)
+    x = np.einsum("ij,jkd,lk->ild", mh, x, mw).reshape(grid[0] * grid[1], -1)
+    return np.concatenate([pos[:prefix], x.astype(pos.dtype)], axis=0)
+
+
+def whole_image_logits(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,
+                       opts: Options, scale: float) -> Iterator[np.ndarray]:
+    """``float32 [H, W, C]`` logits of each image encoded whole: sides rounded to whole patches,
+    position embeddings interpolated to the grid (``opts.resize_pos``)."""
+    from umg_jax.models import clip
+
+    params = backbone.params
+    visual = params.get("visual", {}) if isinstance(params, dict) else {}
+    if "positional_embedding" not in visual:
+        raise BenchmarkInputError("--resize_pos: this model has no learned position embedding "
+                                  "to interpolate")
+    p = backbone.config.vision.patch_size
+    prefix = int(backbone.config.vision.get("class_token", True))
+    pos = np.asarray(visual["positional_embedding"])
+    short = short_side(backbone, opts)
+    fn = jax.jit(lambda prm, x: backbone.model.apply({"params": prm}, x,
+                                                     method=clip.CLIP.encode_image)["dense"])
+    for image in images:
+        h, w = resized_size(image.shape[:2], short)
+        grid = (max(1, round(h / p)), max(1, round(w / p)))
+        size = (grid[0] * p, grid[1] * p)
+        x = prepare(image, size, backbone)
+        prm = dict(params, visual=dict(visual, positional_embedding=jnp.asarray(
+            resize_grid_embedding(pos, grid, prefix))))
+        dense = np.asarray(fn(prm, jnp.asarray(x[None])), np.float32)
+        dense = dense / np.maximum(np.linalg.norm(dense, axis=-1, keepdims=True), 1e-8)
+        logits = scale * np.einsum("hwe,ce->hwc", dense[0], text)
+        yield resize_bilinear(resize_bilinear(logits, size), image.shape[:2])
+
+
+def protocol(backbone: Any, opts: Options) -> dict[str, Any]:
+    """The resolution / window choices to record in a task's JSON."""
+    out = {"short_side": short_side(backbone, opts),
+           "short_side_source": "option" if opts.short_side is not None else
+           "default (448 for patch-14 models, else 2x the input size)",
+           "model_input": backbone.image_size}
+    if opts.resize_pos:
+        out["inference"] = ("whole image, sides rounded to whole patches, position embeddings "
+                            "bicubically interpolated to the patch grid")
+    else:
+        out.update(inference="sliding window, logits averaged over overlaps, bilinear "
+                   "(align_corners=False) to the original size", window=backbone.image_size,
+                   window_stride_px=window_stride(backbone, opts))
+    return out
