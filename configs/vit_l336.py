@@ -3,7 +3,8 @@ on import).
 
 The batch of 16,384 (64 per chip on 256 chips) fits a v5e slice at 14.1 of 16 GiB per chip, with
 the Pallas flash-attention kernel in every vision block (577 tokens); 18,432 (72 per chip) still
-fits at 15.5 GiB. ``configs/vit_l336.py:v5e-N`` sets the batch for a slice of N chips."""
+fits at 15.5 GiB. ``configs/vit_l336.py:GEN-N`` sets the batch for a slice of N chips of a
+generation the TPU compiler has searched (README "Pods")."""
 
 import pathlib
 import sys
@@ -13,9 +14,9 @@ import common  # noqa: E402
 import ml_collections as mlc  # noqa: E402
 import vit_l  # noqa: E402
 
-# Largest per-chip batch that fits (the TPU compiler, libtpu 0.0.42.1, fsdp 8, 2026-11-30;
-# benchmarks/results/dryrun/vit_l336_*.json): 72 fits, 80 not probed yet; v5e only.
-PER_CHIP_MAX = {"v5e": 72}
+# Largest per-chip batch that fits (the TPU compiler, libtpu 0.0.42.1, fsdp 8, 2026-11-30/12-01;
+# benchmarks/results/dryrun/vit_l336_*.json, each searched to within one granule of 8 per chip).
+PER_CHIP_MAX = {"v4": 152, "v5e": 72, "v5p": 464, "v6e": 144}
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:

@@ -1,5 +1,6 @@
 """umg_jax/config_lib.py: every knob of every shipped config carries a comment (--show_config)."""
 
+import importlib.util
 import pathlib
 
 import ml_collections as mlc
@@ -40,8 +41,15 @@ def test_slice_argument_caps_the_batch_to_what_the_tpu_compiler_fitted():
     assert load("vit_l.py:v4-128").batch_size == 208 * 128
     assert load("vit_l336.py:v5e-256").batch_size == 16384  # the base batch; 72 per chip fits
     assert load("vit_l336.py:v5e-128").batch_size == 72 * 128
+    assert load("vit_l336.py:v4-128").batch_size == 16384  # 128 per chip fits (<= 152)
+    assert load("vit_l336.py:v4-64").batch_size == 152 * 64
+    assert load("vit_l336.py:v5p-16").batch_size == 464 * 16
     for bad in ("vit_l.py:v5e", "vit_l.py:tpu9-8", "vit_l.py:v5e-0", "vit_l.py:v5e-x"):
         with pytest.raises(ValueError, match="expected GEN-CHIPS"):
             load(bad)
-    with pytest.raises(ValueError, match="has not been compiled for v4"):
-        load("vit_l336.py:v4-256")
+    spec = importlib.util.spec_from_file_location("configs_common", ROOT / "configs/common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    with pytest.raises(ValueError, match="has not been compiled for v5p"):
+        common.slice_batch("v5p-256", 4096, {"v5e": 72})
+    assert common.slice_batch(None, 4096, {}) == 4096
