@@ -51,8 +51,10 @@ TASK_HELP = {
                  "SegmentationContext/val.txt} (mmsegmentation's .png labels)",
     "folder_seg": "DATA[/<split>]/{images,labels}/ (labels/<stem>.png, value i = class i, "
                   "255 ignored) with --classes",
-    "coco_panoptic": "panoptic JSON + PNG folder; predicted segments; PQ/SQ/RQ",
-    "ade_panoptic": "panoptic JSON + PNG folder; predicted segments; PQ/SQ/RQ",
+    "coco_panoptic": "DATA[/annotations]/panoptic_val2017{.json,/} + DATA/val2017/; predicted "
+                     "segments (the run's head, else training-free); PQ/SQ/RQ all/things/stuff",
+    "ade_panoptic": "ADEChallengeData2016/ade20k_panoptic_val{.json,/} + images/validation/ "
+                    "(Mask2Former's conversion); predicted segments; PQ/SQ/RQ",
 }
 # The number(s) each task shows in the --suite table (all of its metrics when absent).
 HEADLINE = {
@@ -199,7 +201,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="tasks (layout under --data as distributed; protocol in each JSON):\n" + tasks
         + "\n\nprotocol: zero-shot prompt ensembling with each task's templates; images "
           "shorter side -> model size + centre crop (classification, retrieval), whole image "
-          "resized (boxes); metrics in percent.\n\n" + "\n".join(__doc__.split("\n")[2:5]))
+          "resized (boxes); dense tasks: the run's seg head if any, else sliding windows over "
+          "the training-free dense map (shorter side 448 for patch-14 models, else 2x the input; "
+          "stride 2/3); panoptic thresholds Mask2Former's 0.8 / 0.8; metrics in percent.\n\n"
+        + "\n".join(__doc__.split("\n")[2:5]))
     ap.add_argument("--workdir", required=True, help="training workdir or import directory")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     what = ap.add_mutually_exclusive_group(required=True)
