@@ -85,7 +85,9 @@ def per_chip_line(path: pathlib.Path) -> tuple[float, float] | None:
     against the per-chip batch; None with fewer than two probes."""
     d = json.loads(path.read_text())
     probes = d["rows"][0].get("max_batch_probes", [])
-    return _fit([(p["batch_size"] / d["devices"], p["total"]) for p in probes])
+    # Probes the compiler refused carry only a lower bound on their memory: not on the line.
+    return _fit([(p["batch_size"] / d["devices"], p["total"]) for p in probes
+                 if not p.get("compile_error")])
 
 
 def singles_line(config: str) -> tuple[float, float] | None:

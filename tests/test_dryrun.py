@@ -148,6 +148,41 @@ def test_find_max_batch_brackets_the_boundary(monkeypatch, limit):
     assert truth - max(64, truth // 32) <= best["batch_size"] <= truth
 
 
+# libtpu's own words when a program cannot fit (seg_vit_l at 336 per v5e chip, 2026-12-01).
+TPU_OOM = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (17.02G) exceeds available HBM (15.75G).")
+
+
+def test_compile_oom_is_a_probe_that_does_not_fit(monkeypatch):
+    """Past some batch the TPU compiler raises instead of returning a memory analysis: the
+    search records those probes as not fitting (total >= the figure in the message) and still
+    brackets the boundary; other compile errors propagate."""
+    oom = dryrun._compile_oom(RuntimeError(TPU_OOM))
+    assert oom.required_bytes == int(17.02 * 2 ** 30)
+    assert dryrun._compile_oom(RuntimeError("INVALID_ARGUMENT: bad shape")) is None
+    limit = 1000
+
+    def fake_analyse(config, *, chip, devices, compiler, hlo_path=None):
+        b = config.batch_size
+        if b > 1200:  # far past the boundary: the compiler gives up
+            raise dryrun._compile_oom(RuntimeError(TPU_OOM))
+        total = _memory(b)
+        return {"batch_size": b, "bytes_per_device": {"total": total},
+                "fits": total <= chip.hbm_bytes, "margin_gib": (chip.hbm_bytes - total) / 2 ** 30}
+
+    monkeypatch.setattr(dryrun, "analyse", fake_analyse)
+    chip = dataclasses.replace(V4, hbm_gib=_memory(limit) / 2 ** 30)
+    c = _small(data=8, fsdp=1)
+    c.batch_size = 4096  # the first probe is refused outright
+    best, probes = dryrun.find_max_batch(c, chip=chip, devices=[None] * 8,
+                                         compiler="cpu-standin", log=lambda s: None)
+    refused = [p for p in probes if "compile_error" in p]
+    assert refused and all(not p["fits"] and p["bytes_per_device"]["total"] > chip.hbm_bytes
+                           for p in refused)
+    truth = max(b for b in range(64, 20000, 64) if _memory(b) <= chip.hbm_bytes)
+    assert best["fits"] and truth - max(64, truth // 32) <= best["batch_size"] <= truth
+
+
 def test_plan_falls_back_to_the_stand_in_without_libtpu():
     assert dryrun.plan(None, None, None, True)[:2] == ("tpu", dryrun.DEFAULT_TOPOLOGY)
     compiler, topology, chip, n = dryrun.plan("v4:4x4x8", None, None, False)

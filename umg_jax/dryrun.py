@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -144,6 +145,39 @@ def clip_only(config):
     return c
 
 
+class CompileOOM(Exception):
+    """The compiler itself refused the program: its buffers cannot fit the device memory (libtpu
+    raises RESOURCE_EXHAUSTED instead of returning a memory analysis). ``required_bytes``: the
+    figure the message names (a lower bound on the total), 0 if none."""
+
+    def __init__(self, message: str, required_bytes: int):
+        super().__init__(message)
+        self.required_bytes = required_bytes
+
+
+def _compile_oom(e: Exception) -> CompileOOM | None:
+    """:class:`CompileOOM` for a compiler out-of-memory error, else None. Parses e.g. "the
+    total memory required for HLO temporaries (17.02G) exceeds available HBM (15.75G)" (XLA's
+    G = GiB)."""
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg or "memory" not in msg.lower():
+        return None
+    m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", msg)
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    need = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
+    line = next((ln for ln in msg.splitlines() if "RESOURCE_EXHAUSTED" in ln), msg)
+    return CompileOOM(line.strip()[:300], need)
+
+
+def oom_row(config, chip, e: CompileOOM) -> dict:
+    """The probe row of a batch the compiler refused: does not fit, its total at least what
+    the message names (or the HBM size)."""
+    total = max(e.required_bytes, chip.hbm_bytes + 1)
+    return {"batch_size": int(config.batch_size), "bytes_per_device": {"total": total},
+            "fits": False, "margin_gib": (chip.hbm_bytes - total) / GiB,
+            "compile_error": str(e)}
+
+
 def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False,
             hlo_path: str | None = None) -> dict:
     """Compiles the train step of ``config`` for ``devices`` and measures it against ``chip``.
@@ -156,7 +190,13 @@ def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False
     from umg_jax import hlo_stats
     from umg_jax import step as step_lib
 
-    compiled, a_state, a_batch, mesh, seconds = compile_step(config, devices)
+    try:
+        compiled, a_state, a_batch, mesh, seconds = compile_step(config, devices)
+    except Exception as e:  # noqa: BLE001  (the compiler's error type varies across jax versions)
+        oom = _compile_oom(e)
+        if oom is None:
+            raise
+        raise oom from None
     mem = compiled.memory_analysis()
     xla = compiled.cost_analysis() or {}
     if isinstance(xla, list):  # older jax returned one dict per partition
@@ -295,7 +335,13 @@ def find_max_batch(config, *, chip, devices, compiler: str, log=print,
             c.batch_size = b
             log(f"  probe batch_size={b} ...")
             hlo = os.path.join(hlo_dir, f"batch{b}.hlo.txt") if hlo_dir else None
-            probes[b] = analyse(c, chip=chip, devices=devices, compiler=compiler, hlo_path=hlo)
+            try:
+                probes[b] = analyse(c, chip=chip, devices=devices, compiler=compiler,
+                                    hlo_path=hlo)
+            except CompileOOM as e:  # refused by the compiler: a probe that does not fit
+                probes[b] = oom_row(c, chip, e)
+                log(f"  batch_size={b}: refused by the compiler ({e})")
+                return probes[b]
             r = probes[b]
             log(f"  batch_size={b}: {r['bytes_per_device']['total'] / GiB:.2f} GiB / "
                 f"{chip.hbm_gib:g} ({'fits' if r['fits'] else 'does not fit'})")
@@ -463,9 +509,12 @@ def main(argv: list[str]) -> None:
                     cfg, chip=chip, devices=devices, compiler=compiler,
                     log=lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True),
                     hlo_dir=os.path.join(_HLO_DIR.value, name) if _HLO_DIR.value else None)
+                if "compile_error" in r:  # nothing fits: not even the smallest compiled
+                    raise CompileOOM(r["compile_error"], r["bytes_per_device"]["total"])
                 r = dict(r, max_batch_probes=[
                     {"batch_size": p["batch_size"], "total": p["bytes_per_device"]["total"],
-                     "fits": p["fits"]} for p in probes])
+                     "fits": p["fits"], "compile_error": "compile_error" in p}
+                    for p in probes])
                 if _CLIP.value:
                     best = cfg.copy_and_resolve_references()
                     best.batch_size = r["batch_size"]
@@ -475,6 +524,8 @@ def main(argv: list[str]) -> None:
                        if _HLO_DIR.value else None)
                 r = analyse(cfg, chip=chip, devices=devices, compiler=compiler,
                             clip_baseline=_CLIP.value, hlo_path=hlo)
+        except CompileOOM as e:  # does not fit (exit 1), with the compiler's own words
+            r = {"error": f"does not fit: the compiler refused it ({e})"}
         except (config_checks.ConfigError, ValueError) as e:
             if len(grid) == 1:
                 _fail(str(e))
