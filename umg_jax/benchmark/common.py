@@ -88,6 +88,20 @@ COLUMN_ORDER = ("imagenet", "cifar10", "cifar100", "folder", "coco_retrieval", "
                 "ade_panoptic")
 
 
+def split_tasks(evaluate: Callable[[BenchModel, Options, str, Any], TaskResult],
+                splits: dict[str, Callable[[Options], Any]]
+                ) -> dict[str, Callable[[BenchModel, Options], TaskResult]]:
+    """A module's ``TASKS``: for each name, ``evaluate(model, opts, name, splits[name](opts))``."""
+    def task(name: str) -> Callable[[BenchModel, Options], TaskResult]:
+        def run(model: BenchModel, opts: Options) -> TaskResult:
+            return evaluate(model, opts, name, splits[name](opts))
+
+        run.__name__ = f"run_{name}"
+        return run
+
+    return {name: task(name) for name in splits}
+
+
 def get_task(name: str) -> Callable[[BenchModel, Options], TaskResult]:
     """The task function; ``BenchmarkInputError`` for an unknown name."""
     if name not in TASKS:
@@ -146,23 +160,7 @@ def read_images(paths: Sequence[str | os.PathLike], workers: int = 4
                 ) -> Iterator[np.ndarray]:
     """``uint8 [H, W, 3]`` for each path, in order, decoded by ``workers`` threads (PIL releases
     the GIL while decoding). ``BenchmarkInputError`` naming the file for an unreadable image."""
-    from umg_jax import inference
-
-    def one(path):
-        try:
-            return inference.read_image(path)
-        except inference.InputError as e:
-            raise BenchmarkInputError(str(e)) from None
-
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        # A bounded window of futures: decoding runs ahead of the model, memory stays flat.
-        window = 4 * max(1, workers)
-        futures = [pool.submit(one, p) for p in paths[:window]]
-        for i in range(len(paths)):
-            if i + window < len(paths):
-                futures.append(pool.submit(one, paths[i + window]))
-            yield futures[i].result()
-            futures[i] = None  # drop the decoded image once handed over
+    return map_threaded(load_image, list(paths), workers)
 
 
 def progress(items: Iterable, total: int, desc: str, every_s: float = 5.0,

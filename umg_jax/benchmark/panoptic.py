@@ -225,13 +225,5 @@ def evaluate(model: BenchModel, opts: Options, task: str, split: PanSplit) -> Ta
         images_per_s=n / max(elapsed, 1e-9), skipped=dict(split.skipped))
 
 
-def _task(name: str) -> Callable[[BenchModel, Options], TaskResult]:
-    def run(model: BenchModel, opts: Options) -> TaskResult:
-        return evaluate(model, opts, name, SPLITS[name](opts))
-
-    run.__name__ = f"run_{name}"
-    return run
-
-
-TASKS: dict[str, Callable[[BenchModel, Options], TaskResult]] = {
-    name: _task(name) for name in SPLITS}
+TASKS: dict[str, Callable[[BenchModel, Options], TaskResult]] = common.split_tasks(
+    evaluate, SPLITS)

@@ -142,6 +142,16 @@ def check_config(cfg: dict, hf: dict) -> None:
                          "different exports")
 
 
+def read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as torch tensors; ``ValueError`` naming a damaged file."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
 def read_extras(path: pathlib.Path, cfg: dict) -> dict[str, float]:
     """``{name: value}`` of ``umg_extras.safetensors``, checked against the values
     ``umg_config.json`` lists (a file from another export is refused)."""
@@ -188,8 +198,6 @@ def read_adapters(path: pathlib.Path, cfg: dict, hf: dict) -> dict[str, list[Ada
     ``<tower layers>.<i>.adapter.{down,up}.{weight,bias}``, torch ``Linear`` layout), checked
     against the widths ``umg_config.json`` lists and the towers of ``config.json``; ``{}`` for a
     model without adapters (an adapters file the config does not list is refused)."""
-    from safetensors.torch import load_file
-
     listed = cfg.get("adapters")
     if not listed:
         if path.is_file():
@@ -198,10 +206,7 @@ def read_adapters(path: pathlib.Path, cfg: dict, hf: dict) -> dict[str, list[Ada
         return {}
     if not path.is_file():
         raise ValueError(f"{CONFIG_FILE} lists adapters {listed['dims']} but {path} is missing")
-    try:
-        sd = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"cannot read {path}: {e}") from None
+    sd = read_safetensors(path)
     out, used = {}, set()
     for tower, dim in listed["dims"].items():
         tc = hf[f"{tower}_config"]

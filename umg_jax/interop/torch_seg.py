@@ -31,9 +31,23 @@ import torch
 import torch.nn.functional as F
 
 try:  # inside the umg_jax package
-    from .torch_model import CONFIG_FILE, ImageInput, UMGTorch, _normalize, resize2d
+    from .torch_model import (
+        CONFIG_FILE,
+        ImageInput,
+        UMGTorch,
+        _normalize,
+        read_safetensors,
+        resize2d,
+    )
 except ImportError:  # copied beside torch_model.py into a serving codebase
-    from torch_model import CONFIG_FILE, ImageInput, UMGTorch, _normalize, resize2d
+    from torch_model import (
+        CONFIG_FILE,
+        ImageInput,
+        UMGTorch,
+        _normalize,
+        read_safetensors,
+        resize2d,
+    )
 
 
 # ------------------------------------------------------------------------------ the decoder
@@ -231,8 +245,6 @@ class UMGTorchSegmenter:
     def from_export(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"
                     ) -> UMGTorchSegmenter:
         """Loads ``directory`` (``export_torch --format hf`` of a segmentation-head run)."""
-        from safetensors.torch import load_file
-
         d = pathlib.Path(directory)
         backbone = UMGTorch.from_export(d, device)
         c = backbone.config.get("seg_head")
@@ -246,10 +258,7 @@ class UMGTorchSegmenter:
         path = d / c["file"]
         if not path.is_file():
             raise ValueError(f"{CONFIG_FILE} lists a segmentation head but {path} is missing")
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for a damaged file
-            raise ValueError(f"cannot read {path}: {e}") from None
+        sd = read_safetensors(path)
         decoder = MaskDecoder(c, (backbone.grid, backbone.grid))
         want = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in sd.items()}
