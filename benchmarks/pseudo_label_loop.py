@@ -8,6 +8,13 @@ images with it (``umg_jax.data.pseudo_label``, vocabulary = the category names, 
 the ground-truth labels. All evaluated on the same held-out split. ``--reuse DIR`` takes (a) and
 (b) from a ``granularity_ablation.py --workdir DIR`` run (its ``a_image`` and
 ``c_+region+pixel``). Prints the table, writes ``benchmarks/results/pseudo_label_loop.json``.
+
+``--labeller annotate`` labels with ``python -m umg_jax.data.annotate`` instead, with teachers
+trained or fitted here: the image-only run (a), exported to a Hugging Face ``CLIPModel``
+directory, is the ``clip`` tagger; tags the captions mention are added (``noun_phrases``); (a)
+labels the ``proposals`` boxes and picks stuff concept masks; things get superpixel masks inside
+their boxes (``proposals`` segmenter); the filter runs with its defaults. Writes
+``benchmarks/results/annotate_loop.json``.
 """
 
 from __future__ import annotations
@@ -80,6 +87,41 @@ def label_quality(pl_dir: pathlib.Path, gt_dir: str) -> dict[str, float]:
             for m, i in (("precision", 1), ("recall", 2))}
 
 
+# The annotate recipe of --labeller annotate ("TEACHER" / "TEACHER_HF": run (a) and its export).
+ANNOTATE_STAGES = [
+    {"stage": "tag", "backend": "clip", "model": "TEACHER_HF", "threshold": 0.3, "max_tags": 4},
+    {"stage": "tag", "backend": "noun_phrases"},
+    {"stage": "detect", "backend": "proposals", "model": "TEACHER", "threshold": 0.5,
+     "max_boxes": 6},
+    {"stage": "segment", "backend": "proposals", "model": "TEACHER", "prompts": "boxes+stuff",
+     "threshold": 0.5},
+    {"stage": "filter"},
+]
+
+
+def _annotate(wd_a: pathlib.Path, train_dir: str, vocab: list[str], root: pathlib.Path,
+              out: pathlib.Path) -> dict:
+    """Exports (a) to HF, writes the recipe, runs the annotate command line; returns counts."""
+    from umg_jax.data.annotate.__main__ import main as annotate_main
+    from umg_jax.interop.export_torch import main as export_main
+
+    hf = root / "teacher_hf"
+    if not (hf / "config.json").exists():
+        export_main([str(wd_a), "--format", "hf", "--out", str(hf)])
+    stages = json.loads(json.dumps(ANNOTATE_STAGES).replace("TEACHER_HF", str(hf))
+                        .replace("TEACHER", str(wd_a)))
+    recipe = root / "recipe.json"
+    recipe.write_text(json.dumps({"vocab": vocab, "stages": stages}, indent=1))
+    rc = annotate_main(["--images", train_dir, "--out", str(out), "--recipe", str(recipe),
+                        "--device", "cpu", "--batch_size", "16", "--shard_size", "512"])
+    if rc:
+        raise SystemExit(rc)
+    meta = json.loads((out / "meta.json").read_text())
+    stats = json.loads((out / "stats-worker-0.json").read_text())
+    return {**meta["counts"], "dropped": meta["dropped"],
+            "stage_images_per_s": stats["stage_images_per_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=400)
@@ -94,8 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--caption_vocab", action=argparse.BooleanOptionalAction, default=True,
                     help="restrict labels to the caption's concepts (pseudo_label option)")
     ap.add_argument("--workdir", default="", help="keep runs here; finished runs are reused")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pseudo_label_loop.json"))
+    ap.add_argument("--labeller", choices=("pseudo_label", "annotate"), default="pseudo_label",
+                    help="the pseudo_label tool, or the annotate tool with the recipe above")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/"
+                    "pseudo_label_loop.json or annotate_loop.json (per --labeller)")
     args = ap.parse_args(argv)
+    args.out = args.out or str(ROOT / "benchmarks/results" / (
+        "annotate_loop.json" if args.labeller == "annotate" else "pseudo_label_loop.json"))
     sys.path.insert(0, str(ROOT))
     from umg_jax import evaluate, train
     from umg_jax.data import pipeline, synthetic
@@ -110,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         wd_a, wd_b = reuse / "a_image", reuse / "c_+region+pixel"
     else:
         wd_a, wd_b = root / "a", root / "b"
-        train.train(_config(args.steps, **image_only), str(wd_a))
-        train.train(_config(args.steps), str(wd_b))
+        for wd, over in ((wd_a, image_only), (wd_b, {})):
+            if not (wd / "config.json").exists():  # --workdir: finished runs are reused
+                train.train(_config(args.steps, **over), str(wd))
     cfg = _config(args.steps)
     runs["a_image_only"] = evaluate.run(str(wd_a), config=cfg)
     runs["b_ground_truth"] = evaluate.run(str(wd_b), config=cfg)
@@ -120,16 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     train_dir = pipeline.ensure_data(cfg.data, "train")
     vocab = [c["name"] for c in synthetic.CATEGORIES]
     t0 = time.perf_counter()
-    scorer = pl.Scorer(load(str(wd_a)), vocab)
-    tag = (f"{args.score}_{args.assign}{'_capvocab' if args.caption_vocab else ''}"
-           f"_t{args.threshold}")
-    pl_dir = root / f"pseudo_{tag}"
-    ns = argparse.Namespace(threshold=args.threshold, top_k=6, nms_iou=0.5, mask_iou=0.7,
-                            caption_threshold=-1.0, min_area=0.01, batch=16, shard_size=512,
-                            teacher=str(wd_a), score=args.score, assign=args.assign,
-                            caption_vocab=args.caption_vocab)
-    counts = pl.run(pl.list_inputs(train_dir), scorer, vocab, str(pl_dir), ns,
-                    log=lambda s: print(s, flush=True))
+    if args.labeller == "annotate":
+        tag = "annotate"
+        pl_dir = root / "annotated"
+        counts = _annotate(wd_a, train_dir, vocab, root, pl_dir)
+    else:
+        scorer = pl.Scorer(load(str(wd_a)), vocab)
+        tag = (f"{args.score}_{args.assign}{'_capvocab' if args.caption_vocab else ''}"
+               f"_t{args.threshold}")
+        pl_dir = root / f"pseudo_{tag}"
+        ns = argparse.Namespace(threshold=args.threshold, top_k=6, nms_iou=0.5, mask_iou=0.7,
+                                caption_threshold=-1.0, min_area=0.01, batch=16, shard_size=512,
+                                teacher=str(wd_a), score=args.score, assign=args.assign,
+                                caption_vocab=args.caption_vocab)
+        counts = pl.run(pl.list_inputs(train_dir), scorer, vocab, str(pl_dir), ns,
+                        log=lambda s: print(s, flush=True))
     label_s = time.perf_counter() - t0
     quality = label_quality(pl_dir, train_dir)
     print("pseudo-label quality vs ground truth (IoU > 0.5, same class): "
@@ -146,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
            / max(runs["b_ground_truth"][k] - runs["a_image_only"][k], 1e-9) for k in KEYS}
     print(f"{'gap recovered':<18}" + "".join(f"{100 * gap[k]:>17.0f}%" for k in KEYS))
     pathlib.Path(args.out).write_text(json.dumps(
-        {"steps": args.steps, "threshold": args.threshold, "score": args.score,
+        {"steps": args.steps, "labeller": args.labeller,
+         **({"recipe": ANNOTATE_STAGES} if args.labeller == "annotate" else {}),
+         "threshold": args.threshold, "score": args.score,
          "assign": args.assign,
          "caption_vocab": args.caption_vocab, "label_quality": quality,
          "pseudo_label_counts": counts,

@@ -28,24 +28,17 @@ from absl import flags  # noqa: E402
 if not flags.FLAGS.is_parsed():
     flags.FLAGS(sys.argv[:1])
 
-_TV_SHIM = []
-
 
 def torch_peers():
     """Imports torch with the torchvision shim applied once; returns the torch module.
 
-    Skips the calling test when torch is not installed.
+    Skips the calling test when torch is not installed. The shim is the annotation families'
+    (one place: ``umg_jax/data/annotate/families/hf.py``).
     """
-    torch = pytest.importorskip("torch")
-    if not _TV_SHIM:
-        lib = torch.library.Library("torchvision", "DEF")
-        for schema in (
-            "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-            "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-        ):
-            lib.define(schema)
-        _TV_SHIM.append(lib)  # keep the library object alive
-    return torch
+    pytest.importorskip("torch")
+    from umg_jax.data.annotate.families.hf import import_torch
+
+    return import_torch()
 
 
 @pytest.fixture(scope="session")

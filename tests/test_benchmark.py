@@ -11,6 +11,7 @@ import json
 import pickle
 import re
 
+import ml_collections as mlc
 import numpy as np
 import pytest
 from conftest import make_tiny_workdir
@@ -52,6 +53,7 @@ class FakeBackbone:
     pixel_mean = np.zeros(3, np.float32)
     pixel_std = np.ones(3, np.float32)
     cell = 8  # px per dense-grid cell
+    config = mlc.ConfigDict({"vision": {"patch_size": 8}, "embed_dim": E})
 
     def preprocess(self, img):  # the whole image, unresized (fixtures are image_size square)
         assert img.shape[:2] == (self.image_size, self.image_size)
@@ -260,10 +262,14 @@ def test_retrieval_known_answer(fake, tmp_path, task):
 def test_coco_boxes_known_answer(fake, tmp_path):
     write_coco(tmp_path)
     fake.backbone.image_size = 160
-    r = regions.run(fake, Options(data=tmp_path, split="val", batch_size=2))
+    r = regions.run(fake, Options(data=tmp_path, split="val", batch_size=2, short_side=160))
     assert r.metrics == pytest.approx(BOX_EXPECT)
     assert r.skipped == {"crowd box": 1, "box under 1 px": 1}
     assert r.num_examples == 5 and r.protocol["split"] == "val2017"
+    # at the benchmark resolution (2x the input: 3 x 3 sliding windows per image) the boxes are
+    # pooled from the stitched map of the whole image: same answers
+    r = regions.run(fake, Options(data=tmp_path, split="val", batch_size=2))
+    assert r.protocol["short_side"] == 320 and r.metrics == pytest.approx(BOX_EXPECT)
 
 
 def test_box_metrics_by_hand():

@@ -57,7 +57,8 @@ class _FakeBackbone:
     def __init__(self, patch: int = 1, size: int = 32):
         self.model = _FakeModel(patch)
         self.params = {"logit_scale": np.float32(np.log(10.0))}
-        self.config = mlc.ConfigDict({"vision": {"patch_size": patch}, "logit_scale_max": 100.0})
+        self.config = mlc.ConfigDict({"vision": {"patch_size": patch}, "logit_scale_max": 100.0,
+                                      "embed_dim": len(PALETTE)})
         self.image_size = size
         self.pixel_mean, self.pixel_std = inference.MEAN, inference.STD
         self.vocab: dict[str, int] = {}
@@ -115,6 +116,24 @@ def test_sliding_window_equals_full_image_on_an_equivariant_model(fake):
                        window_stride=stride)
         labels = list(sliding.sliding_labels(fake, images, text, opts, 10.0))
         assert [lab.shape for lab in labels] == [im.shape[:2] for im in images]
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_sliding_dense_map_equals_whole_image_on_an_equivariant_model(patch):
+    """The stitched dense map (for box pooling): windows on whole-patch offsets, so each cell
+    of every window is the whole image's cell; sides are rounded to whole patches."""
+    fake = _FakeBackbone(patch=patch, size=16)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in ((22, 37), (16, 16))]
+    opts = Options(data=pathlib.Path("."), short_side=16, batch_size=3, window_stride=0.4)
+    got = list(sliding.sliding_dense(fake, images, opts))
+    for img, d in zip(images, got, strict=True):
+        size = sliding.patch_size_of(img.shape[:2], 16, patch, 16)
+        assert d.shape == (size[0] // patch, size[1] // patch, 4)
+        x = sliding.prepare(img, size, fake)
+        want = np.array(fake.model.apply(None, jnp.asarray(x[None]))["dense"][0])
+        want /= np.linalg.norm(want, axis=-1, keepdims=True)
+        np.testing.assert_allclose(d, want, rtol=1e-5, atol=1e-6)
 
 
 def test_logit_resize_is_torch_bilinear(torch_mod):

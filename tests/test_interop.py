@@ -247,6 +247,36 @@ def test_export_hf_matches_transformers(which, scan, torch_mod, tmp_path):
     assert diff <= TOL, diff
 
 
+def test_export_hf_loads_with_clip_processor(torch_mod, tmp_path):
+    """The HF export is a complete ``CLIPProcessor`` directory: its tokenizer gives umg_jax's
+    ids (up to the first <|endoftext|>, after which HF pads with it and umg_jax with 0) and its
+    image processor umg_jax's normalised pixels at the model's size."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from umg_jax.data.tokenizer import tokenizer_for
+    from umg_jax.inference import MEAN, STD
+
+    m = _cfg(TINY)
+    export_torch.export_params(_random_params(m, 5), m, "hf", str(tmp_path / "hf"))
+    proc = CLIPProcessor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    texts = ["a photo of a cat.", "Two DOGS, on the grass!", "traffic-light"]
+    hf = proc.tokenizer(texts, padding="max_length", max_length=16, truncation=True)["input_ids"]
+    ours = tokenizer_for("clip", 16)(texts)
+    for h, o in zip(hf, ours, strict=True):
+        n = list(o).index(49407) + 1
+        assert list(h[:n]) == list(o[:n]) and all(t == 49407 for t in h[n:])
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    px = proc(images=img, return_tensors="pt")["pixel_values"][0].numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(px, (img / 255.0 - MEAN) / STD, atol=1e-5)
+    model = CLIPModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    with torch_mod.no_grad():
+        out = model(**proc(text=texts, images=[img], return_tensors="pt", padding=True))
+    want = _hf_forward(torch_mod, model, px[None].astype(np.float32),
+                       np.asarray(ours, np.int64))[1]
+    np.testing.assert_allclose(out.text_embeds.numpy(), want / np.linalg.norm(
+        want, axis=-1, keepdims=True), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ open_clip parity
 def test_import_open_clip_matches_open_clip(oc_tiny, torch_mod, capsys, tmp_path):
     model, path = oc_tiny

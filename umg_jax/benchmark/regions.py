@@ -3,17 +3,19 @@
 Layout, as distributed: ``DATA/annotations/instances_<split>.json`` (or ``DATA/instances_<split>
 .json``) and the images in ``DATA/<split>/`` (split ``val2017``).
 
-Protocol (RegionCLIP / CLIPSelf box classification, on this model's dense map): each image is
-resized whole to the model's input size (as ``umg_jax.load(...).encode_boxes``; aspect not
-kept, so the boxes map linearly); its dense patch embeddings (L2-normalised per patch, as
-``umg_jax.evaluate``'s region evaluator) are RoIAlign-pooled over each box (2x2 bins, 2 samples
-per bin side, aligned), the pooled vector L2-normalised and classified against the
-prompt-ensembled 80 category names (categories in id order). Crowd boxes (``iscrowd=1``) and
-boxes under 1 px wide or high are skipped and counted. Metrics, percent: top-1 and mean
-per-class accuracy over all boxes, small boxes (``w*h < 32^2``) and large boxes
-(``w*h > 96^2``); areas are the box's ``w*h`` in original image pixels, not the annotation's
-segment ``area`` field that COCO's detection AP uses. Differs from CLIPSelf, which runs its
-ViTs at 1024 px with interpolated position embeddings: here the model's own input size.
+Protocol (RegionCLIP / CLIPSelf box classification, on this model's dense map): each image's
+dense map at the benchmark resolution (``sliding.sliding_dense``: shorter side 448 for patch-14
+models, else twice the input size, sides rounded to whole patches; sliding windows of the model's
+input size with the window embeddings averaged per cell, or one pass with interpolated position
+embeddings with ``--resize_pos``), L2-normalised per cell as ``umg_jax.evaluate``'s region
+evaluator, is RoIAlign-pooled over each box (2x2 bins, 2 samples per bin side, aligned), the
+pooled vector L2-normalised and classified against the prompt-ensembled 80 category names
+(categories in id order). Crowd boxes (``iscrowd=1``) and boxes under 1 px wide or high are
+skipped and counted. Metrics, percent: top-1 and mean per-class accuracy over all boxes, small
+boxes (``w*h < 32^2``) and large boxes (``w*h > 96^2``); areas are the box's ``w*h`` in original
+image pixels, not the annotation's segment ``area`` field that COCO's detection AP uses.
+CLIPSelf runs its ViTs at 1024 px with interpolated position embeddings: ``--short_side 1024
+--resize_pos``.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def box_metrics(pred: np.ndarray, gt: np.ndarray, area: np.ndarray) -> dict[str,
 
 @functools.cache
 def _pool_fn():
-    """Jitted ``(dense [B, gh, gw, E], boxes [B, R, 4] normalised xyxy) -> [B, R, E]``."""
+    """Jitted ``(dense [1, gh, gw, E], boxes [1, R, 4] normalised xyxy) -> [1, R, E]`` (one
+    compile per grid shape and box bucket)."""
     import jax
 
     from umg_jax.ops.roi_align import roi_pool_embed
@@ -109,6 +112,8 @@ def _pool_fn():
 
 
 def run(model: BenchModel, opts: Options) -> TaskResult:
+    from umg_jax.benchmark import sliding
+
     root = pathlib.Path(opts.data)
     if not root.is_dir():
         raise BenchmarkInputError(f"coco_boxes: --data {str(root)!r} is not a directory")
@@ -121,52 +126,51 @@ def run(model: BenchModel, opts: Options) -> TaskResult:
     bb = model.backbone
     templates = common.resolve_templates(opts, common.package_list("imagenet_templates.txt"))
     text = common.class_embeddings(bb, names, templates)
+    dense_protocol = sliding.protocol(bb, opts)  # checks the options before any image is read
 
-    def transform(im):
+    def load(im):
         img = common.load_image(im["path"])
         if img.shape[:2] != (im["height"], im["width"]):
             raise BenchmarkInputError(f"coco_boxes: {str(im['path'])!r} is {img.shape[1]}x"
                                       f"{img.shape[0]}, the annotations say {im['width']}x"
                                       f"{im['height']}")
-        return np.asarray(bb.preprocess(img), np.float32)
+        return img
 
     pool = _pool_fn()
     preds, gts, areas = [], [], []
     t0 = time.perf_counter()
-    for start, _, dense in common.embed_images(bb, images, transform, opts.batch_size,
-                                               opts.workers, "coco_boxes"):
-        batch = images[start:start + len(dense)]
-        r = max(8, 1 << int(np.ceil(np.log2(max(len(im["boxes"]) for im in batch)))))
-        # Boxes padded to a power of two and the batch to batch_size: few compiled shapes.
-        boxes = np.zeros((opts.batch_size, r, 4), np.float32)
-        for i, im in enumerate(batch):
-            x, y, w, h = im["boxes"].T
-            scale = np.array([im["width"], im["height"]] * 2, np.float32)
-            boxes[i, :len(x)] = np.stack([x, y, x + w, y + h], 1) / scale
-        if len(dense) < opts.batch_size:
-            dense = np.concatenate([dense, np.zeros((opts.batch_size - len(dense),
-                                                     *dense.shape[1:]), dense.dtype)])
-        emb = np.array(pool(dense, boxes), np.float32)
+    decoded = common.progress(common.map_threaded(load, images, opts.workers), len(images),
+                              "coco_boxes")
+    for im, dense in zip(images, sliding.sliding_dense(bb, decoded, opts), strict=True):
+        x, y, w, h = im["boxes"].T
+        # Boxes padded to a power of two: few compiled shapes. Normalised coordinates are
+        # those of the resized image too (the resize keeps the aspect ratio, up to rounding).
+        r = max(8, 1 << int(np.ceil(np.log2(len(x)))))
+        boxes = np.zeros((1, r, 4), np.float32)
+        boxes[0, :len(x)] = np.stack([x, y, x + w, y + h], 1) / np.array(
+            [im["width"], im["height"]] * 2, np.float32)
+        emb = np.array(pool(dense[None], boxes)[0, :len(x)], np.float32)
         emb /= np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-8)
-        for i, im in enumerate(batch):
-            k = len(im["labels"])
-            preds.append(np.argmax(emb[i, :k] @ text.T, -1))
-            gts.append(im["labels"])
-            areas.append(im["boxes"][:, 2] * im["boxes"][:, 3])
+        preds.append(np.argmax(emb @ text.T, -1))
+        gts.append(im["labels"])
+        areas.append(w * h)
     seconds = time.perf_counter() - t0
     m = box_metrics(np.concatenate(preds), np.concatenate(gts), np.concatenate(areas))
     return TaskResult(
         task="coco_boxes", metrics=m,
         protocol={"annotations": str(path), "split": split, "num_classes": len(names),
                   "templates": opts.templates, "num_templates": len(templates),
-                  "preprocess": f"whole image resized to {bb.image_size}x{bb.image_size} "
-                                "(aspect not kept)",
+                  **dense_protocol,
+                  "dense_map": "whole image at the shorter side above (sides rounded to whole "
+                               "patches): sliding windows with per-cell mean of the L2-"
+                               "normalised window embeddings, or one pass with interpolated "
+                               "position embeddings (--resize_pos)",
                   "box_embedding": "RoIAlign (2x2 bins, sampling 2, aligned) mean over the "
                                    "L2-normalised dense map, L2-normalised",
                   "area": "box w*h in original pixels; small < 32^2, large > 96^2",
                   "skipped": "crowd boxes and boxes under 1 px",
-                  "deviation": "CLIPSelf / RegionCLIP run at 1024 px; here the model's input "
-                               "size"},
+                  "deviation": "CLIPSelf / RegionCLIP run at 1024 px with interpolated "
+                               "position embeddings: --short_side 1024 --resize_pos"},
         num_examples=int(m["count"]), images_per_s=len(images) / max(seconds, 1e-9),
         skipped=skipped)
 

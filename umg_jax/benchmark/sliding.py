@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -121,10 +121,49 @@ def _window_logits(dense: jax.Array, text: jax.Array, scale: jax.Array, window: 
 class _Pending:
     """One image's running sums while its windows are in flight."""
 
-    orig: tuple[int, int]
-    acc: np.ndarray  # [h, w, C] float32 summed window logits
-    count: np.ndarray  # [h, w] float32 windows covering each pixel
+    acc: np.ndarray  # [h, w, C] float32 summed window outputs
+    count: np.ndarray  # [h, w] float32 windows covering each output cell
     remaining: int  # windows not yet encoded
+    finish: Callable[[np.ndarray], np.ndarray]  # the averaged [h, w, C] -> what is yielded
+
+
+def _slide(backbone: Any, jobs: Iterable[tuple[_Pending, list[tuple[int, int, np.ndarray]]]],
+           bsz: int, window_out: Callable[[jax.Array], np.ndarray]) -> Iterator[np.ndarray]:
+    """The sliding-window engine: ``jobs`` gives per image its accumulator and its windows
+    ``(out_y, out_x, crop [S, S, 3])``; crops of consecutive images share batches of ``bsz``
+    (padded at the end: one compiled encoder for every image size); ``window_out(dense [bsz,
+    gh, gw, E]) -> [bsz, o, o, C]`` is added to the accumulator at ``(out_y, out_x)``; each
+    image's ``finish(mean)`` is yielded in order once its windows are done."""
+    pending: collections.deque[_Pending] = collections.deque()
+    queue: list[tuple[_Pending, int, int, np.ndarray]] = []
+
+    def run_batch(items):
+        crops = np.stack([c for *_, c in items])
+        if len(crops) < bsz:
+            crops = np.concatenate([crops, np.zeros((bsz - len(crops), *crops.shape[1:]),
+                                                    crops.dtype)])
+        _, dense = common.encode_images(backbone, crops)
+        out = window_out(jnp.asarray(dense))
+        for (st, y, x, _), o in zip(items, out, strict=False):
+            st.acc[y:y + o.shape[0], x:x + o.shape[1]] += o
+            st.count[y:y + o.shape[0], x:x + o.shape[1]] += 1
+            st.remaining -= 1
+
+    def finished():
+        while pending and pending[0].remaining == 0:
+            st = pending.popleft()
+            yield st.finish(st.acc / st.count[..., None])
+
+    for st, windows in jobs:
+        pending.append(st)
+        queue.extend((st, y, x, crop) for y, x, crop in windows)
+        while len(queue) >= bsz:
+            run_batch(queue[:bsz])
+            del queue[:bsz]
+        yield from finished()
+    if queue:
+        run_batch(queue)
+    yield from finished()
 
 
 def sliding_logits(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,
@@ -139,44 +178,59 @@ def sliding_logits(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray
         return
     win = backbone.image_size
     short, stride = short_side(backbone, opts), window_stride(backbone, opts)
-    bsz = max(1, opts.batch_size)
     text_j, scale_j = jnp.asarray(text, jnp.float32), jnp.float32(scale)
-    pending: collections.deque[_Pending] = collections.deque()
-    queue: list[tuple[_Pending, int, int, np.ndarray]] = []
 
-    def run_batch(items):
-        crops = np.stack([c for *_, c in items])
-        if len(crops) < bsz:  # keep one compiled shape
-            crops = np.concatenate([crops, np.zeros((bsz - len(crops), *crops.shape[1:]),
-                                                    crops.dtype)])
-        _, dense = common.encode_images(backbone, crops)
-        logits = np.asarray(_window_logits(jnp.asarray(dense), text_j, scale_j, win))
-        for (st, y, x, _), lg in zip(items, logits, strict=False):
-            st.acc[y:y + win, x:x + win] += lg
-            st.count[y:y + win, x:x + win] += 1
-            st.remaining -= 1
+    def jobs():
+        for image in images:
+            size = resized_size(image.shape[:2], short)
+            x = prepare(image, size, backbone)
+            ys, xs = window_starts(size[0], win, stride), window_starts(size[1], win, stride)
+            st = _Pending(np.zeros((*size, len(text)), np.float32), np.zeros(size, np.float32),
+                          len(ys) * len(xs), functools.partial(resize_bilinear,
+                                                               size=image.shape[:2]))
+            yield st, [(y, xx, x[y:y + win, xx:xx + win]) for y in ys for xx in xs]
 
-    def finished():
-        while pending and pending[0].remaining == 0:
-            st = pending.popleft()
-            avg = st.acc / st.count[..., None]
-            yield resize_bilinear(avg, st.orig)
+    yield from _slide(backbone, jobs(), max(1, opts.batch_size),
+                      lambda d: np.asarray(_window_logits(d, text_j, scale_j, win)))
 
-    for image in images:
-        size = resized_size(image.shape[:2], short)
-        x = prepare(image, size, backbone)
-        ys, xs = window_starts(size[0], win, stride), window_starts(size[1], win, stride)
-        st = _Pending(image.shape[:2], np.zeros((*size, len(text)), np.float32),
-                      np.zeros(size, np.float32), len(ys) * len(xs))
-        pending.append(st)
-        queue.extend((st, y, xx, x[y:y + win, xx:xx + win]) for y in ys for xx in xs)
-        while len(queue) >= bsz:
-            run_batch(queue[:bsz])
-            del queue[:bsz]
-        yield from finished()
-    if queue:
-        run_batch(queue)
-    yield from finished()
+
+def patch_size_of(hw: tuple[int, int], short: int, patch: int, window: int) -> tuple[int, int]:
+    """:func:`resized_size` with both sides rounded to whole patches (at least ``window``)."""
+    h, w = resized_size(hw, short)
+    return (max(window, round(h / patch) * patch), max(window, round(w / patch) * patch))
+
+
+def sliding_dense(backbone: Any, images: Iterable[np.ndarray], opts: Options
+                  ) -> Iterator[np.ndarray]:
+    """``float32 [gh, gw, E]`` L2-normalised dense embedding map of each ``uint8 [H, W, 3]``
+    image at the benchmark resolution (for box pooling): the image resized to shorter side
+    ``short_side``, sides rounded to whole patches; windows of the model's input size at a
+    stride rounded to whole patches, so window cells land on image cells; each cell the
+    normalised mean of its windows' embeddings. ``opts.resize_pos``: one whole-image pass with
+    interpolated position embeddings instead (CLIPSelf's protocol)."""
+    if opts.resize_pos:
+        yield from whole_image_dense(backbone, images, opts)
+        return
+    from umg_jax.evaluators.common import normalize
+
+    win, p = backbone.image_size, backbone.config.vision.patch_size
+    short = short_side(backbone, opts)
+    stride = max(1, round(window_stride(backbone, opts) / p))  # in patches
+    g, e = win // p, int(backbone.config.embed_dim)
+
+    def jobs():
+        for image in images:
+            size = patch_size_of(image.shape[:2], short, p, win)
+            x = prepare(image, size, backbone)
+            grid = (size[0] // p, size[1] // p)
+            ys, xs = window_starts(grid[0], g, stride), window_starts(grid[1], g, stride)
+            st = _Pending(np.zeros((*grid, e), np.float32), np.zeros(grid, np.float32),
+                          len(ys) * len(xs), normalize)
+            yield st, [(y, xx, x[y * p:y * p + win, xx * p:xx * p + win]) for y in ys
+                       for xx in xs]
+
+    yield from _slide(backbone, jobs(), max(1, opts.batch_size),
+                      lambda d: np.asarray(d, np.float32))
 
 
 def sliding_labels(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,
@@ -202,10 +256,11 @@ def resize_grid_embedding(pos: np.ndarray, grid: tuple[int, int], prefix: int) -
     return np.concatenate([pos[:prefix], x.astype(pos.dtype)], axis=0)
 
 
-def whole_image_logits(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,
-                       opts: Options, scale: float) -> Iterator[np.ndarray]:
-    """``float32 [H, W, C]`` logits of each image encoded whole: sides rounded to whole patches,
-    position embeddings interpolated to the grid (``opts.resize_pos``)."""
+def whole_image_dense(backbone: Any, images: Iterable[np.ndarray], opts: Options
+                      ) -> Iterator[np.ndarray]:
+    """``float32 [gh, gw, E]`` L2-normalised dense map of each image encoded whole: sides
+    rounded to whole patches, position embeddings interpolated to the grid
+    (``opts.resize_pos``); one compile per image shape."""
     from umg_jax.models import clip
 
     params = backbone.params
@@ -222,13 +277,29 @@ def whole_image_logits(backbone: Any, images: Iterable[np.ndarray], text: np.nda
     for image in images:
         h, w = resized_size(image.shape[:2], short)
         grid = (max(1, round(h / p)), max(1, round(w / p)))
-        size = (grid[0] * p, grid[1] * p)
-        x = prepare(image, size, backbone)
+        x = prepare(image, (grid[0] * p, grid[1] * p), backbone)
         prm = dict(params, visual=dict(visual, positional_embedding=jnp.asarray(
             resize_grid_embedding(pos, grid, prefix))))
-        dense = np.asarray(fn(prm, jnp.asarray(x[None])), np.float32)
-        dense = dense / np.maximum(np.linalg.norm(dense, axis=-1, keepdims=True), 1e-8)
-        logits = scale * np.einsum("hwe,ce->hwc", dense[0], text)
+        dense = np.asarray(fn(prm, jnp.asarray(x[None])), np.float32)[0]
+        yield dense / np.maximum(np.linalg.norm(dense, axis=-1, keepdims=True), 1e-8)
+
+
+def whole_image_logits(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,
+                       opts: Options, scale: float) -> Iterator[np.ndarray]:
+    """``float32 [H, W, C]`` logits of each image encoded whole (:func:`whole_image_dense`),
+    upsampled to the encoded size, then to the image."""
+    p = backbone.config.vision.patch_size
+    seen: collections.deque[np.ndarray] = collections.deque()
+
+    def feed():  # images stay a stream: one in flight
+        for im in images:
+            seen.append(im)
+            yield im
+
+    for dense in whole_image_dense(backbone, feed(), opts):
+        image = seen.popleft()
+        logits = scale * np.einsum("hwe,ce->hwc", dense, text)
+        size = (dense.shape[0] * p, dense.shape[1] * p)
         yield resize_bilinear(resize_bilinear(logits, size), image.shape[:2])
 
 

@@ -198,6 +198,8 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
             save_file(sd, str(outp / "model.safetensors"), metadata={"format": "pt"})
             (outp / "config.json").write_text(json.dumps(hf_config(model_cfg), indent=2))
             files += [outp / "model.safetensors", outp / "config.json"]
+            if model_cfg.text.get("tokenizer", "clip") == "clip":  # the CLIPTokenizer files
+                files += write_hf_processor_files(model_cfg, outp)
         extras_path = outp / EXTRAS_FILE
     if extras:
         save_file({k: np.asarray(v, np.float32) for k, v in extras.items()}, str(extras_path),
@@ -373,6 +375,35 @@ def temperatures(canonical: dict[str, np.ndarray], m: mlc.ConfigDict) -> dict:
     biases = ({g: own("logit_bias", g) for g in GRANULARITIES}
               if "logit_bias" in canonical else None)
     return {"log_logit_scales": scales, "logit_biases": biases}
+
+
+def write_hf_processor_files(m: mlc.ConfigDict, out: pathlib.Path) -> list[pathlib.Path]:
+    """``preprocessor_config.json`` + ``tokenizer_config.json``: with ``vocab.json`` /
+    ``merges.txt`` they make the directory load with ``CLIPProcessor.from_pretrained`` (the
+    form every HF pipeline and teacher tool expects). The image processor does what
+    ``umg_jax.load(...).preprocess`` does: resize to the model's square input (bilinear, no
+    crop), scale to [0, 1], normalise with the config's mean / std."""
+    from umg_jax.data import tokenizer as tk
+    from umg_jax.inference import MEAN, STD
+
+    size = int(m.vision.image_size)
+    pre = {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+           "do_resize": True, "size": {"height": size, "width": size}, "resample": 2,
+           "do_center_crop": False, "crop_size": {"height": size, "width": size},
+           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+           "image_mean": [float(v) for v in m.vision.get("pixel_mean", MEAN)],
+           "image_std": [float(v) for v in m.vision.get("pixel_std", STD)],
+           "do_convert_rgb": True}
+    # umg_jax pads with id 0 after <|endoftext|>; HF's CLIP text model pools at the first
+    # <|endoftext|>, so what follows it (the pad token) does not change the embedding.
+    tok = {"tokenizer_class": "CLIPTokenizer", "processor_class": "CLIPProcessor",
+           "model_max_length": int(m.text.context_length), "bos_token": "<|startoftext|>",
+           "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+           "pad_token": "<|endoftext|>", "do_lower_case": True,
+           "sot_id": tk.SOT_ID, "eot_id": tk.EOT_ID}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+    return [out / "preprocessor_config.json", out / "tokenizer_config.json"]
 
 
 def write_tokenizer_files(m: mlc.ConfigDict, out: pathlib.Path, arch: str) -> tuple[dict, list]:

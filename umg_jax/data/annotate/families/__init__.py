@@ -1,0 +1,1 @@
+"""One module per model family behind the annotation backends; only these import torch."""

@@ -1,0 +1,55 @@
+"""Stage ``segment``: a mask for each box (box-prompted SAM / SAM 2), and stuff masks from
+SAM 3 concept prompts for the image's tags typed as stuff.
+
+Policy keys: ``prompts`` ("boxes", the default: one mask per region that has none; "stuff":
+SAM 3 text prompts, one per stuff tag; "boxes+stuff": both), ``threshold`` (0.5, minimum
+concept-mask score), ``overwrite`` (false: keep masks an earlier entry made).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from umg_jax.data import records
+from umg_jax.data.annotate.backend import AnnotateError, Segmenter
+from umg_jax.data.annotate.stage import Context
+
+POLICY = {"prompts": "boxes", "threshold": 0.5, "overwrite": False}
+
+
+def run(backend: Segmenter, name: str, images: list[np.ndarray], states: list[dict],
+        ctx: Context, *, prompts: str, threshold: float, overwrite: bool) -> None:
+    if prompts not in ("boxes", "stuff", "boxes+stuff"):
+        raise AnnotateError(f"segment: prompts={prompts!r}, expected boxes, stuff or "
+                            "boxes+stuff")
+    if "boxes" in prompts:
+        todo = [[j for j, r in enumerate(s["regions"]) if overwrite or r["mask"] is None]
+                for s in states]
+        boxes = [np.asarray([s["regions"][j]["box"] for j in t], np.float32).reshape(-1, 4)
+                 for s, t in zip(states, todo, strict=True)]
+        for s, im, t, (masks, scores) in zip(states, images, todo,
+                                             backend.segment(images, boxes), strict=True):
+            if len(masks) != len(t) or masks.shape[1:] != im.shape[:2]:
+                raise AnnotateError(f"segment: backend {name} gave masks {masks.shape} for "
+                                    f"{len(t)} boxes on a {im.shape[:2]} image")
+            for j, m, p in zip(t, masks, scores, strict=True):
+                r = s["regions"][j]
+                r["mask"], r["mask_score"], r["mask_by"] = (
+                    records.mask_to_rle(m.astype(bool)), float(p), name)
+    if "stuff" in prompts:
+        concepts = [[t["name"] for t in s["tags"] if not ctx.is_thing(t["name"])]
+                    for s in states]
+        for s, cs, found in zip(states, concepts,
+                                backend.segment_concepts(images, concepts, threshold),
+                                strict=True):
+            best: dict[int, tuple[np.ndarray, float]] = {}
+            for c, m, p in found:  # one stuff segment per concept: the union of its masks
+                prev = best.get(c)
+                best[c] = ((m | prev[0], max(p, prev[1])) if prev else (m.astype(bool), p))
+            have = {x["label"] for x in s["stuff"]}
+            for c in sorted(best):
+                if cs[c] in have and not overwrite:
+                    continue
+                s["stuff"] = [x for x in s["stuff"] if x["label"] != cs[c]]
+                s["stuff"].append({"label": cs[c], "score": float(best[c][1]), "by": name,
+                                   "mask": records.mask_to_rle(best[c][0])})
