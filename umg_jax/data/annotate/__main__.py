@@ -11,7 +11,7 @@ backend per stage (Hugging Face model directories, loaded offline):
   tag             clip, siglip, noun_phrases       tags over the recipe's vocabulary
   detect          owlv2, grounding_dino, proposals boxes for the thing tags, class-aware NMS
   region_caption  florence2, blip2                 a phrase per box
-  segment         sam, sam2 (boxes), sam3 (boxes, stuff concepts)
+  segment         sam, sam2 (boxes), sam3 (stuff concepts), proposals (superpixels)
   filter          small / duplicate boxes and masks, phrase-tag disagreement, empty images
 Output: ArrayRecord shards + meta.json that ``--config.data.path`` trains on, and one JSON line
 per image of what each stage produced (``annot-*.jsonl``). Resumable per batch; a job array
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m umg_jax.data.annotate",
                                  description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 6)[6])
+                                 epilog=__doc__.split("\n", 1)[1])
     ap.add_argument("--images", help="image folder (recursive) or a directory of record shards")
     ap.add_argument("--out", help="output directory (resumable)")
     ap.add_argument("--recipe", help="recipe.json (see recipe.py)")

@@ -67,8 +67,7 @@ class ClipTagger(Tagger):
                 isinstance(t, str) and t.count("{}") == 1 for t in templates):
             raise AnnotateError(f"{self.family}: templates must be a non-empty list of strings "
                                 f"with one '{{}}' each, got {templates!r}")
-        if int(batch_size) < 1:
-            raise AnnotateError(f"{self.family}: batch_size must be >= 1, got {batch_size}")
+        hf.positive_int(self.family, "batch_size", batch_size)
         self.templates, self.batch_size = list(templates), int(batch_size)
         self.torch = hf.import_torch()
         import transformers as tf

@@ -51,8 +51,7 @@ class GroundingDinoDetector(Detector):
     def __init__(self, model: str | None, device: str = "cpu", batch_size: int = 8,
                  text_threshold: float = 0.25, **options: Any):
         super().__init__(model, device, **options)
-        if int(batch_size) < 1:
-            raise AnnotateError(f"{self.family}: batch_size must be >= 1, got {batch_size}")
+        hf.positive_int(self.family, "batch_size", batch_size)
         if not 0.0 <= float(text_threshold) <= 1.0:
             raise AnnotateError(f"{self.family}: text_threshold must be in [0, 1], got "
                                 f"{text_threshold}")

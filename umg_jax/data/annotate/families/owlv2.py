@@ -45,8 +45,7 @@ class Owlv2Detector(Detector):
     def __init__(self, model: str | None, device: str = "cpu", batch_size: int = 8,
                  **options: Any):
         super().__init__(model, device, **options)
-        if int(batch_size) < 1:
-            raise AnnotateError(f"{self.family}: batch_size must be >= 1, got {batch_size}")
+        hf.positive_int(self.family, "batch_size", batch_size)
         self.batch_size = int(batch_size)
         self.torch = hf.import_torch()
         from transformers import Owlv2ForObjectDetection, Owlv2Processor

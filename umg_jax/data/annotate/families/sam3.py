@@ -40,8 +40,7 @@ class Sam3Segmenter(Segmenter):
     def __init__(self, model: str | None, device: str = "cpu", batch_size: int = 4,
                  mask_threshold: float = 0.5, **options: Any):
         super().__init__(model, device, **options)  # unknown options fail before any loading
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise AnnotateError(f"sam3: batch_size must be a positive integer, got {batch_size!r}")
+        hf.positive_int("sam3", "batch_size", batch_size)
         if (isinstance(mask_threshold, bool) or not isinstance(mask_threshold, (int, float))
                 or not 0.0 <= mask_threshold <= 1.0):
             raise AnnotateError(f"sam3: mask_threshold must be a number in [0, 1], got "
