@@ -547,3 +547,17 @@ def test_segmentation_head_predicts_the_panoptic_segments(tiny, trees):
                                       Options(data=d, classes=d / "classes.txt", workers=2))
     assert r.protocol["predictor"].startswith("segmentation head")
     assert 0 <= r.metrics["miou"] <= 100 and r.num_examples == 2
+    # one window (image at the input size): the sliding scores are the head's own semantic
+    # inference, with and without the FC-CLIP ensemble
+    s = tiny.image_size
+    img = np.random.default_rng(3).integers(0, 256, (s, s, 3), dtype=np.uint8)
+    labels = ["person", "sky", "grass"]
+    text = tiny.encode_text_labels(labels, inference.DEFAULT_TEMPLATES)
+    for ens in (False, True):
+        got = next(sliding.sliding_head_scores(seg, [img], text, np.array([1, 0, 0], bool),
+                                               Options(data=d, short_side=s), ens))
+        want = seg.predict(img, labels, ensemble=ens)["semantic"]
+        np.testing.assert_array_equal(got.argmax(-1), want)
+    with pytest.raises(BenchmarkInputError, match="resize_pos"):
+        next(sliding.sliding_head_scores(seg, [img], text, np.zeros(3, bool),
+                                         Options(data=d, resize_pos=True), False))

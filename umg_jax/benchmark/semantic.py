@@ -230,10 +230,15 @@ def evaluate(model: BenchModel, opts: Options, task: str, split: SegSplit) -> Ta
     t0 = time.perf_counter()
     images = common.read_images([str(p) for p in split.images[:n]], opts.workers)
     if model.segmenter is not None:  # the head's semantic inference (Mask2Former's)
-        preds = (model.segmenter.predict(img, split.classes, templates=templates)["semantic"]
-                 for img in images)
-        how = {"predictor": "segmentation head (Mask2Former semantic inference), whole image "
-                            "at the model's input size"}
+        seg = model.segmenter
+        seen = np.array([c in seg.train_labels for c in split.classes])
+        preds = (s.argmax(-1).astype(np.int32) for s in sliding.sliding_head_scores(
+            seg, images, text, seen, opts, bool(seg.config.seg.ensemble)))
+        how = {"predictor": "segmentation head (Mask2Former semantic inference: sum over "
+                            "queries of class probability x mask probability, FC-CLIP "
+                            "ensemble when the run uses it) per sliding window, scores "
+                            "averaged", "seen_classes": int(seen.sum()),
+               **sliding.protocol(model.backbone, opts)}
     else:
         preds = sliding.sliding_labels(model.backbone, images, text, opts, scale)
         how = {"predictor": "backbone dense embeddings (MaskCLIP map), training-free",

@@ -128,12 +128,13 @@ class _Pending:
 
 
 def _slide(backbone: Any, jobs: Iterable[tuple[_Pending, list[tuple[int, int, np.ndarray]]]],
-           bsz: int, window_out: Callable[[jax.Array], np.ndarray]) -> Iterator[np.ndarray]:
+           bsz: int, window_out: Callable[[np.ndarray, jax.Array], np.ndarray]
+           ) -> Iterator[np.ndarray]:
     """The sliding-window engine: ``jobs`` gives per image its accumulator and its windows
     ``(out_y, out_x, crop [S, S, 3])``; crops of consecutive images share batches of ``bsz``
-    (padded at the end: one compiled encoder for every image size); ``window_out(dense [bsz,
-    gh, gw, E]) -> [bsz, o, o, C]`` is added to the accumulator at ``(out_y, out_x)``; each
-    image's ``finish(mean)`` is yielded in order once its windows are done."""
+    (padded at the end: one compiled encoder for every image size); ``window_out(crops [bsz, S,
+    S, 3], dense [bsz, gh, gw, E]) -> [bsz, o, o, C]`` is added to the accumulator at ``(out_y,
+    out_x)``; each image's ``finish(mean)`` is yielded in order once its windows are done."""
     pending: collections.deque[_Pending] = collections.deque()
     queue: list[tuple[_Pending, int, int, np.ndarray]] = []
 
@@ -143,7 +144,7 @@ def _slide(backbone: Any, jobs: Iterable[tuple[_Pending, list[tuple[int, int, np
             crops = np.concatenate([crops, np.zeros((bsz - len(crops), *crops.shape[1:]),
                                                     crops.dtype)])
         _, dense = common.encode_images(backbone, crops)
-        out = window_out(jnp.asarray(dense))
+        out = window_out(crops, jnp.asarray(dense))
         for (st, y, x, _), o in zip(items, out, strict=False):
             st.acc[y:y + o.shape[0], x:x + o.shape[1]] += o
             st.count[y:y + o.shape[0], x:x + o.shape[1]] += 1
@@ -177,21 +178,25 @@ def sliding_logits(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray
         yield from whole_image_logits(backbone, images, text, opts, scale)
         return
     win = backbone.image_size
-    short, stride = short_side(backbone, opts), window_stride(backbone, opts)
     text_j, scale_j = jnp.asarray(text, jnp.float32), jnp.float32(scale)
+    yield from _slide(backbone, _pixel_windows(backbone, images, opts, len(text)),
+                      max(1, opts.batch_size),
+                      lambda _, d: np.asarray(_window_logits(d, text_j, scale_j, win)))
 
-    def jobs():
-        for image in images:
-            size = resized_size(image.shape[:2], short)
-            x = prepare(image, size, backbone)
-            ys, xs = window_starts(size[0], win, stride), window_starts(size[1], win, stride)
-            st = _Pending(np.zeros((*size, len(text)), np.float32), np.zeros(size, np.float32),
-                          len(ys) * len(xs), functools.partial(resize_bilinear,
-                                                               size=image.shape[:2]))
-            yield st, [(y, xx, x[y:y + win, xx:xx + win]) for y in ys for xx in xs]
 
-    yield from _slide(backbone, jobs(), max(1, opts.batch_size),
-                      lambda d: np.asarray(_window_logits(d, text_j, scale_j, win)))
+def _pixel_windows(backbone: Any, images: Iterable[np.ndarray], opts: Options, channels: int
+                   ) -> Iterator[tuple[_Pending, list[tuple[int, int, np.ndarray]]]]:
+    """Jobs of :func:`_slide` with outputs in pixels: each image resized to the shorter side,
+    windows of the input size every ``window_stride``, the mean resized back to the image."""
+    win = backbone.image_size
+    short, stride = short_side(backbone, opts), window_stride(backbone, opts)
+    for image in images:
+        size = resized_size(image.shape[:2], short)
+        x = prepare(image, size, backbone)
+        ys, xs = window_starts(size[0], win, stride), window_starts(size[1], win, stride)
+        st = _Pending(np.zeros((*size, channels), np.float32), np.zeros(size, np.float32),
+                      len(ys) * len(xs), functools.partial(resize_bilinear, size=image.shape[:2]))
+        yield st, [(y, xx, x[y:y + win, xx:xx + win]) for y in ys for xx in xs]
 
 
 def patch_size_of(hw: tuple[int, int], short: int, patch: int, window: int) -> tuple[int, int]:
@@ -230,7 +235,36 @@ def sliding_dense(backbone: Any, images: Iterable[np.ndarray], opts: Options
                        for xx in xs]
 
     yield from _slide(backbone, jobs(), max(1, opts.batch_size),
-                      lambda d: np.asarray(d, np.float32))
+                      lambda _, d: np.asarray(d, np.float32))
+
+
+def sliding_head_scores(segmenter: Any, images: Iterable[np.ndarray], text: np.ndarray,
+                        seen: np.ndarray, opts: Options, ensemble: bool
+                        ) -> Iterator[np.ndarray]:
+    """``float32 [H, W, C]`` semantic scores of the segmentation head for each image: per
+    window, Mask2Former's semantic inference ``sum_q p(q, c) mask_q`` (FC-CLIP ensemble
+    probabilities when ``ensemble``; ``seen [C]``: labels of the head's training vocabulary),
+    averaged over the windows covering each pixel and resized to the image (mmsegmentation's
+    ``slide`` mode for Mask2Former). Windows, stride and resolution as :func:`sliding_logits`."""
+    from umg_jax.evaluators import segmentation as se
+
+    if opts.resize_pos:
+        raise BenchmarkInputError("--resize_pos: the segmentation head runs on windows of its "
+                                  "input size only")
+    bb = segmenter.backbone
+    win = bb.image_size
+    scale = se.mask_logit_scale(bb)
+    text = np.asarray(text, np.float32)
+
+    def window_out(crops, dense):
+        mask_prob, probs = se.head_predictions(
+            lambda *a: segmenter._decode(segmenter.seg_params, *a), crops, np.asarray(dense),
+            text, (win, win), seen, segmenter.config.seg, scale, ensemble=ensemble)
+        p = probs["ensemble" if ensemble else "head"]
+        return np.einsum("bnc,bnhw->bhwc", p[..., :-1], mask_prob)
+
+    yield from _slide(bb, _pixel_windows(bb, images, opts, len(text)), max(1, opts.batch_size),
+                      window_out)
 
 
 def sliding_labels(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,
