@@ -472,9 +472,72 @@ def test_bad_input_after_loading(workdir, loaded, tmp_path, capsys):
            "instances_val2017.json not found")
 
 
-def test_imagenet_from_tfds_array_record(fake, tmp_path):
-    """A TFDS ``imagenet2012`` data_dir (array_record; a uint8 Tensor image, as preparing Image
-    features needs TensorFlow) read through ``as_data_source``: its labels are wnid indices."""
+def _example_classes():
+    """``tf.train.Example`` and friends built with google.protobuf from feature.proto's field
+    numbers: an encoder independent of umg_jax's hand-written parser."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FileDescriptorProto(name="ex.proto", package="t", syntax="proto3")
+    T = descriptor_pb2.FieldDescriptorProto
+    rep, opt = T.LABEL_REPEATED, T.LABEL_OPTIONAL
+    for name, typ in (("BytesList", T.TYPE_BYTES), ("FloatList", T.TYPE_FLOAT),
+                      ("Int64List", T.TYPE_INT64)):
+        f.message_type.add(name=name).field.add(name="value", number=1, label=rep, type=typ)
+    feat = f.message_type.add(name="Feature")
+    feat.oneof_decl.add(name="kind")
+    for i, (name, typ) in enumerate((("bytes_list", "BytesList"), ("float_list", "FloatList"),
+                                     ("int64_list", "Int64List")), 1):
+        feat.field.add(name=name, number=i, label=opt, type=T.TYPE_MESSAGE,
+                       type_name=f".t.{typ}", oneof_index=0)
+    feats = f.message_type.add(name="Features")
+    entry = feats.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, label=opt, type=T.TYPE_STRING)
+    entry.field.add(name="value", number=2, label=opt, type=T.TYPE_MESSAGE, type_name=".t.Feature")
+    feats.field.add(name="feature", number=1, label=rep, type=T.TYPE_MESSAGE,
+                    type_name=".t.Features.FeatureEntry")
+    f.message_type.add(name="Example").field.add(name="features", number=1, label=opt,
+                                                 type=T.TYPE_MESSAGE, type_name=".t.Features")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Example"))
+
+
+def test_tfrecord_example_parser_against_protobuf(tmp_path):
+    from tensorboardX.record_writer import RecordWriter
+
+    from umg_jax.benchmark import tfrecord
+
+    Example = _example_classes()
+    ex = Example()
+    ex.features.feature["image"].bytes_list.value.extend([b"\x89PNG..", b""])
+    ex.features.feature["label"].int64_list.value.extend([999, -3, 2 ** 40])
+    ex.features.feature["score"].float_list.value.extend([0.5, -1.25])
+    ex.features.feature["empty"].int64_list.SetInParent()
+    raw = ex.SerializeToString()
+    assert tfrecord.parse_example(raw) == {"image": [b"\x89PNG..", b""],
+                                           "label": [999, -3, 2 ** 40],
+                                           "score": [0.5, -1.25], "empty": []}
+    w = RecordWriter(str(tmp_path / "a.tfrecord"))  # framing with real CRCs (tensorboardX)
+    for r in (raw, b"", b"xyz"):
+        w.write(r)
+    w.close()
+    idx = tfrecord.index(tmp_path / "a.tfrecord")
+    assert [tfrecord.read(tmp_path / "a.tfrecord", o, n) for o, n in idx] == [raw, b"", b"xyz"]
+    data = (tmp_path / "a.tfrecord").read_bytes()
+    (tmp_path / "cut.tfrecord").write_bytes(data[:-6])
+    with pytest.raises(tfrecord.TFRecordError, match="past the end"):
+        tfrecord.index(tmp_path / "cut.tfrecord")
+    with pytest.raises(tfrecord.TFRecordError):
+        tfrecord.parse_example(b"\x0a\x05ab")  # a length running past the message
+
+
+@pytest.mark.parametrize("fmt", ["array_record", "tfrecord"])
+def test_imagenet_from_tfds(fake, tmp_path, fmt):
+    """A TFDS ``imagenet2012`` data_dir (a uint8 Tensor image, as preparing Image features needs
+    TensorFlow): array_record read through ``as_data_source``; tfrecord (TFDS's default, the
+    same serialized Examples re-framed with tensorboardX's TFRecord writer) through umg_jax's
+    reader. Its labels are wnid indices."""
     tfds = pytest.importorskip("tensorflow_datasets")
     wnids = common.package_list("imagenet_wnids.txt")
     examples = [(0, 0), (5, 5), (999, 997), (7, 8)]  # (label, painted code)
@@ -497,7 +560,22 @@ def test_imagenet_from_tfds_array_record(fake, tmp_path):
 
     b = Imagenet2012(data_dir=str(tmp_path), file_format="array_record")
     b.download_and_prepare()
-    assert (tmp_path / "imagenet2012" / "5.1.0").is_dir()
+    vdir = tmp_path / "imagenet2012" / "5.1.0"
+    if fmt == "tfrecord":
+        from array_record.python.array_record_module import ArrayRecordReader
+        from tensorboardX.record_writer import RecordWriter
+
+        for f in sorted(vdir.glob("*.array_record-*")):
+            reader = ArrayRecordReader(str(f))
+            w = RecordWriter(str(f).replace(".array_record-", ".tfrecord-"))
+            for raw in reader.read_all():
+                w.write(raw)
+            w.close()
+            reader.close()
+            f.unlink()
+        info = json.loads((vdir / "dataset_info.json").read_text())
+        info["fileFormat"] = "tfrecord"
+        (vdir / "dataset_info.json").write_text(json.dumps(info))
     r = classification.run_imagenet(fake, Options(data=tmp_path, classes=names_file(
         tmp_path / "n.txt", 1000), batch_size=3, templates="default"))
     # TFDS shuffles on disk, but each example's label travels with its image:

@@ -9,9 +9,8 @@ Layouts, as distributed:
 - ``imagenet``: ``DATA/<split>/<wnid>/*.JPEG`` (ILSVRC2012 ImageFolder, split ``val``); label i =
   the i-th of the 1000 sorted wnids (package data), names from OpenAI's list or ``--classes``
   (1000 lines in that order). Or a TFDS data_dir holding ``imagenet2012/<version>/`` prepared
-  in ``array_record`` format (read without TensorFlow; split ``val`` -> ``validation``; its
-  ClassLabel names must be the same sorted wnids). TFDS's default ``tfrecord`` files are refused
-  with a clear message (reading them needs TensorFlow).
+  in its default ``tfrecord`` or in ``array_record`` format, both read without TensorFlow (split
+  ``val`` -> ``validation``; its ClassLabel names must be the same sorted wnids).
 - ``cifar10`` / ``cifar100``: the python-pickle batches, ``DATA`` being either the extracted
   ``cifar-10-batches-py`` / ``cifar-100-python`` folder or its parent; split ``test`` (default)
   or ``train``. Pickles are read with an unpickler that only rebuilds numpy arrays.
@@ -25,6 +24,7 @@ import pathlib
 import pickle
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,9 +107,49 @@ def _class_tree(root: pathlib.Path) -> tuple[list[str], list[pathlib.Path], np.n
     return [f.name for f in folders], paths, np.asarray(labels, np.int64)
 
 
+class _TFRecordSplit:
+    """Random access to one split of a TFDS data set in its default ``tfrecord`` format, without
+    TensorFlow (:mod:`umg_jax.benchmark.tfrecord`): ``source[i] -> {"image": uint8 [H, W, 3],
+    "label": int}``. Images are TFDS ``Image`` features (encoded bytes) or uint8 ``Tensor``
+    features (the values)."""
+
+    def __init__(self, version_dir: pathlib.Path, builder: Any, split: str):
+        from umg_jax.benchmark import tfrecord
+
+        files = sorted(version_dir.glob(f"{builder.name}-{split}.tfrecord-*"))
+        if not files:
+            raise BenchmarkInputError(f"imagenet: no {builder.name}-{split}.tfrecord-* files in "
+                                      f"{str(version_dir)!r}")
+        try:
+            self.index = [(f, off, n) for f in files for off, n in tfrecord.index(f)]
+        except tfrecord.TFRecordError as e:
+            raise BenchmarkInputError(f"imagenet: {e}") from None
+        self.feature = builder.info.features["image"]
+        self._tfrecord = tfrecord
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from umg_jax.data.records import decode_image
+
+        path, off, n = self.index[i]
+        try:
+            ex = self._tfrecord.parse_example(self._tfrecord.read(path, off, n))
+            raw, label = ex["image"], ex["label"][0]
+        except (self._tfrecord.TFRecordError, KeyError, IndexError) as e:
+            raise BenchmarkInputError(f"imagenet: record at byte {off} of {str(path)!r} is not "
+                                      f"an image / label example ({e})") from None
+        if raw and isinstance(raw[0], bytes):  # an Image feature: the encoded file
+            return {"image": decode_image(raw[0]), "label": label}
+        f = self.feature
+        return {"image": np.asarray(raw, f.np_dtype).reshape(f.shape), "label": label}
+
+
 def _tfds_imagenet(model: BenchModel, opts: Options, names: list[str], wnids: list[str]
                    ) -> TaskResult:
-    """``DATA/imagenet2012/<version>/`` (TFDS, array_record) through ``as_data_source``."""
+    """``DATA/imagenet2012/<version>/`` (TFDS): ``array_record`` through ``as_data_source``,
+    the default ``tfrecord`` through :class:`_TFRecordSplit`."""
     import tensorflow_datasets as tfds
 
     base = pathlib.Path(opts.data) / "imagenet2012"
@@ -118,22 +158,26 @@ def _tfds_imagenet(model: BenchModel, opts: Options, names: list[str], wnids: li
     if not versions:
         raise BenchmarkInputError(f"imagenet: {str(base)!r} holds no prepared TFDS version "
                                   "(<version>/dataset_info.json)")
+    split = "validation" if opts.split == "val" else opts.split
     try:
-        builder = tfds.builder_from_directory(str(versions[-1]))
-        sources = builder.as_data_source()
+        builder = tfds.builder_from_directory(str(versions[-1]))  # dataset_info.json only
+        tfrecord_files = builder.info.file_format == tfds.core.FileFormat.TFRECORD
+        sources = None if tfrecord_files else builder.as_data_source()
     except Exception as e:  # noqa: BLE001  (TFDS raises many types for an unreadable format)
         raise BenchmarkInputError(
-            f"imagenet: cannot read the TFDS data set {str(versions[-1])!r} without TensorFlow "
-            f"({type(e).__name__}); prepare it with file_format='array_record' or pass the "
-            "ImageFolder tree") from None
-    split = "validation" if opts.split == "val" else opts.split
-    if split not in sources:
-        raise BenchmarkInputError(f"imagenet: split {split!r} not in {sorted(sources)}")
+            f"imagenet: cannot read the TFDS data set {str(versions[-1])!r} ({type(e).__name__}:"
+            f" {str(e).splitlines()[0] if str(e) else ''}); pass the ImageFolder tree instead"
+        ) from None
     label_names = list(getattr(builder.info.features["label"], "names", []) or [])
     if label_names != wnids:
         raise BenchmarkInputError(f"imagenet: {str(versions[-1])!r}'s label names are not the "
                                   "1000 sorted ImageNet-1k wnids")
-    source = sources[split]
+    if tfrecord_files:
+        source = _TFRecordSplit(versions[-1], builder, split)
+    else:
+        if split not in sources:
+            raise BenchmarkInputError(f"imagenet: split {split!r} not in {sorted(sources)}")
+        source = sources[split]
     n = len(source) if opts.num_examples is None else min(len(source), opts.num_examples)
     labels = np.full(n, -1, np.int64)
 
