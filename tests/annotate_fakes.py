@@ -116,7 +116,8 @@ class RegionCaptioner(b.RegionCaptioner):
 
 
 class Segmenter(b.Segmenter):
-    """Mask = the pixels of the box's majority colour inside the box; concepts: "sky" only."""
+    """Mask = the pixels of the box's majority colour inside the box; a concept's mask = the
+    pixels of that colour (score 0.9), when present."""
 
     family = "fake"
 
@@ -135,5 +136,6 @@ class Segmenter(b.Segmenter):
         return out
 
     def segment_concepts(self, images, concepts, threshold):
-        return [[(i, colour_mask(im, c), 0.9) for i, c in enumerate(cs) if c == "sky"]
+        return [[(i, colour_mask(im, c), 0.9) for i, c in enumerate(cs)
+                 if (c == "sky" or c in COLOURS) and colour_mask(im, c).any()]
                 for im, cs in zip(images, concepts, strict=True)]

@@ -125,7 +125,8 @@ def test_filter_by_hand():
         _region([50, 10, 90, 40], "red", 0.6, "red things", records.mask_to_rle(tiny)),
         _region([10, 50, 30, 70], "red", 0.4, None, records.mask_to_rle(m)),  # dup mask
     ]
-    s["stuff"] = [{"label": "sky", "score": 1.0, "by": "x", "mask": records.mask_to_rle(tiny)}]
+    s["concepts"] = [{"label": "sky", "isthing": False, "score": 1.0, "by": "x",
+                      "mask": records.mask_to_rle(tiny)}]
     kept = filter_stage.filter_state(s, ctx, **filter_stage.POLICY)
     assert kept
     assert [r["box"] for r in s["regions"]] == [[10, 10, 30, 30], [50, 10, 90, 40],
@@ -133,7 +134,7 @@ def test_filter_by_hand():
     assert s["regions"][1]["mask"] is None and s["regions"][2]["mask"] is None
     assert s["dropped"] == {"small_box": 1, "small_mask": 2, "duplicate_box": 1,
                             "duplicate_mask": 1, "phrase_disagrees": 1}
-    assert s["stuff"] == []
+    assert s["concepts"] == []
     # "label" agreement: the phrase must name the region's own label
     s2 = stage.new_state("b", "b", 100, 100, [])
     stage.add_tag(s2, "green", 1.0, "t")
@@ -196,6 +197,23 @@ def test_end_to_end_with_known_answer_backends(tmp_path):
     batch = next(pipeline.make_iterator(d, m, batch_size=4, train=False, seed=0, path=str(out),
                                         process_index=0, process_count=1))
     assert batch["region_valid"].sum() == 6 and batch["mask_valid"].sum() == 10
+
+
+def test_concept_masks_for_every_tag(tmp_path):
+    """``"prompts": "tags"``: things get text-prompted masks too (segments without a box)."""
+    src = _images(tmp_path / "img", n=2, corrupt=False)
+    stages = [{"stage": "tag", "backend": FAKE + "Tagger", "threshold": 0.5},
+              {"stage": "segment", "backend": FAKE + "Segmenter", "prompts": "tags"},
+              {"stage": "filter"}]
+    _run(src, tmp_path / "out", _recipe(tmp_path, stages))
+    for i, r in enumerate(records.iter_records(str(tmp_path / "out"))):
+        img = fk.scene(i)
+        segs = {x["tags"][0]: x for x in r["segments"]}
+        assert set(segs) == ({"red", "green", "sky"} if i % 2 else {"red", "sky"})
+        assert r["regions"] == [] and all(x["region"] == -1 for x in segs.values())
+        assert segs["red"]["isthing"] and not segs["sky"]["isthing"]
+        np.testing.assert_array_equal(records.rle_to_mask(segs["red"]["rle"]),
+                                      fk.colour_mask(img, "red"))
 
 
 def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def test_recipe_end_to_end(teachers, recipe, backends, capsys):
     for s in states:
         seen |= {c["by"] for c in s["captions"]} | {t["by"] for t in s["tags"]}
         seen |= {r["by"] for r in s["regions"]} | {r["phrase_by"] for r in s["regions"]}
-        seen |= {r["mask_by"] for r in s["regions"]} | {x["by"] for x in s["stuff"]}
+        seen |= {r["mask_by"] for r in s["regions"]} | {x["by"] for x in s["concepts"]}
     seen = {b for x in seen if x for b in x.split("+")}
     assert backends <= seen, seen  # every stage's backend produced something
     recs = list(records.iter_records(str(out)))

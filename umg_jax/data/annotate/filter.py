@@ -2,8 +2,8 @@
 
 In order, per image:
 1. regions whose box covers less than ``min_box_area`` of the image;
-2. masks (region masks and stuff) covering less than ``min_mask_area`` of the image (a region
-   keeps its box when only its mask is dropped);
+2. masks (region masks and concept masks) covering less than ``min_mask_area`` of the image
+   (a region keeps its box when only its mask is dropped);
 3. duplicate regions: a box whose IoU with a higher-scoring kept box of *any* label exceeds
    ``dup_box_iou`` (the detect stage's NMS is class-aware; this catches one object detected
    under two names);
@@ -11,7 +11,7 @@ In order, per image:
    ``dup_mask_iou`` loses its mask;
 5. phrase disagreement (``phrase_agreement``): "tags" drops a region whose phrase mentions
    neither its label nor any of the image's tags; "label" asks for its own label; "off";
-6. the image itself, when ``drop_empty`` and it is left with no region and no stuff mask.
+6. the image itself, when ``drop_empty`` and it is left with no region and no concept mask.
 
 Policy keys and defaults: see :data:`POLICY`. Every drop is counted in the state's ``dropped``.
 """
@@ -53,9 +53,9 @@ def filter_state(s: dict, ctx: Context, *, min_box_area: float, min_mask_area: f
         if r["mask"] is not None and _area(r["mask"]) < min_mask_area * hw:
             r["mask"] = r["mask_score"] = r["mask_by"] = None
             drop(s, "small_mask")
-    small_stuff = [x for x in s["stuff"] if _area(x["mask"]) < min_mask_area * hw]
-    drop(s, "small_mask", len(small_stuff))
-    s["stuff"] = [x for x in s["stuff"] if x not in small_stuff]
+    small = [x for x in s["concepts"] if _area(x["mask"]) < min_mask_area * hw]
+    drop(s, "small_mask", len(small))
+    s["concepts"] = [x for x in s["concepts"] if x not in small]
 
     order = sorted(range(len(regs)), key=lambda i: -regs[i]["score"])
     kept: list[int] = []
@@ -89,7 +89,7 @@ def filter_state(s: dict, ctx: Context, *, min_box_area: float, min_mask_area: f
                 drop(s, "phrase_disagrees")
         regs = ok
     s["regions"] = regs
-    if drop_empty and not regs and not s["stuff"]:
+    if drop_empty and not regs and not s["concepts"]:
         drop(s, "empty_image")
         return False
     return True

@@ -63,9 +63,10 @@ def to_record(state: dict[str, Any], image: bytes, vocab: tuple[str, ...]) -> di
                              "category": cat.get(r["label"], -1), "isthing": r["isthing"],
                              "region": len(regions) - 1})
             scores.append(r["mask_score"])
-    for x in state["stuff"]:
+    for x in state["concepts"]:
         segments.append({"rle": x["mask"], "caption": None, "tags": [x["label"]],
-                         "category": cat.get(x["label"], -1), "isthing": False, "region": -1})
+                         "category": cat.get(x["label"], -1), "isthing": x["isthing"],
+                         "region": -1})
         scores.append(x["score"])
     captions = [c["text"] for c in state["captions"]] or [template_caption(tags)]
     return {"source": state["source"], "image": image, "height": state["height"],
@@ -95,7 +96,11 @@ class Progress:
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / max(rate, 1e-9)
-        per = " ".join(f"{k.split(':')[0]} {v:.1f}/s" for k, v in self.rates().items())
+        def label(k: str) -> str:  # "tag:clip" -> "tag clip", "filter:filter" -> "filter"
+            stage, name = k.split(":", 1)[0], k.rsplit(":", 1)[-1]
+            return stage if stage == name else f"{stage} {name}"
+
+        per = ", ".join(f"{label(k)} {v:.1f}/s" for k, v in self.rates().items())
         self.log(f"{label} {self.done}/{self.total} images, {rate:.2f} img/s, "
                  f"ETA {eta / 60:.1f} min | {per}")
 

@@ -2,8 +2,9 @@
 SAM 3 concept prompts for the image's tags typed as stuff.
 
 Policy keys: ``prompts`` ("boxes", the default: one mask per region that has none; "stuff":
-SAM 3 text prompts, one per stuff tag; "boxes+stuff": both), ``threshold`` (0.5, minimum
-concept-mask score), ``overwrite`` (false: keep masks an earlier entry made).
+text prompts (SAM 3 concepts), one per stuff tag; "tags": text prompts for every tag, things
+included, as masks without a box; "boxes+stuff" / "boxes+tags": both), ``threshold`` (0.5,
+minimum concept-mask score), ``overwrite`` (false: keep masks an earlier entry made).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ POLICY = {"prompts": "boxes", "threshold": 0.5, "overwrite": False}
 
 def run(backend: Segmenter, name: str, images: list[np.ndarray], states: list[dict],
         ctx: Context, *, prompts: str, threshold: float, overwrite: bool) -> None:
-    if prompts not in ("boxes", "stuff", "boxes+stuff"):
-        raise AnnotateError(f"segment: prompts={prompts!r}, expected boxes, stuff or "
-                            "boxes+stuff")
+    if prompts not in ("boxes", "stuff", "tags", "boxes+stuff", "boxes+tags"):
+        raise AnnotateError(f"segment: prompts={prompts!r}, expected boxes, stuff, tags, "
+                            "boxes+stuff or boxes+tags")
     if "boxes" in prompts:
         todo = [[j for j, r in enumerate(s["regions"]) if overwrite or r["mask"] is None]
                 for s in states]
@@ -36,20 +37,21 @@ def run(backend: Segmenter, name: str, images: list[np.ndarray], states: list[di
                 r = s["regions"][j]
                 r["mask"], r["mask_score"], r["mask_by"] = (
                     records.mask_to_rle(m.astype(bool)), float(p), name)
-    if "stuff" in prompts:
-        concepts = [[t["name"] for t in s["tags"] if not ctx.is_thing(t["name"])]
-                    for s in states]
+    if "stuff" in prompts or "tags" in prompts:
+        concepts = [[t["name"] for t in s["tags"]
+                     if "tags" in prompts or not ctx.is_thing(t["name"])] for s in states]
         for s, cs, found in zip(states, concepts,
                                 backend.segment_concepts(images, concepts, threshold),
                                 strict=True):
             best: dict[int, tuple[np.ndarray, float]] = {}
-            for c, m, p in found:  # one stuff segment per concept: the union of its masks
+            for c, m, p in found:  # one segment per concept: the union of its masks
                 prev = best.get(c)
                 best[c] = ((m | prev[0], max(p, prev[1])) if prev else (m.astype(bool), p))
-            have = {x["label"] for x in s["stuff"]}
+            have = {x["label"] for x in s["concepts"]}
             for c in sorted(best):
                 if cs[c] in have and not overwrite:
                     continue
-                s["stuff"] = [x for x in s["stuff"] if x["label"] != cs[c]]
-                s["stuff"].append({"label": cs[c], "score": float(best[c][1]), "by": name,
-                                   "mask": records.mask_to_rle(best[c][0])})
+                s["concepts"] = [x for x in s["concepts"] if x["label"] != cs[c]]
+                s["concepts"].append({"label": cs[c], "isthing": ctx.is_thing(cs[c]),
+                                      "score": float(best[c][1]), "by": name,
+                                      "mask": records.mask_to_rle(best[c][0])})

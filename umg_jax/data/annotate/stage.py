@@ -8,7 +8,8 @@ as that image's line of the shard's ``.jsonl`` (what each stage produced, with p
     tags      [{"name", "score", "by"}]             unique names, best score kept
     regions   [{"box": [x0, y0, x1, y1] px, "label", "score", "by", "isthing",
                 "phrase", "phrase_by", "mask": RLE | None, "mask_score", "mask_by"}]
-    stuff     [{"label", "score", "by", "mask": RLE}]
+    concepts  [{"label", "isthing", "score", "by", "mask": RLE}]   text-prompted masks (SAM 3):
+                                                     stuff, or things with "prompts" "tags"
     dropped   {reason: count}                        what the filter removed
 """
 
@@ -36,7 +37,7 @@ def new_state(sid: str, source: str, height: int, width: int,
     """An image's state before any stage ran."""
     return {"id": sid, "source": source, "height": int(height), "width": int(width),
             "captions": [{"text": c, "by": "input"} for c in captions],
-            "tags": [], "regions": [], "stuff": [], "dropped": {}}
+            "tags": [], "regions": [], "concepts": [], "dropped": {}}
 
 
 def caption_texts(state: dict[str, Any]) -> list[str]:
