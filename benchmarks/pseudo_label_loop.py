@@ -12,8 +12,8 @@ the ground-truth labels. All evaluated on the same held-out split. ``--reuse DIR
 ``--labeller annotate`` labels with ``python -m umg_jax.data.annotate`` instead, with teachers
 trained or fitted here: the image-only run (a), exported to a Hugging Face ``CLIPModel``
 directory, is the ``clip`` tagger; tags the captions mention are added (``noun_phrases``); (a)
-labels the ``proposals`` boxes and picks each tag's best proposal mask (``proposals`` segmenter,
-``"prompts": "tags"``); the filter runs with its defaults. Writes
+labels the ``proposals`` boxes and each tag picks its proposal masks (``proposals`` backends,
+crop scoring, concept assignment, ``"prompts": "tags"``); the filter runs with its defaults. Writes
 ``benchmarks/results/annotate_loop.json``.
 """
 
@@ -89,14 +89,14 @@ def label_quality(pl_dir: pathlib.Path, gt_dir: str) -> dict[str, float]:
 
 # The annotate recipe of --labeller annotate ("TEACHER" / "TEACHER_HF": run (a) and its export).
 ANNOTATE_STAGES = [
-    {"stage": "tag", "backend": "clip", "model": "TEACHER_HF", "threshold": 0.3, "max_tags": 4},
+    {"stage": "tag", "backend": "clip", "model": "TEACHER_HF", "threshold": 0.5, "max_tags": 2},
     {"stage": "tag", "backend": "noun_phrases"},
     {"stage": "detect", "backend": "proposals", "model": "TEACHER", "threshold": 0.5,
-     "max_boxes": 6},
-    # each tag picks its best proposal mask (the pseudo_label path); superpixel masks inside the
-    # boxes ("boxes+stuff") recovered less (mask acc -2 %, mIoU 11 % of the gap; README)
+     "max_boxes": 6, "options": {"score": "crop"}},
+    # each tag picks its proposal masks (instances; the pseudo_label path). Superpixel masks in
+    # the boxes ("boxes+stuff") recovered less (README)
     {"stage": "segment", "backend": "proposals", "model": "TEACHER", "prompts": "tags",
-     "threshold": 0.5},
+     "threshold": 0.5, "options": {"score": "crop"}},
     {"stage": "filter"},
 ]
 

@@ -216,6 +216,35 @@ def test_concept_masks_for_every_tag(tmp_path):
                                       fk.colour_mask(img, "red"))
 
 
+def test_segment_stage_instances_and_stuff_union():
+    """Text-prompted masks: a thing concept keeps one segment per instance, a stuff concept
+    becomes one segment; the filter then drops a thing instance duplicating a region mask."""
+    from umg_jax.data.annotate import segment
+
+    ctx = stage.Context(("red", "sky"), load_stuff_names())
+    a, b, c = (np.zeros((20, 20), bool) for _ in range(3))
+    a[0:5, 0:5], b[10:15, 10:15], c[15:, :] = True, True, True
+
+    class S:
+        def segment_concepts(self, images, concepts, threshold):
+            assert concepts == [["red", "sky"]]
+            return [[(0, a, 0.9), (0, b, 0.8), (1, c, 0.7), (1, a & False, 0.6)]]
+
+    s = stage.new_state("x", "x", 20, 20, [])
+    stage.add_tag(s, "red", 1.0, "t")
+    stage.add_tag(s, "sky", 1.0, "t")
+    segment.run(S(), "s", [np.zeros((20, 20, 3), np.uint8)], [s], ctx, prompts="tags",
+                threshold=0.5, overwrite=False)
+    got = [(x["label"], x["isthing"], x["score"]) for x in s["concepts"]]
+    assert got == [("red", True, 0.9), ("red", True, 0.8), ("sky", False, 0.7)]
+    np.testing.assert_array_equal(records.rle_to_mask(s["concepts"][2]["mask"]), c)
+    s["regions"] = [_region([0, 0, 5, 5], "red", 0.5, None, records.mask_to_rle(a))]
+    s["regions"][0]["mask_score"] = 0.95  # beats the instance it duplicates
+    assert filter_stage.filter_state(s, ctx, **dict(filter_stage.POLICY, min_box_area=0))
+    assert [x["score"] for x in s["concepts"]] == [0.8, 0.7]
+    assert s["regions"][0]["mask"] is not None and s["dropped"] == {"duplicate_mask": 1}
+
+
 def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch):
     src = _images(tmp_path / "img", n=7)
     recipe = _recipe(tmp_path)
@@ -389,8 +418,11 @@ def test_proposals_segmenter_superpixels_and_concepts(monkeypatch):
     monkeypatch.setattr(inference, "load", lambda path: FakeTeacher())
     scene = _scene(2)
     (found,) = ProposalSegmenter("teacher").segment_concepts([scene], [["red", "blue"]], 0.5)
-    got = {j: m for j, m, p in found}
-    assert set(got) == {0, 1}
+    assert [p for _, _, p in found] == sorted((p for _, _, p in found), reverse=True)
+    got = {}
+    for j, m, p in found:  # each concept's best proposal (score 1: concept assignment)
+        got.setdefault(j, m)
+    assert set(got) == {0, 1} and all(p >= 0.5 for _, _, p in found)
     red = scene[..., 0] > 100
     # the teacher sees 8 px cells, so a concept's best proposal lies inside its region
     assert (got[0] & red).sum() / got[0].sum() > 0.9 and (got[1] & ~red).sum() / got[1].sum() > 0.9

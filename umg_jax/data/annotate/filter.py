@@ -7,8 +7,8 @@ In order, per image:
 3. duplicate regions: a box whose IoU with a higher-scoring kept box of *any* label exceeds
    ``dup_box_iou`` (the detect stage's NMS is class-aware; this catches one object detected
    under two names);
-4. duplicate masks: a region mask whose IoU with a higher-scoring kept mask exceeds
-   ``dup_mask_iou`` loses its mask;
+4. duplicate masks: a thing mask (a region's, or a text-prompted instance) whose IoU with a
+   higher-scoring kept one exceeds ``dup_mask_iou`` is dropped (the region keeps its box);
 5. phrase disagreement (``phrase_agreement``): "tags" drops a region whose phrase mentions
    neither its label nor any of the image's tags; "label" asks for its own label; "off";
 6. the image itself, when ``drop_empty`` and it is left with no region and no concept mask.
@@ -67,16 +67,22 @@ def filter_state(s: dict, ctx: Context, *, min_box_area: float, min_mask_area: f
             kept.append(i)
     regs = [regs[i] for i in sorted(kept)]
 
+    # thing masks, region masks and text-prompted instances alike, best score first
+    things = [(r["mask_score"] or 0.0, 0, i) for i, r in enumerate(regs) if r["mask"] is not None]
+    things += [(x["score"], 1, i) for i, x in enumerate(s["concepts"]) if x["isthing"]]
     masks: list[np.ndarray] = []
-    for r in sorted(regs, key=lambda r: -(r["mask_score"] or 0.0)):
-        if r["mask"] is None:
-            continue
-        m = records.rle_to_mask(r["mask"])
-        if any(mask_iou(m, o) > dup_mask_iou for o in masks):
-            r["mask"] = r["mask_score"] = r["mask_by"] = None
-            drop(s, "duplicate_mask")
-        else:
+    dup_concepts = set()
+    for _, kind, i in sorted(things, key=lambda t: -t[0]):
+        m = records.rle_to_mask(regs[i]["mask"] if kind == 0 else s["concepts"][i]["mask"])
+        if not any(mask_iou(m, o) > dup_mask_iou for o in masks):
             masks.append(m)
+            continue
+        drop(s, "duplicate_mask")
+        if kind == 0:
+            regs[i]["mask"] = regs[i]["mask_score"] = regs[i]["mask_by"] = None
+        else:
+            dup_concepts.add(i)
+    s["concepts"] = [x for i, x in enumerate(s["concepts"]) if i not in dup_concepts]
 
     if phrase_agreement != "off":
         tags = [t["name"] for t in s["tags"]]

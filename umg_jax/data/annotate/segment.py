@@ -1,5 +1,6 @@
-"""Stage ``segment``: a mask for each box (box-prompted SAM / SAM 2), and stuff masks from
-SAM 3 concept prompts for the image's tags typed as stuff.
+"""Stage ``segment``: a mask for each box (box-prompted SAM / SAM 2), and masks from text prompts
+(SAM 3 concepts) for the image's tags typed as stuff, or for all of its tags: a stuff tag gives
+one segment (the union of its masks), a thing tag one segment per instance found.
 
 Policy keys: ``prompts`` ("boxes", the default: one mask per region that has none; "stuff":
 text prompts (SAM 3 concepts), one per stuff tag; "tags": text prompts for every tag, things
@@ -43,15 +44,20 @@ def run(backend: Segmenter, name: str, images: list[np.ndarray], states: list[di
         for s, cs, found in zip(states, concepts,
                                 backend.segment_concepts(images, concepts, threshold),
                                 strict=True):
-            best: dict[int, tuple[np.ndarray, float]] = {}
-            for c, m, p in found:  # one segment per concept: the union of its masks
-                prev = best.get(c)
-                best[c] = ((m | prev[0], max(p, prev[1])) if prev else (m.astype(bool), p))
+            # stuff: one segment per concept (the union of its masks); things: one per instance
+            merged: dict[int, list[tuple[np.ndarray, float]]] = {}
+            for c, m, p in found:
+                m = np.asarray(m, bool)
+                if c in merged and not ctx.is_thing(cs[c]):
+                    prev, q = merged[c][0]
+                    merged[c][0] = (prev | m, max(p, q))
+                else:
+                    merged.setdefault(c, []).append((m, float(p)))
             have = {x["label"] for x in s["concepts"]}
-            for c in sorted(best):
+            for c in sorted(merged):
                 if cs[c] in have and not overwrite:
                     continue
                 s["concepts"] = [x for x in s["concepts"] if x["label"] != cs[c]]
-                s["concepts"].append({"label": cs[c], "isthing": ctx.is_thing(cs[c]),
-                                      "score": float(best[c][1]), "by": name,
-                                      "mask": records.mask_to_rle(best[c][0])})
+                s["concepts"] += [{"label": cs[c], "isthing": ctx.is_thing(cs[c]),
+                                   "score": p, "by": name, "mask": records.mask_to_rle(m)}
+                                  for m, p in merged[c]]

@@ -4,13 +4,21 @@ For users with no detector or SAM (``pseudo_label``'s proposals as backends):
 - ``ProposalDetector`` (detect): class-agnostic proposals (Felzenszwalb segments merged
   hierarchically, plus sliding windows) labelled by a umg_jax training workdir or CLIP import
   directory (``"model"``), pooling its dense embeddings under each box (RoIAlign) and scoring
-  them against the image's queries. Box precision is low (0.05 on the synthetic world, see the
-  README); a real detector (owlv2, grounding_dino) is the better teacher.
-  Options: ``max_boxes`` (64, proposals scored per image).
+  them against the image's queries (or encoding each crop: ``score``). Box precision is low
+  (0.05-0.09 on the synthetic world, see the README); a real detector (owlv2, grounding_dino) is
+  the better teacher.
+  Options: ``max_boxes`` (64, proposals scored per image), ``score`` ("dense": pool the
+  teacher's dense map, fast; "crop": the teacher's image embedding of each crop, better for an
+  image-level teacher), ``assign`` ("concept": each query picks the proposals relatively best
+  for it, score = p / the query's best p, so background-like queries cannot take every box;
+  "proposal": each proposal takes its most probable query). The stage's ``threshold`` applies to
+  that score.
 - ``ProposalSegmenter`` (segment): a box's mask is the union of the Felzenszwalb superpixels
-  lying mostly inside it (no weights); stuff concepts pick their best proposal mask by the
-  teacher's mask pooling (needs ``"model"``). Options: ``inside`` (0.5, fraction of a superpixel
-  inside the box for it to join), ``scale`` (32, Felzenszwalb scale: smaller = finer).
+  lying mostly inside it (no weights); text-prompted concepts pick their proposal masks
+  (Felzenszwalb segments merged hierarchically) by the teacher (needs ``"model"``), with the
+  detector's ``score`` and ``assign``. Options: ``inside`` (0.5, fraction of a superpixel inside
+  the box for it to join), ``scale`` (32, Felzenszwalb scale: smaller = finer), ``max_masks``
+  (24 proposals per image), ``score``, ``assign``.
 """
 
 from __future__ import annotations
@@ -46,11 +54,33 @@ class _Scored:
         return self._scorer
 
 
+def _check_modes(score: str, assign: str) -> None:
+    if score not in ("dense", "crop"):
+        raise AnnotateError(f"proposals: score={score!r}, expected 'dense' or 'crop'")
+    if assign not in ("concept", "proposal"):
+        raise AnnotateError(f"proposals: assign={assign!r}, expected 'concept' or 'proposal'")
+
+
+def _label(probs: np.ndarray, cols: list[int], assign: str) -> tuple[np.ndarray, np.ndarray]:
+    """``probs [K, V]`` over the batch's names -> per proposal ``(query index, score)`` among
+    this image's queries (columns ``cols``, renormalised), per ``assign``."""
+    from umg_jax.data.pseudo_label import assign_concepts
+
+    p = probs[:, cols]
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-12)
+    if assign == "concept":
+        return assign_concepts(p, None)
+    return p.argmax(-1), p.max(-1)
+
+
 class ProposalDetector(Detector):
     family = "proposals"
 
-    def __init__(self, model: str | None, device: str = "cpu", *, max_boxes: int = 64):
+    def __init__(self, model: str | None, device: str = "cpu", *, max_boxes: int = 64,
+                 score: str = "dense", assign: str = "concept"):
         super().__init__(model, device)
+        _check_modes(score, assign)
+        self.score_mode, self.assign = score, assign
         if not model:
             raise AnnotateError("proposals: the recipe entry needs \"model\": a umg_jax "
                                 "workdir or import directory (the teacher that labels them)")
@@ -73,15 +103,18 @@ class ProposalDetector(Detector):
             boxes = np.concatenate([np.asarray([mask_box(m) for m in masks], np.float32)
                                     .reshape(-1, 4), window_proposals(*im.shape[:2])])
             props.append(boxes[: self.max_boxes])
-        scored = self._scorer_for(names).score(images, props, [np.zeros((0,))] * len(images))
+        scorer = self._scorer_for(names)
+        no_masks = [np.zeros((0,))] * len(images)
+        if self.score_mode == "crop":
+            box_probs = [bp for bp, _ in scorer.score_crops(images, props, no_masks)]
+        else:
+            box_probs = [bp for _, bp, _, _ in scorer.score(images, props, no_masks)]
         out = []
-        for boxes, qs, (_, box_probs, _, _) in zip(props, queries, scored, strict=True):
+        for boxes, qs, bp in zip(props, queries, box_probs, strict=True):
             if not qs or not len(boxes):
                 out.append(empty)
                 continue
-            p = box_probs[:, [names.index(q) for q in qs]]
-            p = p / np.maximum(p.sum(-1, keepdims=True), 1e-12)  # over this image's queries
-            lab, sc = p.argmax(-1), p.max(-1)
+            lab, sc = _label(bp, [names.index(q) for q in qs], self.assign)
             keep = sc >= threshold
             out.append((boxes[keep].astype(np.float32), lab[keep].astype(np.int32),
                         sc[keep].astype(np.float32)))
@@ -92,8 +125,11 @@ class ProposalSegmenter(Segmenter):
     family = "proposals"
 
     def __init__(self, model: str | None = None, device: str = "cpu", *, inside: float = 0.5,
-                 scale: float = 32.0, max_masks: int = 24):
+                 scale: float = 32.0, max_masks: int = 24, score: str = "dense",
+                 assign: str = "concept"):
         super().__init__(model, device)
+        _check_modes(score, assign)
+        self.score_mode, self.assign = score, assign
         if not 0.0 < inside <= 1.0:
             raise AnnotateError(f"proposals: inside={inside!r} must be in (0, 1]")
         self.inside, self.scale, self.max_masks = float(inside), float(scale), max_masks
@@ -130,8 +166,9 @@ class ProposalSegmenter(Segmenter):
 
     def segment_concepts(self, images: list[np.ndarray], concepts: list[list[str]],
                          threshold: float) -> list[list[tuple[int, np.ndarray, float]]]:
-        """Each concept's most probable proposal mask (teacher mask pooling, probabilities over
-        the image's concepts), kept when its probability reaches ``threshold``."""
+        """Proposal masks labelled with the image's concepts by the teacher (``score``,
+        ``assign`` as the detector), kept when their score reaches ``threshold``; a concept
+        may take several proposals (instances), a proposal goes to one concept."""
         from umg_jax.data.pseudo_label import mask_proposals
 
         if self._scorer_for is None:
@@ -140,17 +177,19 @@ class ProposalSegmenter(Segmenter):
         if not names:
             return [[] for _ in images]
         props = [mask_proposals(im, max_masks=self.max_masks) for im in images]
-        scored = self._scorer_for(names).score(
-            images, [np.zeros((0, 4), np.float32)] * len(images), props)
+        scorer = self._scorer_for(names)
+        no_boxes = [np.zeros((0, 4), np.float32)] * len(images)
+        if self.score_mode == "crop":
+            mask_probs = [mp for _, mp in scorer.score_crops(images, no_boxes, props)]
+        else:
+            mask_probs = [mp for _, _, mp, _ in scorer.score(images, no_boxes, props)]
         out = []
-        for cs, masks, (_, _, mask_probs, _) in zip(concepts, props, scored, strict=True):
+        for cs, masks, mp in zip(concepts, props, mask_probs, strict=True):
             found = []
             if cs and len(masks):
-                p = mask_probs[:, [names.index(c) for c in cs]]
-                p = p / np.maximum(p.sum(-1, keepdims=True), 1e-12)
-                for j in range(len(cs)):
-                    i = int(np.argmax(p[:, j]))
-                    if p[i, j] >= threshold:
-                        found.append((j, masks[i].astype(bool), float(p[i, j])))
+                lab, sc = _label(mp, [names.index(c) for c in cs], self.assign)
+                for i in np.argsort(-sc, kind="stable"):
+                    if sc[i] >= threshold:
+                        found.append((int(lab[i]), masks[i].astype(bool), float(sc[i])))
             out.append(found)
         return out
