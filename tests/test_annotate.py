@@ -262,6 +262,7 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch):
     c = _run(src, tmp_path / "res", recipe, log=logs.append)
     assert c["skipped_shards"] == 1 and fk.Detector.calls == 2  # the rest of shard 1, shard 2
     assert any("resuming after 1 of 2 batches" in s for s in logs)
+    assert any("img/s, ETA" in s and "detect Detector" in s for s in logs), logs
     assert _files(tmp_path / "res") == _files(tmp_path / "ref")
 
 
@@ -420,7 +421,7 @@ def test_proposals_segmenter_superpixels_and_concepts(monkeypatch):
     (found,) = ProposalSegmenter("teacher").segment_concepts([scene], [["red", "blue"]], 0.5)
     assert [p for _, _, p in found] == sorted((p for _, _, p in found), reverse=True)
     got = {}
-    for j, m, p in found:  # each concept's best proposal (score 1: concept assignment)
+    for j, m, _ in found:  # each concept's best proposal (score 1: concept assignment)
         got.setdefault(j, m)
     assert set(got) == {0, 1} and all(p >= 0.5 for _, _, p in found)
     red = scene[..., 0] > 100

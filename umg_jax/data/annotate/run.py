@@ -75,6 +75,13 @@ def to_record(state: dict[str, Any], image: bytes, vocab: tuple[str, ...]) -> di
             "confidence": float(np.mean(scores)) if scores else 1.0}
 
 
+def _short(key: str) -> str:
+    """A stage key for the progress line: "tag:clip" -> "tag clip", "filter:filter" -> "filter",
+    "detect:my.module:Det" -> "detect Det"."""
+    stage, name = key.split(":", 1)[0], key.rsplit(":", 1)[-1]
+    return stage if stage == name else f"{stage} {name}"
+
+
 class Progress:
     """One stderr line per batch (at most every ``every`` s): images, img/s, ETA, and the
     images/s of each stage (time inside that stage only)."""
@@ -96,11 +103,7 @@ class Progress:
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / max(rate, 1e-9)
-        def label(k: str) -> str:  # "tag:clip" -> "tag clip", "filter:filter" -> "filter"
-            stage, name = k.split(":", 1)[0], k.rsplit(":", 1)[-1]
-            return stage if stage == name else f"{stage} {name}"
-
-        per = ", ".join(f"{label(k)} {v:.1f}/s" for k, v in self.rates().items())
+        per = ", ".join(f"{_short(k)} {v:.1f}/s" for k, v in self.rates().items())
         self.log(f"{label} {self.done}/{self.total} images, {rate:.2f} img/s, "
                  f"ETA {eta / 60:.1f} min | {per}")
 
