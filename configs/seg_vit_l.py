@@ -8,7 +8,8 @@ zero-shot on another data set with ``python -m umg_jax.evaluate --workdir DIR --
 (its ``meta.json`` categories are the vocabulary). Not run end to end on this CPU-only machine.
 
 The batch of 64 suits 8-64 chips (it must divide by data x fsdp). Memory is no limit: the TPU
-compiler fits 65,536 on v5e:16x16 at 13.7 of 16 GiB per chip (backbone frozen; README "Pods").
+compiler fits 96,256 (376 per chip) on v5e:16x16 at 15.6 of 16 GiB, 136,192 (1064 per chip) on
+v4:4x4x8 (backbone frozen; README "Pods" has every generation).
 """
 
 import pathlib
