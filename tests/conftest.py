@@ -41,6 +41,23 @@ def torch_peers():
     return import_torch()
 
 
+def first_batch(path, batch_size: int, max_tags: int) -> dict:
+    """The first eval batch the Grain pipeline makes of the record shards in ``path`` (32 px
+    images, patch 8, context 16, at most 4 regions and 4 masks): proof that a tool's output
+    trains."""
+    import ml_collections as mlc
+
+    from umg_jax.data import pipeline
+
+    d = mlc.ConfigDict({"max_tags": max_tags, "max_regions": 4, "max_masks": 4,
+                        "crop_scale": (0.6, 1), "flip": False, "min_region_frac": 0.0,
+                        "strict": True, "num_workers": 0})
+    m = mlc.ConfigDict({"vision": {"image_size": 32, "patch_size": 8},
+                        "text": {"context_length": 16}})
+    return next(pipeline.make_iterator(d, m, batch_size=batch_size, train=False, seed=0,
+                                       path=str(path), process_index=0, process_count=1))
+
+
 @pytest.fixture(scope="session")
 def torch_mod():
     return torch_peers()

@@ -14,6 +14,7 @@ import time
 import annotate_fakes as fk
 import numpy as np
 import pytest
+from conftest import first_batch
 from PIL import Image
 
 from umg_jax.data import records, transforms
@@ -186,16 +187,7 @@ def test_end_to_end_with_known_answer_backends(tmp_path):
         ("red", True), ("green", True), ("sky", False)]
     assert meta["unreadable"][0].startswith("img9_corrupt.png: ")
 
-    import ml_collections as mlc
-
-    from umg_jax.data import pipeline
-
-    d = mlc.ConfigDict({"max_tags": 3, "max_regions": 4, "max_masks": 4, "crop_scale": (0.6, 1),
-                        "flip": False, "min_region_frac": 0.0, "strict": True, "num_workers": 0})
-    m = mlc.ConfigDict({"vision": {"image_size": 32, "patch_size": 8},
-                        "text": {"context_length": 16}})
-    batch = next(pipeline.make_iterator(d, m, batch_size=4, train=False, seed=0, path=str(out),
-                                        process_index=0, process_count=1))
+    batch = first_batch(out, 4, 3)
     assert batch["region_valid"].sum() == 6 and batch["mask_valid"].sum() == 10
 
 

@@ -5,6 +5,7 @@ command line, and their records train (Grain pipeline)."""
 import json
 
 import pytest
+from conftest import first_batch
 
 from umg_jax.data import records, transforms
 from umg_jax.data.annotate import __main__ as cli
@@ -45,16 +46,7 @@ def test_recipe_end_to_end(teachers, recipe, backends, capsys):
     assert recs and sum(len(r["regions"]) for r in recs) > 0
     for r in recs:
         transforms.decode(records.encode_record(r), strict=True)
-    import ml_collections as mlc
-
-    from umg_jax.data import pipeline
-
-    d = mlc.ConfigDict({"max_tags": 3, "max_regions": 4, "max_masks": 4, "crop_scale": (0.6, 1),
-                        "flip": False, "min_region_frac": 0.0, "strict": True, "num_workers": 0})
-    m = mlc.ConfigDict({"vision": {"image_size": 32, "patch_size": 8},
-                        "text": {"context_length": 16}})
-    batch = next(pipeline.make_iterator(d, m, batch_size=2, train=False, seed=0, path=str(out),
-                                        process_index=0, process_count=1))
+    batch = first_batch(out, 2, 3)
     assert batch["region_valid"].any() and batch["mask_valid"].any()
     # a second run finds every shard done and rewrites nothing
     before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith("stats")}

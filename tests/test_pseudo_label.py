@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import first_batch
 from PIL import Image
 
 from umg_jax import inference
@@ -102,16 +103,7 @@ def test_fake_teacher_labels_the_red_square(tmp_path, score, assign):
     meta = records.read_meta(str(out))
     assert [c["name"] for c in meta["categories"]] == VOCAB and meta["num_examples"] == 5
     # the output feeds the training pipeline
-    import ml_collections as mlc
-
-    from umg_jax.data import pipeline
-
-    d = mlc.ConfigDict({"max_tags": 2, "max_regions": 4, "max_masks": 4, "crop_scale": (0.6, 1),
-                        "flip": False, "min_region_frac": 0.0, "strict": True, "num_workers": 0})
-    m = mlc.ConfigDict({"vision": {"image_size": 32, "patch_size": 8},
-                        "text": {"context_length": 16}})
-    b = next(pipeline.make_iterator(d, m, batch_size=2, train=False, seed=0, path=str(out),
-                                    process_index=0, process_count=1))
+    b = first_batch(out, 2, 2)
     assert b["region_valid"].sum() >= 2 and b["mask_valid"].sum() >= 2
 
     # resume: finished shards are not rewritten, a missing one is redone

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from umg_jax.benchmark import common
+from umg_jax.benchmark import common, tfrecord
 from umg_jax.benchmark.common import BenchmarkInputError, BenchModel, Options, TaskResult
 from umg_jax.evaluators import metrics
 
@@ -114,8 +114,6 @@ class _TFRecordSplit:
     features (the values)."""
 
     def __init__(self, version_dir: pathlib.Path, builder: Any, split: str):
-        from umg_jax.benchmark import tfrecord
-
         files = sorted(version_dir.glob(f"{builder.name}-{split}.tfrecord-*"))
         if not files:
             raise BenchmarkInputError(f"imagenet: no {builder.name}-{split}.tfrecord-* files in "
@@ -125,7 +123,6 @@ class _TFRecordSplit:
         except tfrecord.TFRecordError as e:
             raise BenchmarkInputError(f"imagenet: {e}") from None
         self.feature = builder.info.features["image"]
-        self._tfrecord = tfrecord
 
     def __len__(self) -> int:
         return len(self.index)
@@ -135,9 +132,9 @@ class _TFRecordSplit:
 
         path, off, n = self.index[i]
         try:
-            ex = self._tfrecord.parse_example(self._tfrecord.read(path, off, n))
+            ex = tfrecord.parse_example(tfrecord.read(path, off, n))
             raw, label = ex["image"], ex["label"][0]
-        except (self._tfrecord.TFRecordError, KeyError, IndexError) as e:
+        except (tfrecord.TFRecordError, KeyError, IndexError) as e:
             raise BenchmarkInputError(f"imagenet: record at byte {off} of {str(path)!r} is not "
                                       f"an image / label example ({e})") from None
         if raw and isinstance(raw[0], bytes):  # an Image feature: the encoded file

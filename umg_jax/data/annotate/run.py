@@ -154,6 +154,7 @@ def annotate_shard(items: list, recipe: Recipe, out: pathlib.Path, name: str, *,
     todo = [it for b in batches[len(done):] for it in b]
     loaded = map_threaded(load, todo, decode_threads)
     states_all = [s for b in done for s in b]
+    encoded: dict[str, bytes] = {}  # the record stores the input's own bytes, not a re-encode
     with open(partial, "a") as f:
         for batch in batches[len(done):]:
             states, images = [], []
@@ -166,7 +167,7 @@ def annotate_shard(items: list, recipe: Recipe, out: pathlib.Path, name: str, *,
                     print(f"skipping {sid}: {msg}", file=sys.stderr)
                     states.append({"id": sid, "error": msg})
                     continue
-                img, _, caps, src = x
+                img, encoded[sid], caps, src = x
                 if not img.flags.writeable:  # torch warns on read-only arrays (PIL's)
                     img = img.copy()
                 states.append(new_state(sid, src or sid, *img.shape[:2], caps))
@@ -189,11 +190,12 @@ def annotate_shard(items: list, recipe: Recipe, out: pathlib.Path, name: str, *,
             states_all += states
             progress.step(len(batch), name)
     recs = []
-    for (_, item), s in zip(items, states_all, strict=True):
+    for (sid, item), s in zip(items, states_all, strict=True):
         if "error" in s:
             counts["unreadable"] += 1
-        elif s.get("kept", True):
-            recs.append(to_record(s, load_input(item)[1], recipe.ctx.vocab))
+        elif s.get("kept", True):  # batches restored from .partial are read again here
+            data = encoded.pop(sid, None) or load_input(item)[1]
+            recs.append(to_record(s, data, recipe.ctx.vocab))
         else:
             counts["dropped_images"] += 1
     counts["examples"] += len(recs)

@@ -53,6 +53,15 @@ class _Scored:
                                   max_masks=self.max_masks)
         return self._scorer
 
+    def probs(self, names: list[str], images: list[np.ndarray], boxes: list[np.ndarray],
+              masks: list[np.ndarray], mode: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per image ``(box probs [K, V], mask probs [M, V])`` over ``names``: pooled from the
+        teacher's dense map (``mode`` "dense") or from its embedding of each crop ("crop")."""
+        scorer = self(names)
+        if mode == "crop":
+            return scorer.score_crops(images, boxes, masks)
+        return [(bp, mp) for _, bp, mp, _ in scorer.score(images, boxes, masks)]
+
 
 def _check_modes(score: str, assign: str) -> None:
     if score not in ("dense", "crop"):
@@ -103,12 +112,8 @@ class ProposalDetector(Detector):
             boxes = np.concatenate([np.asarray([mask_box(m) for m in masks], np.float32)
                                     .reshape(-1, 4), window_proposals(*im.shape[:2])])
             props.append(boxes[: self.max_boxes])
-        scorer = self._scorer_for(names)
-        no_masks = [np.zeros((0,))] * len(images)
-        if self.score_mode == "crop":
-            box_probs = [bp for bp, _ in scorer.score_crops(images, props, no_masks)]
-        else:
-            box_probs = [bp for _, bp, _, _ in scorer.score(images, props, no_masks)]
+        box_probs = [bp for bp, _ in self._scorer_for.probs(
+            names, images, props, [np.zeros((0,))] * len(images), self.score_mode)]
         out = []
         for boxes, qs, bp in zip(props, queries, box_probs, strict=True):
             if not qs or not len(boxes):
@@ -177,12 +182,9 @@ class ProposalSegmenter(Segmenter):
         if not names:
             return [[] for _ in images]
         props = [mask_proposals(im, max_masks=self.max_masks) for im in images]
-        scorer = self._scorer_for(names)
-        no_boxes = [np.zeros((0, 4), np.float32)] * len(images)
-        if self.score_mode == "crop":
-            mask_probs = [mp for _, mp in scorer.score_crops(images, no_boxes, props)]
-        else:
-            mask_probs = [mp for _, _, mp, _ in scorer.score(images, no_boxes, props)]
+        mask_probs = [mp for _, mp in self._scorer_for.probs(
+            names, images, [np.zeros((0, 4), np.float32)] * len(images), props,
+            self.score_mode)]
         out = []
         for cs, masks, mp in zip(concepts, props, mask_probs, strict=True):
             found = []
