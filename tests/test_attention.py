@@ -12,7 +12,12 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from umg_jax.ops.attention import attention, attention_implementation, gpu_attention
+from umg_jax.ops.attention import (
+    attention,
+    attention_implementation,
+    cudnn_lengths,
+    gpu_attention,
+)
 
 
 def _inputs(key, b=2, nq=5, nk=7, h=3, d=4):
@@ -131,6 +136,38 @@ def test_gpu_path_with_xla_implementation_matches_reference(causal, with_bias):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("nq,nk,causal,with_bias", [
+    (9, 9, False, False),  # both odd: padded keys masked by key_value_seq_lengths
+    (9, 9, True, False),  # causal: the padded key comes after every real query, no mask
+    (9, 9, False, True),
+    (1, 7, False, False),  # single query (MaskCLIP class token)
+    (8, 7, False, False),  # only the keys padded
+])
+def test_gpu_path_padded_to_even_lengths_is_exact(nq, nk, causal, with_bias):
+    """What the cuDNN path does to odd lengths (one padded token, masked or hidden by the causal
+    mask, padded query rows sliced off), run on ``dot_product_attention``'s XLA implementation:
+    forward vs numpy, value and gradients (incl. the key bias's) vs the unpadded CPU path."""
+    q, k, v, bias, g = _inputs(jax.random.key(5), nq=nq, nk=nk, d=8)
+
+    def padded(*a, **kw):
+        return gpu_attention(*a, **kw, implementation="xla", pad_to_even=True)
+
+    got = _value_and_grads(padded, q, k, v, bias, g, causal, with_bias)
+    ref = _value_and_grads(lambda *a, **kw: attention(*a, **kw, backend="cpu"),
+                           q, k, v, bias, g, causal, with_bias)
+    want = _np_attention(q, k, v, causal, bias if with_bias else None)
+    np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-5)
+    for a, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_lengths():
+    assert cudnn_lengths(257, 257) == (258, 258)  # ViT-L/14 at 224 px
+    assert cudnn_lengths(77, 77) == (78, 78)  # CLIP text
+    assert cudnn_lengths(1, 197) == (2, 198)
+    assert cudnn_lengths(256, 64) == (256, 64)
+
+
 BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
 
 
@@ -152,8 +189,10 @@ BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
     ("tpu", 197, 197, 64, F16, False, False, "xla"),
     ("tpu", 197, 197, 192, BF16, False, False, "xla"),  # > 128, not a multiple of 128
     ("tpu", 197, 197, 256, BF16, False, False, "pallas_flash"),
-    # GPU: cuDNN for fp16 / bf16, Dh % 8 == 0 and <= 128, square if causal, no key bias
+    # GPU: cuDNN for fp16 / bf16, Dh % 8 == 0 and <= 128, square if causal, no key bias, any
+    # length (odd ones padded to even)
     ("gpu", 197, 197, 64, BF16, False, False, "cudnn"),
+    ("gpu", 257, 257, 64, BF16, False, False, "cudnn"),  # ViT-L/14: 257 -> 258
     ("cuda", 77, 77, 64, F16, True, False, "cudnn"),
     ("gpu", 1, 197, 32, BF16, False, False, "cudnn"),
     ("gpu", 197, 197, 64, F32, False, False, "xla"),
@@ -165,6 +204,15 @@ BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
 def test_attention_implementation_rules(platform, nq, nk, dh, dtype, causal, key_bias, want):
     assert attention_implementation(nq, nk, dh, dtype, platform=platform, causal=causal,
                                     key_bias=key_bias) == want
+
+
+@pytest.mark.parametrize("cc,want", [((9, 0), "cudnn"), ((8, 0), "cudnn"), ((10, 0), "cudnn"),
+                                     ((7, 5), "xla"), ((7, 0), "xla"), (None, "cudnn")])
+def test_cudnn_needs_ampere_or_later(cc, want):
+    """cuDNN's flash kernels are Ampere (8.0) and later: a T4 (7.5) or V100 (7.0) takes XLA;
+    an unknown capability is taken as able."""
+    assert attention_implementation(257, 257, 64, BF16, platform="gpu",
+                                    compute_capability=cc) == want
 
 
 @pytest.fixture(scope="module")

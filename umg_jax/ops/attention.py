@@ -24,7 +24,9 @@ dry run compiles TPU code in a process whose default backend is the CPU):
   where it divides); without a mesh only a single-device program takes it.
 ``"cudnn"`` (GPU)
   cuDNN's fused flash attention through ``jax.nn.dot_product_attention``; XLA partitions it
-  itself (custom partitioning over batch and heads).
+  itself (custom partitioning over batch and heads). Odd lengths are padded by one token (see
+  :func:`cudnn_lengths`): JAX's training rule refuses them, and whether a call will be
+  differentiated is not known when it is traced.
 ``"xla"``
   The same maths in plain ``jnp``, differentiated and fused by XLA: every shape a kernel refuses
   or is not worth its padding for (see :func:`attention_implementation` for the rules).
@@ -35,7 +37,6 @@ Everywhere: scores and softmax in float32, scale ``Dh ** -0.5``, output in ``q``
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import jax
@@ -44,7 +45,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from umg_jax.ops.dense import copy_swap
-from umg_jax.ops.platform import normalise, target_platform
+from umg_jax.ops.platform import normalise, target_compute_capability, target_platform
 
 _F32 = jnp.float32
 
@@ -118,11 +119,24 @@ IMPLEMENTATIONS = ("cpu_vjp", "xla", "pallas_flash", "cudnn")
 FLASH_BLOCK = 128
 FLASH_MIN_LEN = 128
 FLASH_MAX_PAD = 1.5
-# cuDNN flash attention (jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention):
-# fp16 / bf16, head dim a multiple of 8 and <= 128 (256 on Hopper; 128 holds on every GPU).
+# cuDNN flash attention, as JAX 0.10 checks it while tracing
+# (jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention; a refusal there is a
+# NotImplementedError raised wherever autodiff, remat or scan first trace the rule, so it is
+# decided here, before tracing, and never caught):
+# - fp16 / bf16 operands;
+# - head dim a multiple of 8 and <= 128. JAX allows 256 on Hopper, judging by the *local*
+#   backend's first GPU: a deviceless compile for an H100 on a CPU host gets 128, so 128 is the
+#   bound that holds everywhere;
+# - training with a bias needs even lengths, and JAX always passes a bias operand (zeros(0)
+#   when there is none): every differentiated call with an odd length is refused (ViT-L/14's
+#   257 tokens, the text tower's 77). cudnn_lengths pads those by one token instead;
+# - compute capability >= 8.0: cuDNN's flash kernels are Ampere and later (older GPUs fail at
+#   compile time, after JAX's checks);
+# - compute capability 10.3 (B300) needs cuDNN >= 9.11: requirements-gpu.txt pins a later
+#   cuDNN (9.28 with jax-cuda12-plugin[with-cuda] 0.10.2), so that case is not checked here.
 CUDNN_MAX_HEAD_DIM = 128
+CUDNN_MIN_COMPUTE_CAPABILITY = (8, 0)
 
-_log = logging.getLogger(__name__)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -140,18 +154,33 @@ def _flash_fits(nq: int, nk: int, head_dim: int, dtype) -> bool:
                for n in (nq, nk))
 
 
-def _cudnn_fits(nq: int, nk: int, head_dim: int, dtype, causal: bool) -> bool:
-    """cuDNN's fused attention takes this shape (the checks JAX makes when tracing it)."""
+def cudnn_lengths(nq: int, nk: int) -> tuple[int, int]:
+    """``(Nq, Nk)`` as the cuDNN path runs them: each rounded up to an even length.
+
+    JAX's cuDNN training rule refuses odd lengths (see the constants above). One padded token
+    costs ``~2 / N`` more attention work and a copy of ``q, k, v`` (``[B, N, H, Dh]``), against
+    XLA's path, which writes ``[B, H, N, N]`` float32 scores and probabilities to HBM and reads
+    them back in the backward. Padded keys are masked (``key_value_seq_lengths``) unless the
+    causal mask already hides them; padded query rows are sliced off."""
+    return nq + nq % 2, nk + nk % 2
+
+
+def _cudnn_fits(nq: int, nk: int, head_dim: int, dtype, causal: bool,
+                compute_capability: tuple[int, int] | None) -> bool:
+    """cuDNN's fused attention takes this shape, once :func:`cudnn_lengths` has padded it."""
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
     if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+        return False
+    if compute_capability is not None and compute_capability < CUDNN_MIN_COMPUTE_CAPABILITY:
         return False
     # our causal mask is tril([Nq, Nk]) (top-left aligned); only square is unambiguous
     return not (causal and nq != nk)
 
 
 def attention_implementation(nq: int, nk: int, head_dim: int, dtype, *, platform: str,
-                             causal: bool = False, key_bias: bool = False) -> str:
+                             causal: bool = False, key_bias: bool = False,
+                             compute_capability: tuple[int, int] | None = None) -> str:
     """Which implementation :func:`attention` takes for a shape; pure (static shapes only).
 
     Args:
@@ -159,6 +188,8 @@ def attention_implementation(nq: int, nk: int, head_dim: int, dtype, *, platform
       platform: ``"cpu"``, ``"tpu"`` or ``"gpu"`` (``"cuda"`` / ``"rocm"`` accepted): the platform
         the step is compiled for.
       causal: a causal (``tril``) mask. key_bias: a ``[B, Nk]`` key bias is passed.
+      compute_capability: ``(major, minor)`` of the GPU compiled for; None = unknown (taken as
+        able: Ampere or later).
 
     Returns one of :data:`IMPLEMENTATIONS`, by these rules:
 
@@ -169,7 +200,9 @@ def attention_implementation(nq: int, nk: int, head_dim: int, dtype, *, platform
       and shorter), single-query calls (MaskCLIP class token, MAP probe), tiny models and 129..170
       tokens take XLA.
     - gpu: ``"cudnn"`` if there is no key bias, the dtype is fp16 / bf16, ``Dh`` is a multiple of 8
-      and ``<= 128``, and a causal call is square; else ``"xla"`` (float32 towers take XLA).
+      and ``<= 128``, a causal call is square and the compute capability is 8.0 or more (or
+      unknown); else ``"xla"`` (float32 towers take XLA). Any lengths: odd ones run padded to
+      even (:func:`cudnn_lengths`).
     - a key bias (token merging's proportional attention) takes ``"xla"`` on TPU and GPU: either
       kernel needs it as a dense ``[B, H or 1, Nq, Nk]`` array in HBM (the TPU kernel saves it for
       the backward in float32; cuDNN rounds it to the compute dtype) and writes its gradient at
@@ -185,7 +218,7 @@ def attention_implementation(nq: int, nk: int, head_dim: int, dtype, *, platform
         return "xla"
     if platform == "tpu" and _flash_fits(nq, nk, head_dim, dtype):
         return "pallas_flash"
-    if platform == "gpu" and _cudnn_fits(nq, nk, head_dim, dtype, causal):
+    if platform == "gpu" and _cudnn_fits(nq, nk, head_dim, dtype, causal, compute_capability):
         return "cudnn"
     return "xla"
 
@@ -299,24 +332,39 @@ def tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
 # GPU: cuDNN through jax.nn.dot_product_attention
 
 def gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                  key_bias: jax.Array | None = None,
-                  implementation: str | None = "cudnn") -> jax.Array:
+                  key_bias: jax.Array | None = None, implementation: str | None = "cudnn",
+                  pad_to_even: bool | None = None) -> jax.Array:
     """Attention through ``jax.nn.dot_product_attention`` (same ``[B, N, H, Dh]`` layout).
 
-    ``implementation="cudnn"`` needs a GPU with cuDNN, fp16 / bf16 and ``Dh % 8 == 0``;
-    ``"xla"`` runs anywhere (the tests' check of this wrapper). ``key_bias [B, Nk]`` float32 is
-    added to every query's logits (broadcast to ``[B, 1, Nq, Nk]``; cuDNN reads it in ``q``'s
-    dtype). Returns ``[B, Nq, H, Dh]`` in ``q``'s dtype; logits and softmax in float32.
+    ``implementation="cudnn"`` needs a GPU with cuDNN (or a deviceless GPU compile), fp16 / bf16
+    and ``Dh % 8 == 0``; ``"xla"`` runs anywhere (the tests' check of this wrapper).
+    ``pad_to_even`` (default: for ``"cudnn"``): run odd lengths padded to
+    :func:`cudnn_lengths`, the padded keys masked through ``key_value_seq_lengths`` (unless
+    the causal mask hides them from every real query) and the padded query rows sliced off.
+    ``key_bias [B, Nk]`` float32 is added to every query's logits (broadcast to
+    ``[B, 1, Nq, Nk]``; cuDNN reads it in ``q``'s dtype). Returns ``[B, Nq, H, Dh]`` in ``q``'s
+    dtype; logits and softmax in float32.
     """
+    b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    if pad_to_even is None:
+        pad_to_even = implementation == "cudnn"
+    pq, pk = cudnn_lengths(nq, nk) if pad_to_even else (nq, nk)
+    q = _pad_tokens(q, pq, 1)
+    k, v = (_pad_tokens(x, pk, 1) for x in (k, v))
+    kv_lengths = None
+    if pk != nk and not (causal and nq <= nk):
+        kv_lengths = jnp.full((b,), nk, jnp.int32)
     bias = None
     if key_bias is not None:
         bdt = q.dtype if implementation == "cudnn" else _F32
         # cuDNN wants the bias at the full [.., Nq, Nk] size
-        bias = jnp.broadcast_to(key_bias.astype(bdt)[:, None, None, :],
-                                (q.shape[0], 1, q.shape[1], k.shape[1]))
+        kb = _pad_tokens(key_bias.astype(bdt), pk, 1)
+        bias = jnp.broadcast_to(kb[:, None, None, :], (b, 1, pq, pk))
     o = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal,
-                                     scale=q.shape[-1] ** -0.5, implementation=implementation)
-    return o.astype(q.dtype)
+                                     scale=q.shape[-1] ** -0.5,
+                                     key_value_seq_lengths=kv_lengths,
+                                     implementation=implementation)
+    return o[:, :nq].astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,9 +393,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     """
     causal = bool(causal)
     scale = q.shape[-1] ** -0.5
+    platform = normalise(backend or target_platform())
     impl = implementation or attention_implementation(
-        q.shape[1], k.shape[1], q.shape[-1], q.dtype, platform=backend or target_platform(),
-        causal=causal, key_bias=key_bias is not None)
+        q.shape[1], k.shape[1], q.shape[-1], q.dtype, platform=platform, causal=causal,
+        key_bias=key_bias is not None,
+        compute_capability=target_compute_capability() if platform == "gpu" else None)
     if implementation is None and impl == "pallas_flash" and not _kernel_can_be_placed():
         impl = "xla"
     if impl == "cpu_vjp":
@@ -356,11 +406,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     if impl == "pallas_flash":
         return tpu_flash_attention(q, k, v, causal=causal, key_bias=key_bias)
     if impl == "cudnn":
-        try:
-            return gpu_attention(q, k, v, causal=causal, key_bias=key_bias)
-        except (NotImplementedError, RuntimeError) as e:  # a shape / GPU cuDNN refuses
-            _log.warning("cuDNN attention refused %s x %s (%s); using XLA", q.shape, k.shape, e)
-    elif impl != "xla":
+        return gpu_attention(q, k, v, causal=causal, key_bias=key_bias)
+    if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}; "
                          f"expected one of {IMPLEMENTATIONS}")
     return _xla_attention(q, k, v, causal, key_bias, scale)

@@ -46,3 +46,32 @@ def target_platform() -> str:
     if dev is not None and getattr(dev, "platform", None):
         return normalise(dev.platform)
     return normalise(jax.devices()[0].platform)
+
+
+def _parse_capability(text: str) -> tuple[int, int] | None:
+    """``"9.0"`` -> ``(9, 0)``; None if it does not parse."""
+    try:
+        major, minor = str(text).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def target_compute_capability() -> tuple[int, int] | None:
+    """``(major, minor)`` CUDA compute capability of the GPU the current trace is compiled for;
+    None when unknown (not a GPU, or a device kind the chip table lacks).
+
+    Under an abstract mesh only the device kind is known (``AbstractDevice`` carries no
+    capability): it is looked up in the chip table (``umg_jax/accelerators.toml``). Without a
+    mesh, the default device's own ``compute_capability`` (real and deviceless CUDA devices
+    have one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    dev = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    if dev is not None and getattr(dev, "device_kind", None):
+        from umg_jax import accelerators
+
+        chip = accelerators.chip_for_device_kind(dev.device_kind)
+        cc = getattr(chip, "compute_capability", None) if chip is not None else None
+        return _parse_capability(cc) if cc else None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return _parse_capability(cc) if cc else None
