@@ -270,8 +270,10 @@ def test_kill_mid_shard_then_resume_cli(tmp_path):
            "--device", "cpu"]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     t = time.time()
+    # A dead child fails at once; the time limit only catches a hang, with room for a busy
+    # 2-core machine (torch's import alone has taken over a minute there).
     while not (tmp_path / "killme").exists():
-        assert p.poll() is None and time.time() - t < 120, p.communicate()
+        assert p.poll() is None and time.time() - t < 900, p.communicate()
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -279,7 +281,7 @@ def test_kill_mid_shard_then_resume_cli(tmp_path):
     assert (tmp_path / "res" / ".annot-00001-of-00003.partial").read_text().count("\n") == 1
     assert not (tmp_path / "res" / "meta.json").exists()
     env.pop("FAKE_KILL_AFTER")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert "annotated 4 images" in r.stdout and "1 finished shards skipped" in r.stdout
     assert _files(tmp_path / "res") == _files(tmp_path / "ref")

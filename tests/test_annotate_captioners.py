@@ -174,12 +174,39 @@ def test_florence2_region_one_phrase_per_box(florence2_dir, florence2_ref, image
     assert reg.describe([], []) == []
 
 
+def _first_step_scores(captioner, images):
+    """``caption(images)`` through the captioner's own path, with the model's ``generate`` also
+    returning the first decoding step's raw ``[B, vocab]`` logits (before the logits processors,
+    which set forced / suppressed tokens to -inf), float32."""
+    seen = {}
+    generate = captioner.model.generate
+
+    def with_scores(*args, **kw):
+        r = generate(*args, **kw, output_logits=True, return_dict_in_generate=True)
+        seen["scores"] = r.logits[0].float().numpy()
+        return r.sequences
+
+    captioner.model.generate = with_scores
+    out = captioner.caption(images)
+    return out, seen["scores"]
+
+
 @pytest.mark.parametrize("mod,cls", [(blip2, "Blip2Captioner"), (florence2, "Florence2Captioner")])
-def test_bfloat16_runs(mod, cls, blip2_dir, florence2_dir, images):
+def test_bfloat16_matches_float32(mod, cls, blip2_dir, florence2_dir, images):
+    """``dtype="bfloat16"`` casts the model (every float parameter bf16) and its first-step
+    logits stay those of float32 up to bf16 rounding (compared as numbers: a greedy token could
+    flip at a near-tie, so generated texts are not compared)."""
     d = blip2_dir if mod is blip2 else florence2_dir
-    out = getattr(mod, cls)(d, dtype="bfloat16", max_new_tokens=3, num_beams=1).caption(
-        images[:1])
+    make = getattr(mod, cls)
+    bf16 = make(d, dtype="bfloat16", max_new_tokens=1, num_beams=1)
+    floats = [p for p in bf16.model.parameters() if p.is_floating_point()]
+    assert floats and all(str(p.dtype) == "torch.bfloat16" for p in floats)
+    out, s16 = _first_step_scores(bf16, images[:1])
     check_contract(out, [1])
+    _, s32 = _first_step_scores(make(d, max_new_tokens=1, num_beams=1), images[:1])
+    cos = (s16 * s32).sum() / np.linalg.norm(s16) / np.linalg.norm(s32)
+    assert np.isfinite(s32).all() and cos > 0.99, cos
+    assert np.abs(s16 - s32).max() < 0.1 * np.abs(s32).max()
 
 
 def test_backend_names():

@@ -123,9 +123,21 @@ def test_held_out_class_is_neither_target_nor_penalised():
     assert float(a["loss_bce"]) == pytest.approx(float(b["loss_bce"]), abs=1e-7)
 
 
-def test_gradients_are_finite_with_empty_images():
+def test_empty_images_give_zero_mask_gradients_and_push_queries_to_void():
     out, text, batch, cmap = _batch_and_perfect_outputs()
     batch = dict(batch, mask_valid=jnp.zeros((2, 2), bool))  # nothing to match anywhere
-    g = jax.grad(lambda o: seg.seg_loss(o, text, batch, cmap, _cfg())[0])(
-        {k: v for k, v in out.items()})
+
+    def loss(o):
+        return seg.seg_loss(o, text, batch, cmap, _cfg())[0]
+
+    g = jax.grad(loss)(dict(out))
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
+    # No target anywhere: the mask logits carry no loss at all.
+    np.testing.assert_array_equal(np.asarray(g["mask_logits"]), 0.0)
+    # Every query's class target is void. Queries 2, 3 already predict void (tiny gradient);
+    # queries 0, 1 predict a class and get most of the push; a step down the gradient lowers
+    # the loss.
+    gc = np.abs(np.asarray(g["class_emb"]))
+    assert gc[:, :2].max() > 10 * gc[:, 2:].max()
+    step = jax.tree.map(lambda x, d: x - 1e-2 * d, dict(out), g)
+    assert float(loss(step)) < float(loss(dict(out)))

@@ -124,6 +124,21 @@ def test_gradients_flow_through_the_merge():
     assert np.isfinite(np.asarray(blk)).all() and np.abs(np.asarray(blk)).max() > 0
     first = g["visual"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"]  # before it
     assert np.abs(np.asarray(first)).max() > 0
+    # The gradient is the loss's derivative: central differences along a random direction of
+    # the vision tower's params (small enough that the merge's matching does not change).
+    leaves, tree = jax.tree.flatten(params["visual"])
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    d = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    norm = float(jnp.sqrt(sum(jnp.sum(x * x) for x in d)))
+    d = jax.tree.unflatten(tree, [x / norm for x in d])
+    f = jax.jit(lambda t: loss(dict(params, visual=jax.tree.map(
+        lambda p, u: p + t * u, params["visual"], d))))
+    eps = 1e-2
+    numeric = (float(f(eps)) - float(f(-eps))) / (2 * eps)
+    analytic = float(sum(jnp.sum(a * b) for a, b in zip(
+        jax.tree.leaves(g["visual"]), jax.tree.leaves(d), strict=True)))
+    assert abs(analytic) > 1e-3
+    assert numeric == pytest.approx(analytic, rel=2e-2)
 
 
 def test_scan_refused_and_inference_runs_all_tokens():
