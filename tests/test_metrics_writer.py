@@ -3,6 +3,7 @@ with a fake clock, MFU, and analytic FLOPs vs the ViT-B/32 reference figures and
 ``cost_analysis()``."""
 
 import json
+import os
 import pathlib
 import struct
 
@@ -17,12 +18,14 @@ from umg_jax.config_lib import load_config
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-def _read_tb_scalars(logdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+def _read_tb_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     """Parses TFRecord-framed Event protos (tensorboardX's own proto classes)."""
     from tensorboardX.proto import event_pb2
 
+    from umg_jax import storage
+
     out: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(logdir.glob("events.out.tfevents.*")):
+    for f in sorted(storage.path(logdir).glob("events.out.tfevents.*")):
         data = f.read_bytes()
         pos = 0
         while pos < len(data):
@@ -229,3 +232,24 @@ def test_writer_imports_neither_torch_nor_tensorflow(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("store", ["gs", "s3"])
+def test_writer_on_a_bucket_keeps_history_across_restarts(store, request):
+    """On an object store (no append) a restarted writer keeps what the first one wrote, and
+    tensorboardX writes its event file into the bucket itself (real local servers)."""
+    from umg_jax import storage
+
+    bucket = request.getfixturevalue("gcs_bucket" if store == "gs" else "s3_bucket")
+    wd = f"{bucket}/metrics-{os.getpid()}"
+    with M.MetricWriter(wd, tensorboard=True) as w:
+        w.write_scalars(10, {"loss": 2.5})
+        w.write_hparams({"batch_size": 32})
+        # Each line is in the bucket before the next step (a killed run keeps its metrics).
+        assert M.read_jsonl(f"{wd}/metrics.jsonl") == [{"step": 10, "loss": 2.5}]
+        w.write_scalars(20, {"loss": 2.0})
+    with M.MetricWriter(wd, tensorboard=False) as w:  # the resumed run
+        w.write_scalars(30, {"loss": 1.5})
+    assert [r["step"] for r in M.read_jsonl(f"{wd}/metrics.jsonl")] == [10, 20, 30]
+    assert storage.read_json(f"{wd}/hparams.json") == {"batch_size": 32}
+    assert _read_tb_scalars(f"{wd}/tensorboard")["loss"] == [(10, 2.5), (20, 2.0)]

@@ -1,5 +1,6 @@
 """Training checkpoints: an orbax ``CheckpointManager`` with the data-iterator state saved beside
-the model state in the same step.
+the model state in the same step, in a local directory or a ``gs://`` bucket (``s3://``: see
+below).
 
 Layout (``workdir/checkpoints/<step>/``)::
 
@@ -8,10 +9,18 @@ Layout (``workdir/checkpoints/<step>/``)::
     meta/    JSON dict given by the caller (config, counters, ...)
     metrics/ (orbax) the metrics dict used by keep-best
 
-Atomicity comes from orbax: a step is written into ``<step>.orbax-checkpoint-tmp-*`` and renamed
-to ``<step>`` only after every item is complete, so an interrupted save leaves at most a temp
-directory, which ``latest_step()`` never reports (and which is removed when the next manager
-opens the directory).
+Atomicity comes from orbax. Locally a step is written into ``<step>.orbax-checkpoint-tmp-*`` and
+renamed to ``<step>`` only after every item is complete. On ``gs://`` (no rename on object stores)
+the step is written in place and finalised by a last ``<step>/commit_success.txt``. Either way an
+interrupted save (a process killed mid-upload) leaves a step that orbax does not count as
+finalised: ``latest_step()`` and :func:`locate` never report it, and the next manager opening the
+directory removes it.
+
+``s3://``: orbax-checkpoint 0.12.8 builds tensorstore specs only for local paths and ``gs://``
+(``ValueError: Checkpoint path should be absolute`` for ``s3://``), so a :class:`Checkpointer` on
+``s3://`` is refused with a :class:`~umg_jax.storage.StorageError`. Params checkpoints
+(``save_params`` / ``restore_params_only`` / ``load_params``) on ``s3://`` go through a local
+temporary copy.
 
 Retention: the ``keep`` most recent steps, plus (``keep_best_metric``) the step with the best
 value of that metric among the steps saved with it.
@@ -20,21 +29,30 @@ value of that metric among the steps saved with it.
 ``orbax.checkpoint.StandardCheckpointer().save(path, {"params": params})`` (the layout the interop
 importer writes; see ``save_params``), or the ``state`` of a training checkpoint step directory
 (``workdir/checkpoints/<step>``, where the state has a top-level ``params`` entry).
+
+Every path argument may be a local path, ``gs://`` or ``s3://`` (``umg_jax.storage``).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
+import os
 import pathlib
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from umg_jax import storage
 
 PyTree = Any
 DataState = dict | bytes | None
@@ -89,7 +107,7 @@ class Checkpointer:
     reading the files and ``close()`` at the end.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, *, every_steps: int, keep: int,
+    def __init__(self, workdir: storage.PathLike, *, every_steps: int, keep: int,
                  keep_best_metric: str | None = None, best_mode: str = "max",
                  async_save: bool = True):
         if every_steps < 1:
@@ -98,7 +116,13 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = storage.path(workdir) / "checkpoints"
+        if str(self.directory).startswith("s3://"):
+            raise storage.StorageError(
+                f"cannot keep training checkpoints in {self.directory}: orbax-checkpoint "
+                f"{ocp.__version__} writes arrays only to local paths and gs://; use a gs:// "
+                "workdir or a filesystem every host mounts (an S3 FUSE mount will not do: "
+                "orbax commits a local checkpoint by renaming it, which S3 cannot do atomically)")
         self.every_steps = every_steps
         self.keep_best_metric = keep_best_metric or None
         self.best_mode = best_mode
@@ -208,27 +232,49 @@ class Checkpointer:
         self.close()
 
 
-def save_params(path: str | pathlib.Path, params: PyTree) -> None:
+def _is_s3(p: storage.PathLike) -> bool:
+    return os.fspath(p).startswith("s3://")
+
+
+@contextlib.contextmanager
+def _orbax_readable(p: epath.Path) -> Iterator[epath.Path]:
+    """``p`` where orbax can read it: itself (local, gs://), or a local copy of an s3:// tree."""
+    if not _is_s3(p):
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix="umg-jax-ckpt-") as d:
+        storage.copy_tree(p, d)
+        yield epath.Path(d)
+
+
+def save_params(path: storage.PathLike, params: PyTree) -> None:
     """Writes a params checkpoint (``{"params": params}`` via ``StandardSave``) to ``path``,
-    which must not exist. The format ``restore_params_only`` and ``config.init.checkpoint`` read."""
+    which must not exist. The format ``restore_params_only`` and ``config.init.checkpoint`` read.
+    On s3:// it is written locally, then uploaded."""
+    target = storage.path(path)
+    if _is_s3(target):
+        with tempfile.TemporaryDirectory(prefix="umg-jax-ckpt-") as d:
+            save_params(pathlib.Path(d) / "params", params)
+            storage.copy_tree(pathlib.Path(d) / "params", target)
+        return
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(pathlib.Path(path).absolute(), {"params": params})
+        ckptr.save(target, {"params": params})
         ckptr.wait_until_finished()
 
 
-def restore_params_only(path: str | pathlib.Path, abstract_params: PyTree) -> PyTree:
+def restore_params_only(path: storage.PathLike, abstract_params: PyTree) -> PyTree:
     """Params from a params checkpoint (``save_params``) or from a training checkpoint step
     directory (its ``state/params``), read into ``abstract_params`` (ShapeDtypeStruct leaves with
     target shardings). Other entries of the checkpoint (optimizer state) are not read."""
-    path = pathlib.Path(path).absolute()
-    if (path / "state").is_dir():  # Checkpointer step directory
-        path = path / "state"
-    if not path.is_dir():
-        raise FileNotFoundError(f"params checkpoint {path} does not exist")
+    p = storage.path(path)
+    if (p / "state").is_dir():  # Checkpointer step directory
+        p = p / "state"
+    if not p.is_dir():
+        raise FileNotFoundError(f"params checkpoint {p} does not exist")
     target = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+    with _orbax_readable(p) as src, ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(src, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))
     return out["params"]
 
@@ -236,22 +282,31 @@ def restore_params_only(path: str | pathlib.Path, abstract_params: PyTree) -> Py
 # ------------------------------------------------------------- finding trained params ---
 
 
-def locate(path: str | pathlib.Path, step: int | None = None
-           ) -> tuple[pathlib.Path, pathlib.Path | None]:
+def finalized_steps(checkpoints_dir: storage.PathLike) -> list[int]:
+    """Steps under ``checkpoints_dir`` that orbax counts as finalised (renamed from their temp
+    name locally, ``commit_success.txt`` written on gs://) and that hold a ``state``, ascending.
+    A save interrupted mid-upload is never among them."""
+    d = storage.path(checkpoints_dir)
+    steps = ocp.path.step.checkpoint_steps(d) if d.is_dir() else []
+    return sorted(s for s in steps if (d / str(s) / "state").is_dir())
+
+
+def locate(path: storage.PathLike, step: int | None = None
+           ) -> tuple[epath.Path, epath.Path | None]:
     """``(params checkpoint dir, model-config file or None)`` for any of: an import directory
     (``params/`` + ``model_config.json``, written by ``umg_jax.interop.import_torch``), a training
-    workdir (``checkpoints/<step>/`` + ``config.json``; latest step unless ``step``), or a bare
-    params / step checkpoint directory. Raises ``FileNotFoundError`` with what was looked for."""
-    p = pathlib.Path(path)
+    workdir (``checkpoints/<step>/`` + ``config.json``; latest finalised step unless ``step``), or
+    a bare params / step checkpoint directory. Local paths come back absolute. Raises
+    ``FileNotFoundError`` with what was looked for."""
+    p = storage.path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
     if (p / "params").is_dir() and (p / "model_config.json").is_file():
         return p / "params", p / "model_config.json"
     if (p / "checkpoints").is_dir():
-        steps = sorted(int(d.name) for d in (p / "checkpoints").iterdir()
-                       if d.name.isdigit() and (d / "state").is_dir())
+        steps = finalized_steps(p / "checkpoints")
         if not steps:
-            raise FileNotFoundError(f"{p}/checkpoints holds no <step>/state checkpoint")
+            raise FileNotFoundError(f"{p}/checkpoints holds no finalised <step>/state checkpoint")
         if step is not None and step not in steps:
             raise FileNotFoundError(f"step {step} not in {p}/checkpoints (have {steps})")
         s = step if step is not None else steps[-1]
@@ -267,27 +322,37 @@ TOKENIZER_FILE = "tokenizer.model"
 _NOT_A_PATH = ("", "clip")  # model.text.tokenizer values that name no file
 
 
-def resolve_stored_path(stored: str, directory: str | pathlib.Path) -> str:
-    """A file path read from ``directory``'s config, as a path usable from here.
+def _exists(p: storage.PathLike) -> bool:
+    return storage.path(p).exists()
+
+
+def resolve_stored_path(stored: str, directory: storage.PathLike) -> str:
+    """A file path read from ``directory``'s config, as a path usable from here (a bucket URL
+    when ``directory`` is on a bucket: read it with ``umg_jax.storage``).
 
     Relative: against ``directory`` (a cwd-relative path of an older run still works when it
     exists from the cwd). Absolute (older directories): as is while it exists, else the file of
     the same name inside ``directory`` (the directory was moved with its file). When nothing
     exists, the path the caller should report as missing."""
-    d = pathlib.Path(directory).absolute()
-    p = pathlib.Path(stored)
+    d = storage.path(directory)
+    if storage.is_remote(stored):
+        return stored
+    p = pathlib.PurePosixPath(stored)
     if p.is_absolute():
-        if p.exists():
+        if os.path.exists(stored):
             return stored
         moved = d / p.name
-        return str(moved) if moved.exists() else stored
-    for candidate in (d / p, p, d / p.name):  # p itself: cwd-relative, from an older run
-        if candidate.exists():
-            return str(candidate)
-    return str(d / p)
+        return os.fspath(moved) if _exists(moved) else stored
+    for candidate in (d / p, None, d / p.name):  # None: cwd-relative, from an older run
+        if candidate is None:
+            if os.path.exists(stored):
+                return stored
+        elif _exists(candidate):
+            return os.fspath(candidate)
+    return os.fspath(d / p)
 
 
-def resolve_model_paths(model: dict, directory: str | pathlib.Path) -> dict:
+def resolve_model_paths(model: dict, directory: storage.PathLike) -> dict:
     """``model`` (a ``config.model`` dict read from ``directory``) with the files it names
     resolved by :func:`resolve_stored_path`; the dict is changed in place and returned."""
     text = model.get("text")
@@ -297,27 +362,30 @@ def resolve_model_paths(model: dict, directory: str | pathlib.Path) -> dict:
     return model
 
 
-def bundle_model_files(model: dict, directory: str | pathlib.Path) -> dict:
+def bundle_model_files(model: dict, directory: storage.PathLike) -> dict:
     """Copies the files ``model`` (a ``config.model`` dict) names into ``directory`` and names them
     relative to it (the tokenizer as ``tokenizer.model``), so that the directory holds all it
     needs. Files that do not exist are left named as they are (config checks report them).
     ``model`` is changed in place and returned."""
-    import shutil
-
     text = model.get("text")
     tok = text.get("tokenizer") if isinstance(text, dict) else None
-    if not isinstance(tok, str) or tok in _NOT_A_PATH or not pathlib.Path(tok).is_file():
+    if not isinstance(tok, str) or tok in _NOT_A_PATH:
         return model
-    dst = pathlib.Path(directory) / TOKENIZER_FILE
-    if not (dst.exists() and dst.samefile(tok)):  # resuming with the copy itself named
-        shutil.copyfile(tok, dst)
+    src = storage.path(tok)
+    if not (src.exists() and not src.is_dir()):
+        return model
+    dst = storage.path(directory) / TOKENIZER_FILE
+    same = (not storage.is_remote(dst) and not storage.is_remote(src) and dst.exists()
+            and os.path.samefile(src, dst))  # resuming with the copy itself named
+    if not same and os.fspath(src) != os.fspath(dst):
+        storage.write_bytes(dst, storage.read_bytes(src))
     text["tokenizer"] = TOKENIZER_FILE
     return model
 
 
-def _read_config_file(path: pathlib.Path) -> dict:
+def _read_config_file(path: storage.PathLike) -> dict:
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if not isinstance(d, dict):
@@ -325,41 +393,41 @@ def _read_config_file(path: pathlib.Path) -> dict:
     return d
 
 
-def read_model_config(path: str | pathlib.Path):
+def read_model_config(path: storage.PathLike):
     """The ``config.model`` section from a ``model_config.json`` or a workdir ``config.json``, the
     files it names resolved against the file's directory (:func:`resolve_stored_path`)."""
     import ml_collections as mlc
 
-    path = pathlib.Path(path)
+    path = storage.path(path)
     d = _read_config_file(path)
     model = d["model"] if "model" in d and "vision" not in d else d
     return mlc.ConfigDict(resolve_model_paths(model, path.parent))
 
 
-def read_run_config(path: str | pathlib.Path):
+def read_run_config(path: storage.PathLike):
     """A workdir's full ``config.json`` with the files its model names resolved against the
     workdir (:func:`resolve_stored_path`)."""
     import ml_collections as mlc
 
-    path = pathlib.Path(path)
+    path = storage.path(path)
     d = _read_config_file(path)
     if isinstance(d.get("model"), dict):
         resolve_model_paths(d["model"], path.parent)
     return mlc.ConfigDict(d)
 
 
-def _read_json_dict(path: str | pathlib.Path | None) -> dict:
+def _read_json_dict(path: storage.PathLike | None) -> dict:
     """A JSON object file as a dict; ``{}`` when there is no such (readable) file."""
     if path is None:
         return {}
     try:
-        d = json.loads(pathlib.Path(path).read_text())
+        d = storage.read_json(path)
     except (OSError, ValueError):
         return {}
     return d if isinstance(d, dict) else {}
 
 
-def read_peft_config(path: str | pathlib.Path | None):
+def read_peft_config(path: storage.PathLike | None):
     """The ``config.peft`` section of a workdir ``config.json`` when LoRA was on, else None."""
     import ml_collections as mlc
 
@@ -368,7 +436,7 @@ def read_peft_config(path: str | pathlib.Path | None):
     return mlc.ConfigDict(peft) if lora else None
 
 
-def read_seg_config(path: str | pathlib.Path | None):
+def read_seg_config(path: storage.PathLike | None):
     """The full config of a workdir ``config.json`` whose run trained the segmentation head
     (params ``{"base", "seg", ...}``), else None."""
     import ml_collections as mlc
@@ -378,11 +446,11 @@ def read_seg_config(path: str | pathlib.Path | None):
     if not (seg and seg.get("enabled")):
         return None
     if isinstance(d.get("model"), dict):
-        resolve_model_paths(d["model"], pathlib.Path(path).parent)
+        resolve_model_paths(d["model"], storage.path(path).parent)
     return mlc.ConfigDict(d)
 
 
-def _restore_cpu(path: str | pathlib.Path, abstract: PyTree) -> PyTree:
+def _restore_cpu(path: storage.PathLike, abstract: PyTree) -> PyTree:
     """:func:`restore_params_only` onto the CPU with a one-line ``ValueError`` on mismatch."""
     dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
@@ -396,7 +464,7 @@ def _restore_cpu(path: str | pathlib.Path, abstract: PyTree) -> PyTree:
                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
-def load_params(path: str | pathlib.Path, model_cfg, peft_cfg=None, nested: bool = False
+def load_params(path: storage.PathLike, model_cfg, peft_cfg=None, nested: bool = False
                 ) -> PyTree:
     """Params of ``model_cfg`` as numpy arrays from a params checkpoint or a training step
     directory (see :func:`locate`); the optimizer state is not read. With ``peft_cfg`` (a PEFT
@@ -421,7 +489,7 @@ def load_params(path: str | pathlib.Path, model_cfg, peft_cfg=None, nested: bool
     return jax.tree.map(np.asarray, params["base"] if nested else params)
 
 
-def load_seg_params(path: str | pathlib.Path, config) -> PyTree:
+def load_seg_params(path: storage.PathLike, config) -> PyTree:
     """The mask decoder's params (numpy) of a segmentation-head run (``config``: its full
     config, :func:`read_seg_config`)."""
     from umg_jax.models import mask_decoder

@@ -8,9 +8,22 @@ import os
 import jax
 import ml_collections as mlc
 
+from umg_jax import storage
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message is the one line the user sees."""
+
+
+# Grain reads ArrayRecord shards through local paths: on Cloud TPU / GPU clusters the bucket is
+# mounted (Cloud Storage FUSE, as MaxText and grain's docs do; Mountpoint for Amazon S3).
+_MOUNT_HINT = {
+    "gs": "the data pipeline reads local paths; mount the bucket with Cloud Storage FUSE "
+          "(gcsfuse --implicit-dirs {bucket} /mnt/{bucket}) and pass "
+          "--config.data.{key}=/mnt/{bucket}/...",
+    "s3": "the data pipeline reads local paths; mount the bucket with Mountpoint for Amazon S3 "
+          "(mount-s3 {bucket} /mnt/{bucket}) and pass --config.data.{key}=/mnt/{bucket}/...",
+}
 
 
 def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
@@ -20,6 +33,9 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(f"model.vision.image_size {m.vision.image_size} is not a multiple of "
                           f"model.vision.patch_size {m.vision.patch_size}")
+    if m.get("attention", "auto") not in ("auto", "xla"):
+        raise ConfigError(f"model.attention={m.attention!r}: expected 'auto' (the fastest "
+                          "implementation the compile target offers) or 'xla'")
     for tower in ("vision", "text"):
         t = m[tower]
         if t.width % t.heads:
@@ -52,13 +68,16 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     if config.loss.kind == "sigmoid" and m.logit_bias_init is None:
         raise ConfigError("loss.kind='sigmoid' needs model.logit_bias_init (e.g. -10.0)")
     tok = m.text.get("tokenizer", "clip")
-    if tok != "clip" and not os.path.isfile(tok):
+    if tok != "clip" and not (tok and storage.path(tok).is_file()):
         raise ConfigError("model.text.tokenizer is empty: this model (SigLIP towers) needs its "
                           "SentencePiece .model file" if not tok else
                           f"model.text.tokenizer {tok!r} does not exist (a SentencePiece .model "
                           "file, or 'clip' for the embedded CLIP BPE)")
     for key in ("path", "eval_path"):
         path = config.data.get(key, "")
+        if path and storage.is_remote(path):
+            raise ConfigError(f"data.{key} {path} is a bucket path: " + _MOUNT_HINT[path[:2]]
+                              .format(bucket=path[5:].split("/")[0], key=key))
         if path and not os.path.isdir(path):
             raise ConfigError(f"data.{key} {path!r} does not exist")
     peft = config.get("peft")
@@ -79,8 +98,11 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     init_from = config.get("init", {}).get("checkpoint", "")
-    if init_from and not os.path.exists(init_from):
-        raise ConfigError(f"init.checkpoint {init_from!r} does not exist")
+    if init_from:
+        try:
+            storage.check_readable(init_from, "init.checkpoint")
+        except storage.StorageError as e:
+            raise ConfigError(str(e)) from None
     if init_from:
         check_same_model(m, init_from)
     if config.total_steps <= 0:
@@ -122,6 +144,11 @@ def _same_file(a: str, b: str) -> bool:
     workdir or import dir holds its own copy, ``checkpoint.bundle_model_files``)."""
     if "clip" in (a, b):
         return a == b
+    if storage.is_remote(a) or storage.is_remote(b):  # compare the bytes
+        try:
+            return a == b or storage.read_bytes(a) == storage.read_bytes(b)
+        except FileNotFoundError:
+            return False
     if not (os.path.isfile(a) and os.path.isfile(b)):
         return os.path.realpath(a) == os.path.realpath(b)
     return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)

@@ -2,8 +2,10 @@
 accounting, and analytic model FLOPs for MFU.
 
 * ``MetricWriter``: ``workdir/metrics.jsonl`` (one ``{"step": s, name: value, ...}`` object per
-  line, appended across restarts; non-finite values are written as ``null``) and TensorBoard event
-  files in ``workdir/tensorboard`` via tensorboardX. Only process 0 writes.
+  line, appended across restarts, also on a bucket: ``umg_jax.storage.AppendLog``; non-finite
+  values are written as ``null``) and TensorBoard event files in ``workdir/tensorboard`` via
+  tensorboardX (on a bucket: written locally, uploaded every ``TB_UPLOAD_EVERY_S`` and at close).
+  Only process 0 writes.
 * ``Progress``: ``update(step, metrics) -> str`` console line (step, loss, img/s, data-wait %,
   ETA); ``timer(name)`` context managers split wall time into "data" / "step" / ...; the measured
   rates of the last window are in ``Progress.last`` for logging.
@@ -18,14 +20,18 @@ import contextlib
 import functools
 import json
 import math
-import pathlib
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from umg_jax import storage
 
 
 def _to_float(v: Any) -> float | None:
@@ -58,25 +64,39 @@ def _tensorboardx_writer():
     return SummaryWriter
 
 
+TB_UPLOAD_EVERY_S = 30.0  # bucket workdirs: event files are re-uploaded whole at most this often
+
+
 class MetricWriter:
-    """Scalars to ``workdir/metrics.jsonl`` and (``tensorboard``) TensorBoard event files.
+    """Scalars to ``workdir/metrics.jsonl`` and (``tensorboard``) TensorBoard event files;
+    ``workdir`` may be a bucket (``umg_jax.storage``).
 
     ``primary``: whether this process writes (default: ``jax.process_index() == 0``); the others
     accept every call and do nothing.
+
+    On a bucket the event files are written into a local temporary directory and copied to
+    ``workdir/tensorboard`` (whole files: objects cannot be appended to) on the first write, then
+    at most every ``TB_UPLOAD_EVERY_S`` seconds and at ``close()``. tensorboardX's own gs://
+    writer is not used: its ``close`` is not idempotent, so every writer uploads its file again
+    when garbage-collected (and blocks for two minutes of retries if the store is gone by then).
     """
 
-    def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True,
+    def __init__(self, workdir: storage.PathLike, tensorboard: bool = True,
                  primary: bool | None = None):
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = storage.path(workdir)
         self.primary = _is_primary() if primary is None else primary
         self._jsonl = None
         self._tb = None
+        self._tb_local: str | None = None  # bucket workdirs: where the events are written
+        self._tb_uploaded = -math.inf
         if not self.primary:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = storage.AppendLog(self.workdir / "metrics.jsonl")
         if tensorboard:
-            self._tb = _tensorboardx_writer()(logdir=str(self.workdir / "tensorboard"))
+            logdir = os.fspath(self.workdir / "tensorboard")
+            if storage.is_remote(logdir):
+                self._tb_local = logdir = tempfile.mkdtemp(prefix="umg-jax-tensorboard-")
+            self._tb = _tensorboardx_writer()(logdir=logdir)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSON line ``{"step": step, **scalars}`` and one TensorBoard scalar per name.
@@ -87,33 +107,51 @@ class MetricWriter:
         if "step" in values:
             raise ValueError("'step' is reserved in write_scalars")
         self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        # Every line reaches the file (on a bucket: the whole object is rewritten) before the
+        # next step: a killed run keeps its metrics up to its last log step.
+        self._jsonl.flush()
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, float("nan") if v is None else v, int(step))
+            self._upload_tb()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Writes ``workdir/hparams.json`` and a text summary (TensorBoard "Text" tab)."""
         if not self.primary:
             return
         flat = _flatten(hparams)
-        (self.workdir / "hparams.json").write_text(json.dumps(flat, indent=1, default=str))
+        storage.write_text(self.workdir / "hparams.json", json.dumps(flat, indent=1, default=str))
         if self._tb is not None:
             rows = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
             self._tb.add_text("hparams", "| name | value |\n|---|---|\n" + rows, 0)
+
+    def _upload_tb(self, force: bool = False) -> None:
+        """Bucket workdirs: the local event files to ``workdir/tensorboard`` (when due)."""
+        if self._tb_local is None or self._tb is None:
+            return
+        if force or time.monotonic() - self._tb_uploaded >= TB_UPLOAD_EVERY_S:
+            self._tb.flush()
+            storage.copy_tree(self._tb_local, self.workdir / "tensorboard")
+            self._tb_uploaded = time.monotonic()
 
     def flush(self) -> None:
         if self._jsonl is not None:
             self._jsonl.flush()
         if self._tb is not None:
             self._tb.flush()
+            self._upload_tb(force=True)
 
     def close(self) -> None:
-        self.flush()
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb_uploaded = -math.inf
+            if self._tb_local is not None:
+                storage.copy_tree(self._tb_local, self.workdir / "tensorboard")
+                shutil.rmtree(self._tb_local, ignore_errors=True)
+                self._tb_local = None
             self._tb = None
 
     def __enter__(self) -> MetricWriter:
@@ -137,18 +175,17 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
+def read_jsonl(path: storage.PathLike) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl`` (a torn last line from a killed run is skipped)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in storage.read_text(path).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return rows
 
 

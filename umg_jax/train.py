@@ -14,6 +14,8 @@ import or resume) -> compile -> loop (metrics, checkpoints, evals).
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
 import os
 import pathlib
@@ -21,15 +23,17 @@ import signal
 import sys
 import threading
 import time
+import uuid
 
 import jax
 import ml_collections as mlc
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from umg_jax import checkpoint as ckpt_lib
-from umg_jax import config_checks, config_lib, optim, sharding
+from umg_jax import config_checks, config_lib, optim, sharding, storage
 from umg_jax import metrics as metrics_lib
 from umg_jax import step as step_lib
 from umg_jax.data import pipeline, schema
@@ -42,7 +46,9 @@ def _define_flags() -> None:
     global _CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _SHOW_CONFIG
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
                                               lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+    _WORKDIR = flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, metrics and logs: a local path, gs://BUCKET/"
+        "... or s3://BUCKET/... (on several hosts: a bucket or a filesystem all of them mount).")
     _COORDINATOR = flags.DEFINE_string(
         "coordinator", None, "host:port of process 0 for multi-host runs (with --num_processes and "
         "--process_id); on TPU pods / SLURM leave unset, it is auto-detected.")
@@ -57,13 +63,34 @@ class TrainingError(RuntimeError):
     """A run that cannot go on; the message is the one line the user sees."""
 
 
+GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips on a TPU VM's PCI bus
+
+
+def tpu_chips_attached(pci_root: str = "/sys/bus/pci/devices") -> bool:
+    """Whether this host has Cloud TPU chips (a TPU VM): a PCI device of Google's vendor id.
+    A TPU VM sets no environment variable that says so; every host of a slice has its chips."""
+    for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
+        try:
+            if pathlib.Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _maybe_init_distributed() -> None:
+    """``jax.distributed.initialize`` for multi-host runs: explicit ``--coordinator``, else
+    auto-detected on a Slurm job of several tasks or on a TPU VM (jax finds the slice's hosts
+    through the TPU metadata server; a single-host slice is one process). Orbax's multi-host
+    checkpointing needs the distributed runtime."""
     if _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
     elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")) and \
             int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+        jax.distributed.initialize()
+    elif tpu_chips_attached():
         jax.distributed.initialize()
 
 
@@ -91,28 +118,34 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def train(config: mlc.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) training into ``workdir``; returns the last logged metrics.
+def train(config: mlc.ConfigDict, workdir: storage.PathLike) -> dict:
+    """Runs (or resumes) training into ``workdir`` (a local path, ``gs://`` or ``s3://``: see
+    ``umg_jax.storage``); returns the last logged metrics.
 
     Writes ``workdir/config.json`` (the full config; ``umg_jax.load`` reads the model part; a
     SentencePiece tokenizer is copied in beside it as ``tokenizer.model``),
     ``checkpoints/<step>/``, ``metrics.jsonl`` + TensorBoard events, ``final_metrics.json``.
+    Raises ``storage.StorageError`` (before anything is compiled) when ``workdir`` cannot be
+    written or, on several processes, is not the same directory for all of them.
     """
-    workdir = str(pathlib.Path(workdir).resolve())
-    # ---------------------------------------------------------------- config checks + mesh
+    # ---------------------------------------------------------------- config + run-dir checks
     config_checks.validate(config)
+    workdir = check_run_dir(workdir)
+    ckpt = ckpt_lib.Checkpointer(  # refuses stores orbax cannot write (s3://) before compiling
+        workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep,
+        keep_best_metric=config.ckpt.keep_best_metric or None, best_mode=config.ckpt.best_mode,
+        async_save=config.ckpt.async_save)
     mesh = sharding.make_mesh(config.mesh)
     nproc = jax.process_count()
     local_batch = config.batch_size // nproc
     is_main = jax.process_index() == 0
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
         _write_config(config, workdir)
     if is_main and step_lib.seg_enabled(config):
         # The head's training vocabulary: inference treats other labels as unseen (ensemble).
         vocab = step_lib.train_vocabulary(config)
-        with open(os.path.join(workdir, "seg_vocab.json"), "w") as f:
-            json.dump({"names": vocab["names"], "holdout": list(config.seg.holdout)}, f)
+        storage.write_json(workdir / "seg_vocab.json",
+                           {"names": vocab["names"], "holdout": list(config.seg.holdout)})
     logging.info("mesh %s, global batch %d (%d per process)", dict(mesh.shape),
                  config.batch_size, local_batch)
 
@@ -138,10 +171,6 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     train_step = step_lib.make_train_step(model, tx, config, mesh, state_sh, batch_shapes)
 
     # ---------------------------------------------------------------- state: resume / import / init
-    ckpt = ckpt_lib.Checkpointer(
-        workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep,
-        keep_best_metric=config.ckpt.keep_best_metric or None, best_mode=config.ckpt.best_mode,
-        async_save=config.ckpt.async_save)
     abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                abstract, state_sh)
     start = ckpt.latest_step()
@@ -260,8 +289,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     if writer:
         writer.close()
     if is_main:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump({"step": step, **last}, f, indent=2)
+        storage.write_json(workdir / "final_metrics.json", {"step": step, **last})
         if out_of_time:
             print(f"time budget of {budget:.0f}s used up at step {step}", flush=True)
         if stop.received is not None:
@@ -270,15 +298,57 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     return last
 
 
-def _write_config(config: mlc.ConfigDict, workdir: str) -> None:
+def _write_config(config: mlc.ConfigDict, workdir: storage.PathLike) -> None:
     """``workdir/config.json``: the full config, with the files the model names (a SigLIP's
     SentencePiece model) copied into the workdir and named relative to it, so that the workdir
     can be moved and still load (``umg_jax.checkpoint.read_model_config`` resolves them)."""
     d = json.loads(config.to_json_best_effort())
     if isinstance(d.get("model"), dict):
         ckpt_lib.bundle_model_files(d["model"], workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(d, f, indent=2)
+    storage.write_json(storage.path(workdir) / "config.json", d)
+
+
+_CHECKS = itertools.count()  # coordination-service keys are set once: one suffix per check
+
+
+def check_run_dir(workdir: storage.PathLike, timeout_s: int = 300) -> epath.Path:
+    """``storage.path(workdir)`` after checking, on every process, that it can be written (bucket
+    exists, credentials, permissions) and, on several processes, that all of them see the same
+    directory: process 0 writes a random token there, every process must read it back. A local
+    path that each host has for itself (N partial checkpoints, a resume that mixes them) is
+    refused. Raises ``storage.StorageError``; nothing is compiled (the coordination service's
+    key-value store and barriers, not collectives)."""
+    wd = storage.check_writable_dir(workdir)
+    n = jax.process_count()
+    if n == 1:
+        return wd
+    import orbax.checkpoint as ocp
+
+    client = ocp.multihost.get_jax_distributed_client()
+    pid, ms = jax.process_index(), timeout_s * 1000
+    tag = f"umg_jax/run_dir/{next(_CHECKS)}"
+    marker = wd / ".shared-run-dir-check"
+    if pid == 0:
+        token = uuid.uuid4().hex
+        storage.write_text(marker, token)
+        client.key_value_set(f"{tag}/token", token)
+    else:
+        token = client.blocking_key_value_get(f"{tag}/token", ms)
+    try:
+        seen = storage.read_text(marker)
+    except FileNotFoundError:
+        seen = None
+    client.key_value_set(f"{tag}/ok/{pid}", "1" if seen == token else "0")
+    client.wait_at_barrier(f"{tag}/read", ms)
+    if pid == 0:
+        marker.unlink()
+    blind = [i for i in range(n) if client.blocking_key_value_get(f"{tag}/ok/{i}", ms) != "1"]
+    if blind:
+        raise storage.StorageError(
+            f"--workdir {wd} is not shared: process(es) {blind} of {n} do not see the files "
+            "process 0 writes there (each host has its own local directory); use a bucket "
+            "(gs://...) or a filesystem that every host mounts")
+    return wd
 
 
 def _all_agree(flag: bool) -> bool:
@@ -300,9 +370,11 @@ def _agree_max(values: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(x) for x in np.asarray(gathered).reshape(-1, len(values)).max(0))
 
 
-def _read_final(workdir: str) -> dict:
-    p = os.path.join(workdir, "final_metrics.json")
-    return json.load(open(p)) if os.path.exists(p) else {}
+def _read_final(workdir: storage.PathLike) -> dict:
+    try:
+        return storage.read_json(storage.path(workdir) / "final_metrics.json")
+    except FileNotFoundError:
+        return {}
 
 
 def _run_hooks(hooks: dict, params, step: int) -> dict:
@@ -345,9 +417,9 @@ def main(argv: list[str]) -> None:
     _maybe_init_distributed()
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (config_checks.ConfigError, TrainingError) as e:
+    except (config_checks.ConfigError, storage.StorageError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, config_checks.ConfigError) else 1)
+        sys.exit(1 if isinstance(e, TrainingError) else 2)
 
 
 if __name__ == "__main__":
