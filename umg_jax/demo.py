@@ -3,6 +3,7 @@
     python -m umg_jax.demo --workdir /tmp/umg_tiny --image scene.png --labels "circle,grass,sky"
     python -m umg_jax.demo --workdir /tmp/umg_tiny --synthetic 3   # held-out synthetic scene 3
 
+``--workdir`` and ``--out`` may be local or on a bucket (``gs://``, ``s3://``).
 Writes ``--out`` (default ``demo.png``): the image, the label map over it with a legend, and for
 each label present its largest connected area boxed and re-classified by its RoIAlign region
 embedding (the region-level head of the model). Prints the image-level zero-shot probabilities
@@ -57,8 +58,14 @@ def analyse(model: UMGModel, image: np.ndarray, labels: list[str]) -> dict:
 
 
 def render(image: np.ndarray, labels: list[str], result: dict, path: str) -> None:
-    """Writes the picture: image | overlay with boxes | legend."""
+    """Writes the picture (image | overlay with boxes | legend) to ``path``, local or on a
+    bucket; the format follows the suffix (PNG without one)."""
+    import io
+    import os
+
     import matplotlib
+
+    from umg_jax import storage
 
     matplotlib.use("Agg")
     import matplotlib.patches as mpatches
@@ -86,8 +93,10 @@ def render(image: np.ndarray, labels: list[str], result: dict, path: str) -> Non
     top = sorted(result["probs"].items(), key=lambda kv: -kv[1])[:3]
     fig.suptitle("zero-shot: " + ", ".join(f"{k} {v:.2f}" for k, v in top), fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(os.fspath(path))[1][1:].lower() or "png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,14 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", required=True,
                     help="training workdir or import directory (umg_jax.load)")
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", help="image file (PNG / JPEG)")
+    src.add_argument("--image", help="image file (PNG / JPEG; local, gs:// or s3://)")
     src.add_argument("--synthetic", type=int, metavar="I",
                      help="use scene I of the held-out synthetic world instead of a file")
     ap.add_argument("--labels", default="",
                     help="comma-separated vocabulary; default with --synthetic: its categories")
-    ap.add_argument("--out", default="demo.png", help="output PNG")
+    ap.add_argument("--out", default="demo.png", help="output PNG (local or gs:// / s3://)")
     args = ap.parse_args(argv)
+    from umg_jax import storage
+
     try:
+        storage.check_writable_dir(storage.path(args.out).parent)  # before loading anything
         model = load(args.workdir)
         if args.synthetic is not None:
             from umg_jax.data import records, synthetic
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--labels is empty: give a comma-separated vocabulary")
         result = analyse(model, image, labels)
         render(image, labels, result, args.out)
-    except InputError as e:
+    except (InputError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     top = sorted(result["probs"].items(), key=lambda kv: -kv[1])[:5]

@@ -8,6 +8,8 @@ Runs the evaluators of ``umg_jax/evaluators`` (zero-shot classification, image<-
 region classification, open-vocabulary semantic segmentation, panoptic quality) on a data set of
 ArrayRecord shards (any the builders or the synthetic world write; the vocabulary is its
 ``meta.json`` category list), writes ``DIR/eval/<step>/metrics.json`` and prints a table.
+``DIR`` may be local or on a bucket (``gs://``, ``s3://``); the data set is read from local
+disk (Grain reads ArrayRecord through local paths: mount a bucket with Cloud Storage FUSE).
 The model config comes from the workdir (``config.json``), the data / eval settings from
 ``--config`` when given, else from the workdir's config too. A segmentation-head run
 (``configs/seg_*.py``) is evaluated with ``evaluators/segmentation.py`` instead: mIoU and PQ of the
@@ -20,9 +22,7 @@ Inside training, ``make_hooks(config)`` returns the same evaluation as a functio
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +31,8 @@ import ml_collections as mlc
 import numpy as np
 
 ALL = ("zeroshot", "retrieval", "region", "semseg", "panoptic")
+DATA_HINT = ("Grain reads ArrayRecord shards through local paths: copy the data set to local "
+             "disk or mount the bucket with Cloud Storage FUSE (gcsfuse) and pass the mount")
 
 
 class EvalError(ValueError):
@@ -146,18 +148,28 @@ def format_table(results: dict[str, float]) -> str:
 
 def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
         step: int | None = None, names=ALL, num_examples: int | None = None) -> dict[str, float]:
-    """The CLI's work: load, evaluate, write ``workdir/eval/<step>/metrics.json``."""
-    from umg_jax import checkpoint
+    """The CLI's work: load, evaluate, write ``workdir/eval/<step>/metrics.json`` (``workdir``
+    local or ``gs://`` / ``s3://``; ``storage.StorageError`` when it cannot be read or
+    written, raised before the model is loaded)."""
+    from umg_jax import checkpoint, storage
     from umg_jax.data import pipeline
-    from umg_jax.inference import InputError, load
+    from umg_jax.inference import InputError, check_bucket_source, load
 
     unknown = sorted(set(names) - set(ALL))
     if unknown or not names:
         raise EvalError(f"unknown evaluators {unknown} (choose from {', '.join(ALL)})")
+    check_bucket_source(workdir)
     try:
         ckpt_dir, cfg_file = checkpoint.locate(workdir, step)
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
+    out = storage.path(workdir) / "eval" / (ckpt_dir.name if ckpt_dir.name.isdigit()
+                                            else "import")
+    storage.check_writable_dir(storage.path(workdir))  # the results must land: check first
+    if data:
+        data = str(storage.require_local(data, "--data", DATA_HINT))
+        if not os.path.isdir(data):
+            raise EvalError(f"--data {data!r} is not a directory")
     if config is None:
         if cfg_file is None or cfg_file.name != "config.json":
             raise EvalError(f"{workdir} has no training config.json: pass --config")
@@ -170,8 +182,6 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
     except InputError as e:
         raise EvalError(str(e)) from None
     if data:
-        if not os.path.isdir(data):
-            raise EvalError(f"--data {data!r} is not a directory")
         data_dir = data
     else:
         data_dir = pipeline.ensure_data(config.data, "eval")
@@ -187,24 +197,22 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
     else:
         results = evaluate_model(model, config, data_dir, names, num_examples)
     results["eval_seconds"] = time.perf_counter() - t0
-    label = ckpt_dir.name if ckpt_dir.name.isdigit() else "import"
-    out = pathlib.Path(workdir) / "eval" / label
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(
-        {"step": label, "data": str(data_dir), "results": results}, indent=1))
+    storage.write_json(out / "metrics.json",
+                       {"step": out.name, "data": str(data_dir), "results": results}, indent=1)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from umg_jax import config_lib
+    from umg_jax import config_lib, storage
 
     ap = argparse.ArgumentParser(prog="python -m umg_jax.evaluate",
                                  description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.split("\n")[2:6]))
-    ap.add_argument("--workdir", required=True, help="training workdir or import directory")
+    ap.add_argument("--workdir", required=True, help="training workdir or import directory "
+                    "(local, gs:// or s3://)")
     ap.add_argument("--config", default="", help="configs/x.py for data / eval settings "
                     "(default: the workdir's config.json)")
     ap.add_argument("--data", default="", help="directory of ArrayRecord shards + meta.json "
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [s.strip() for s in args.evaluators.split(",") if s.strip()]
         results = run(args.workdir, config=config, data=args.data, step=args.step, names=names,
                       num_examples=args.num_examples)
-    except (EvalError, FileNotFoundError) as e:
+    except (EvalError, FileNotFoundError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(results))

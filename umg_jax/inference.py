@@ -6,6 +6,7 @@
     label_map = m.segment(image, ["circle", "star", "grass", "sky"])   # [H, W] int32
 
     s = umg_jax.load_segmenter("/tmp/umg_seg")          # a configs/seg_*.py run
+    m = umg_jax.load("gs://bucket/runs/umg_tiny")      # a run on a bucket (also s3://)
     out = s.predict(image, ["circle", "star", "grass", "sky"], isthing=[1, 1, 0, 0])
     out["semantic"], out["panoptic"], out["segments"]   # [H, W], [H, W] ids, {id: (label, score)}
 
@@ -44,14 +45,17 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def read_image(image) -> np.ndarray:
-    """A path or an array -> ``uint8 [H, W, 3]``; raises :class:`InputError` if unreadable."""
+    """A path (local, ``gs://`` or ``s3://``) or an array -> ``uint8 [H, W, 3]``; raises
+    :class:`InputError` if unreadable."""
     if isinstance(image, str | os.PathLike):
         from PIL import Image, UnidentifiedImageError
 
+        from umg_jax import storage
+
         try:
-            with Image.open(image) as im:
+            with storage.local_file(image) as local, Image.open(local) as im:
                 return np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, UnidentifiedImageError, storage.StorageError) as e:
             raise InputError(f"cannot read image {os.fspath(image)!r}: {e}") from None
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3:
@@ -185,11 +189,26 @@ class UMGModel:
         return float(np.exp(min(float(self.params["logit_scale"]), self.config.logit_scale_max)))
 
 
-def load(workdir_or_checkpoint: str, step: int | None = None) -> UMGModel:
+def check_bucket_source(path: str | os.PathLike, what: str = "run directory") -> None:
+    """For a ``gs://`` / ``s3://`` ``path``: ``umg_jax.storage.StorageError`` (one line naming
+    it) when its bucket does not exist, there are no credentials, or it does not exist, before
+    anything is read (the file system clients would raise their own errors deep in a listing).
+    Local paths: nothing (the readers' own messages name what is missing)."""
+    from umg_jax import storage
+
+    if storage.is_remote(path):
+        storage.check_readable(path, what)
+
+
+def load(workdir_or_checkpoint: str | os.PathLike, step: int | None = None) -> UMGModel:
     """Loads params + model config from a training workdir (latest or given checkpoint step) or
-    from an import directory written by ``umg_jax.interop.import_torch``."""
+    from an import directory written by ``umg_jax.interop.import_torch``; a local path or a
+    ``gs://`` / ``s3://`` directory. :class:`InputError` for a directory that holds no model;
+    ``umg_jax.storage.StorageError`` for a bucket that cannot be read (missing, no
+    credentials)."""
     from umg_jax import checkpoint
 
+    check_bucket_source(workdir_or_checkpoint)
     try:
         ckpt, cfg_file = checkpoint.locate(workdir_or_checkpoint, step)
         if cfg_file is None:
@@ -251,12 +270,12 @@ class Segmenter:
                 "segments": segments}
 
 
-def load_segmenter(workdir: str, step: int | None = None) -> Segmenter:
-    """The segmentation head of a ``configs/seg_*.py`` training workdir, on its backbone."""
-    import json
+def load_segmenter(workdir: str | os.PathLike, step: int | None = None) -> Segmenter:
+    """The segmentation head of a ``configs/seg_*.py`` training workdir (local or ``gs://`` /
+    ``s3://``), on its backbone."""
+    from umg_jax import checkpoint, storage
 
-    from umg_jax import checkpoint
-
+    check_bucket_source(workdir)
     try:
         ckpt, cfg_file = checkpoint.locate(workdir, step)
         config = checkpoint.read_seg_config(cfg_file)
@@ -268,6 +287,6 @@ def load_segmenter(workdir: str, step: int | None = None) -> Segmenter:
         if isinstance(e, InputError):
             raise
         raise InputError(str(e)) from None
-    vocab_file = os.path.join(workdir, "seg_vocab.json")
-    names = json.load(open(vocab_file))["names"] if os.path.exists(vocab_file) else None
+    vocab_file = storage.path(workdir) / "seg_vocab.json"
+    names = storage.read_json(vocab_file)["names"] if vocab_file.exists() else None
     return Segmenter(load(workdir, step), seg_params, config, names)

@@ -9,7 +9,9 @@ step, date) and prints one line per metric. ``--suite`` runs a JSON list of
 ``{"task": ..., "data": ..., <any option below>}`` (relative paths are read from the suite
 file's folder), writes each task's JSON and prints one markdown table in the paper's column
 order, also saved as ``RUN/benchmark/<step>/table.md``. ``RUN`` is any training workdir or
-import directory ``umg_jax.load`` accepts; a segmentation-head run also loads its head.
+import directory ``umg_jax.load`` accepts, local or on a bucket (``gs://``, ``s3://``: read from
+there, results written there); a segmentation-head run also loads its head. The data sets (and
+``--classes``) are read from local disk; a suite file may be on a bucket.
 Bad input (missing folder, unreadable image, empty class list, unknown task): one line on
 stderr and exit status 2.
 """
@@ -21,10 +23,11 @@ import dataclasses
 import datetime
 import importlib
 import json
-import pathlib
+import os
 import sys
 from typing import Any
 
+from umg_jax import storage
 from umg_jax.benchmark import common
 from umg_jax.benchmark.common import BenchmarkInputError, BenchModel, Options, TaskResult
 
@@ -65,6 +68,8 @@ HEADLINE = {
     "coco_panoptic": ("pq",), "ade_panoptic": ("pq",),
 }
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(Options)}
+LOCAL_HINT = ("the benchmark reads data sets through local paths: copy it to local disk or mount "
+              "the bucket with Cloud Storage FUSE (gcsfuse) and pass the mount")
 
 
 def default_split(task: str) -> str:
@@ -73,9 +78,11 @@ def default_split(task: str) -> str:
     return getattr(module, "DEFAULT_SPLITS", {}).get(task, "val")
 
 
-def make_options(task: str, values: dict[str, Any], base: pathlib.Path | None = None) -> Options:
+def make_options(task: str, values: dict[str, Any], base: storage.PathLike | None = None
+                 ) -> Options:
     """``Options`` from a dict of option values (``None`` = the default); paths relative to
-    ``base`` when given. Checks the task name and that ``data`` exists (before any loading)."""
+    ``base`` when given. Checks the task name and that ``data`` exists (before any loading);
+    ``data`` / ``classes`` on a bucket are refused (``storage.StorageError``)."""
     common.get_task(task)  # unknown task -> BenchmarkInputError
     unknown = sorted(set(values) - _OPTION_FIELDS)
     if unknown:
@@ -86,8 +93,10 @@ def make_options(task: str, values: dict[str, Any], base: pathlib.Path | None = 
         raise BenchmarkInputError(f"{task}: no data folder given (--data)")
     for key in ("data", "classes"):
         if key in v:
-            p = pathlib.Path(v[key]).expanduser()
-            v[key] = base / p if base is not None and not p.is_absolute() else p
+            p = os.path.expanduser(os.fspath(v[key]))
+            if base is not None and not storage.is_remote(p) and not os.path.isabs(p):
+                p = str(storage.path(base) / p)
+            v[key] = storage.require_local(p, f"{task}: {key}", LOCAL_HINT)
     if not v["data"].exists():
         raise BenchmarkInputError(f"{task}: data {str(v['data'])!r} does not exist")
     v.setdefault("split", default_split(task))
@@ -98,9 +107,10 @@ def make_options(task: str, values: dict[str, Any], base: pathlib.Path | None = 
     return Options(**v)
 
 
-def load_model(workdir: str, step: int | None = None) -> BenchModel:
-    """The backbone of any run or import dir ``umg_jax.load`` accepts, plus the segmentation
-    head for a seg-head run. ``inference.InputError`` for an unloadable directory."""
+def load_model(workdir: storage.PathLike, step: int | None = None) -> BenchModel:
+    """The backbone of any run or import dir ``umg_jax.load`` accepts (local or on a bucket),
+    plus the segmentation head for a seg-head run. ``inference.InputError`` for an unloadable
+    directory."""
     from umg_jax import checkpoint, inference
 
     try:
@@ -115,7 +125,8 @@ def load_model(workdir: str, step: int | None = None) -> BenchModel:
     else:
         segmenter, backbone = None, inference.load(workdir, step)
     return BenchModel(backbone=backbone, segmenter=segmenter,
-                      step=int(ckpt.name) if ckpt.name.isdigit() else None, source=str(workdir))
+                      step=int(ckpt.name) if ckpt.name.isdigit() else None,
+                      source=os.fspath(workdir))
 
 
 def _jsonable(x: Any) -> Any:
@@ -126,20 +137,21 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def out_dir(model: BenchModel) -> pathlib.Path:
-    """``RUN/benchmark/<step>`` (``import`` for an import directory)."""
-    return pathlib.Path(model.source) / "benchmark" / (
+def out_dir(model: BenchModel):
+    """``RUN/benchmark/<step>`` (``import`` for an import directory), an ``epath.Path``
+    (local or on the run's bucket)."""
+    return storage.path(model.source) / "benchmark" / (
         str(model.step) if model.step is not None else "import")
 
 
-def write_result(model: BenchModel, result: TaskResult) -> pathlib.Path:
-    """``RUN/benchmark/<step>/<task>.json``: the result plus model, step and UTC date."""
-    d = out_dir(model)
-    d.mkdir(parents=True, exist_ok=True)
+def write_result(model: BenchModel, result: TaskResult):
+    """``RUN/benchmark/<step>/<task>.json``: the result plus model, step and UTC date; returns
+    its path."""
+    d = out_dir(model)  # storage.write_text creates a local parent; a bucket prefix needs none
     record = {**dataclasses.asdict(result), "model": model.source, "step": model.step,
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     path = d / f"{result.task}.json"
-    path.write_text(json.dumps(record, indent=1, default=_jsonable))
+    storage.write_text(path, json.dumps(record, indent=1, default=_jsonable))
     return path
 
 
@@ -167,10 +179,11 @@ def markdown_table(model: BenchModel, results: list[TaskResult]) -> str:
 
 
 def read_suite(path: str) -> list[tuple[str, Options]]:
-    """``[(task, Options)]`` of a suite file, every entry checked before anything runs."""
-    p = pathlib.Path(path)
+    """``[(task, Options)]`` of a suite file (local or on a bucket), every entry checked before
+    anything runs."""
+    p = storage.path(path)
     try:
-        entries = json.loads(p.read_text())
+        entries = json.loads(storage.read_text(p))
     except (OSError, ValueError) as e:
         raise BenchmarkInputError(f"cannot read suite {path!r}: {e}") from None
     if not isinstance(entries, list) or not entries or not all(
@@ -184,6 +197,20 @@ def read_suite(path: str) -> list[tuple[str, Options]]:
                                   "task: use two suites)")
     return [(e["task"], make_options(e["task"], {k: v for k, v in e.items() if k != "task"},
                                      p.parent)) for e in entries]
+
+
+def check_run_dir(workdir: storage.PathLike, step: int | None = None) -> None:
+    """Before any loading: the run holds a model (``inference.InputError``) and its
+    ``benchmark/`` results can be written there (``storage.StorageError``: a missing bucket, no
+    credentials, an unwritable directory)."""
+    from umg_jax import checkpoint, inference
+
+    inference.check_bucket_source(workdir)
+    try:
+        checkpoint.locate(workdir, step)
+    except (FileNotFoundError, ValueError) as e:
+        raise inference.InputError(str(e)) from None
+    storage.check_writable_dir(workdir)
 
 
 def run_task(model: BenchModel, task: str, opts: Options) -> TaskResult:
@@ -205,7 +232,8 @@ def _parser() -> argparse.ArgumentParser:
           "the training-free dense map (shorter side 448 for patch-14 models, else 2x the input; "
           "stride 2/3); panoptic thresholds Mask2Former's 0.8 / 0.8; metrics in percent.\n\n"
         + "\n".join(__doc__.split("\n")[2:5]))
-    ap.add_argument("--workdir", required=True, help="training workdir or import directory")
+    ap.add_argument("--workdir", required=True, help="training workdir or import directory "
+                    "(local, gs:// or s3://)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", help="one of: " + ", ".join(common.TASKS))
@@ -239,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             values = {k: getattr(args, k) for k in _OPTION_FIELDS}
             runs = [(args.task, make_options(args.task, values))]
+        check_run_dir(args.workdir, args.step)
         model = load_model(args.workdir, args.step)
         results = []
         for task, opts in runs:
@@ -246,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(metric_lines(results[-1])), flush=True)
         if args.suite:
             table = markdown_table(model, results)
-            (out_dir(model) / "table.md").write_text(table)
+            storage.write_text(out_dir(model) / "table.md", table)
             print(table, end="")
-    except (BenchmarkInputError, InputError) as e:
+    except (BenchmarkInputError, InputError, storage.StorageError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     return 0

@@ -14,16 +14,20 @@ dropped input with its source id and why) into ``--out``, atomically (a temporar
 at the end: an interrupted build leaves the previous output untouched). Bad inputs are dropped and
 reported; ``--strict`` stops at the first with one line and exit status 2. Output is deterministic
 (images in id / name order). Train with ``--config.data.path=OUT``.
+
+``--out`` may be a bucket (``gs://``, ``s3://``): the shards are built locally and uploaded,
+``meta.json`` last; a bucket folder that already holds a data set is refused (objects cannot be
+swapped in atomically). The inputs are read from local disk.
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 from collections.abc import Iterator
 
+from umg_jax import storage
 from umg_jax.data import records
 from umg_jax.data.sources.common import BuildError, Report
 
@@ -71,9 +75,9 @@ def build(kind: str, args: argparse.Namespace) -> Report:
                                   backgrounds_dir=args.backgrounds)
     else:
         raise BuildError(f"unknown source kind {kind!r}")
-    out = pathlib.Path(args.out)
+    out = storage.path(args.out)
     meta = {"name": f"{kind}-{args.split}", "categories": cats, "source_kind": kind}
-    records.write_shards(_progress(it, report), str(out), num_shards=args.num_shards,
+    records.write_shards(_progress(it, report), args.out, num_shards=args.num_shards,
                          prefix=args.split, meta=meta)
     report.save(out / "build_report.json")
     return report
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="kind", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+        p.add_argument("--out", required=True, help="output directory (replaced atomically); "
+                       "local, gs:// or s3://")
         p.add_argument("--num_shards", type=int, default=8, help="ArrayRecord shards")
         p.add_argument("--split", default="train", help="shard name prefix / split name")
         p.add_argument("--strict", action="store_true", help="stop at the first bad input")
@@ -129,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --num_shards must be >= 1", file=sys.stderr)
         return 2
     try:
+        # before reading any input (a local --out itself is replaced by a rename at the end)
+        storage.check_writable_dir(args.out if storage.is_remote(args.out)
+                                   else storage.path(args.out).parent)
+        records.check_bucket_target(args.out)
         report = build(args.kind, args)
-    except (BuildError, ValueError, FileNotFoundError) as e:
+    except (BuildError, ValueError, FileNotFoundError, FileExistsError,
+            storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

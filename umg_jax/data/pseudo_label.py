@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from umg_jax import storage
 from umg_jax.data import records
 from umg_jax.ops.mask_pool import mask_pool
 from umg_jax.ops.roi_align import roi_pool_embed
@@ -402,9 +403,9 @@ def load_input(item) -> tuple[np.ndarray, bytes, list[str], str | None]:
 
 
 def run(items: list, scorer: Scorer, vocab: list[str], out: str, args, log=print) -> dict:
-    """Labels ``items`` into shards of ``out`` (skipping finished ones); returns counts."""
-    outp = pathlib.Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
+    """Labels ``items`` into shards of ``out`` (local, ``gs://`` or ``s3://``; finished shards
+    are skipped); returns counts. ``storage.StorageError`` for an unusable ``out``."""
+    outp = storage.check_writable_dir(out)
     n_shards = (len(items) + args.shard_size - 1) // args.shard_size
     counts = {"examples": 0, "regions": 0, "masks": 0, "skipped_shards": 0, "unreadable": 0}
     t0, done = time.perf_counter(), 0
@@ -423,11 +424,20 @@ def run(items: list, scorer: Scorer, vocab: list[str], out: str, args, log=print
             f"ETA {(len(items) - done) / max(rate, 1e-9):.0f}s")
     categories = [{"id": i, "name": v, "isthing": True} for i, v in enumerate(vocab)]
     written = records.shard_paths(str(outp))
-    total = len(records.RecordSource(written)) if written else 0
+    total = _count_records(written)
     records.write_meta(str(outp), {"name": "pseudo-labelled", "categories": categories,
                                    "num_shards": len(written), "num_examples": total,
                                    "teacher": str(args.teacher)})
     return counts
+
+
+def _count_records(paths: list[str]) -> int:
+    """Records in ArrayRecord shards, local or on a bucket (read through a local copy)."""
+    total = 0
+    for p in paths:
+        with storage.local_file(p) as local:
+            total += len(records.RecordSource([str(local)]))
+    return total
 
 
 def _label_chunk(chunk, scorer, vocab, args, counts) -> Iterator[dict]:
@@ -514,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         items = list_inputs(args.images)
         if not items:
             raise PseudoLabelError(f"no images found in {args.images}")
+        storage.check_writable_dir(args.out)  # before the teacher loads
         from umg_jax.inference import InputError, load
 
         try:
@@ -523,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         scorer = Scorer(teacher, vocab)
         counts = run(items, scorer, vocab, args.out, args,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
-    except (PseudoLabelError, FileNotFoundError) as e:
+    except (PseudoLabelError, FileNotFoundError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"labelled {counts['examples']} images: {counts['regions']} regions, "

@@ -7,6 +7,11 @@ RLE (pycocotools), so a shard costs about what the source images cost. A data se
 Writing is atomic per directory: shards and meta go to a temporary sibling directory that is
 renamed into place at the end, so a reader never sees half a data set and an interrupted build
 leaves the previous one intact.
+
+The writers also take ``gs://`` / ``s3://`` directories (``umg_jax.storage``): ArrayRecord needs
+a local file, so the shards are written locally and uploaded (``meta.json`` last). Readers
+(:class:`RecordSource`, Grain) need local paths: a bucket is read through a Cloud Storage FUSE
+mount.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import numpy as np
 
 SHARD_SUFFIX = ".array_record"
 META_FILE = "meta.json"
+FUSE_HINT = ("Grain reads ArrayRecord shards through local paths: mount the bucket with Cloud "
+             "Storage FUSE (gcsfuse) and use the mount, or copy the shards to local disk")
 
 
 # ------------------------------------------------------------------------------- codecs ---
@@ -103,14 +110,22 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
 
 
 def shard_paths(directory: str) -> list[str]:
-    """Sorted ArrayRecord shard paths in ``directory`` (empty when there are none)."""
+    """Sorted ArrayRecord shard paths in ``directory`` (local or ``gs://`` / ``s3://``; empty
+    when there are none)."""
+    from umg_jax import storage
+
+    if storage.is_remote(directory):
+        d = storage.path(directory)
+        return sorted(str(p) for p in d.glob(f"*{SHARD_SUFFIX}")) if d.is_dir() else []
     return sorted(glob.glob(os.path.join(directory, f"*{SHARD_SUFFIX}")))
 
 
 def read_meta(directory: str) -> dict[str, Any]:
-    """``meta.json`` of a data set directory (``{}`` when absent)."""
-    p = pathlib.Path(directory) / META_FILE
-    return json.loads(p.read_text()) if p.exists() else {}
+    """``meta.json`` of a data set directory, local or on a bucket (``{}`` when absent)."""
+    from umg_jax import storage
+
+    p = storage.path(directory) / META_FILE
+    return storage.read_json(p) if p.exists() else {}
 
 
 def write_shards(
@@ -126,14 +141,21 @@ def write_shards(
 
     Args:
       records: encoded records (bytes) or record dicts (encoded here).
-      out_dir: target directory; replaced as a whole when it exists and ``overwrite``.
+      out_dir: target directory; replaced as a whole when it exists and ``overwrite``. On a
+        bucket (``gs://``, ``s3://``) the data set is written locally and uploaded, ``meta.json``
+        last; a bucket directory that already holds shards or ``meta.json`` is refused
+        (``FileExistsError``): objects cannot be swapped in atomically.
       meta: data-set metadata; ``num_examples`` is filled in.
     Returns the shard paths.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    from umg_jax import storage
+
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if storage.is_remote(out_dir):
+        return _upload_shards(records, out_dir, num_shards=num_shards, prefix=prefix, meta=meta)
     out = pathlib.Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
@@ -172,11 +194,53 @@ def write_shards(
     return [str(out / n) for n in names]
 
 
+def check_bucket_target(out_dir: str) -> None:
+    """For a bucket ``out_dir``: ``FileExistsError`` when it already holds a data set (shards or
+    ``meta.json``), which :func:`write_shards` cannot replace atomically there. Local: nothing to
+    check (a local data set is replaced by a rename)."""
+    from umg_jax import storage
+
+    if storage.is_remote(out_dir) and (
+            shard_paths(out_dir) or (storage.path(out_dir) / META_FILE).exists()):
+        raise FileExistsError(f"{out_dir} already holds a data set; objects on a bucket cannot be "
+                              "replaced atomically: remove it first or choose another --out")
+
+
+def _upload_shards(records: Iterable[bytes | dict[str, Any]], out_dir: str, *, num_shards: int,
+                   prefix: str, meta: dict[str, Any] | None) -> list[str]:
+    """:func:`write_shards` to a bucket directory: a local build, then the shards, then
+    ``meta.json`` (a reader that waits for ``meta.json`` sees the whole set)."""
+    from umg_jax import storage
+
+    dst = storage.path(out_dir)
+    check_bucket_target(out_dir)
+    storage.check_writable_dir(dst)
+    with tempfile.TemporaryDirectory(prefix="umg_shards_") as tmp:
+        local = pathlib.Path(tmp) / "data"
+        paths = write_shards(records, str(local), num_shards=num_shards, prefix=prefix,
+                             meta=meta)
+        meta_text = (local / META_FILE).read_text()
+        (local / META_FILE).unlink()  # uploaded last, on its own
+        storage.copy_tree(local, dst)
+        storage.write_text(dst / META_FILE, meta_text)
+    return [str(dst / os.path.basename(p)) for p in paths]
+
+
 def write_shard_file(records: Iterable[bytes | dict[str, Any]], path: str) -> int:
     """Writes one shard file atomically (temporary name, renamed when complete); returns the
-    record count. For writers that add shards one by one (resumable jobs)."""
+    record count. For writers that add shards one by one (resumable jobs). ``path`` on a bucket:
+    written locally, then uploaded as one object (an object appears whole or not at all)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    from umg_jax import storage
+
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="umg_shard_") as tmp:
+            local = pathlib.Path(tmp) / os.path.basename(str(path))
+            n = write_shard_file(records, str(local))
+            if n:
+                storage.write_bytes(path, local.read_bytes())
+        return n
     target = pathlib.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -196,7 +260,12 @@ def write_shard_file(records: Iterable[bytes | dict[str, Any]], path: str) -> in
 
 
 def write_meta(directory: str, meta: dict[str, Any]) -> None:
-    """Writes ``meta.json`` atomically."""
+    """Writes ``meta.json`` atomically (a local rename; one object write on a bucket)."""
+    from umg_jax import storage
+
+    if storage.is_remote(directory):
+        storage.write_text(storage.path(directory) / META_FILE, json.dumps(meta, indent=1))
+        return
     p = pathlib.Path(directory) / META_FILE
     tmp = p.with_name(f".{META_FILE}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=1))
@@ -214,7 +283,12 @@ class RecordSource:
             raise FileNotFoundError("RecordSource needs at least one shard path")
         import grain
 
+        from umg_jax import storage
+
         self.paths = list(paths)
+        remote = [p for p in self.paths if storage.is_remote(p)]
+        if remote:  # one clear line instead of ArrayRecord's error on a URL
+            storage.require_local(remote[0], "ArrayRecord shard", FUSE_HINT)
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
 
     def __len__(self) -> int:

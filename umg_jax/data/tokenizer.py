@@ -24,8 +24,8 @@ Divergences from open_clip (which runs the full ``ftfy.fix_text``), documented a
   classified exactly as ``regex`` does (tested exhaustively).
 
 SigLIP models use a SentencePiece vocabulary instead (:class:`SentencePieceTokenizer`, a
-user-supplied ``.model`` file named by ``config.model.text.tokenizer``); :func:`tokenizer_for`
-picks the one a model config names.
+user-supplied ``.model`` file named by ``config.model.text.tokenizer``, a local path or a
+``gs://`` / ``s3://`` object); :func:`tokenizer_for` picks the one a model config names.
 """
 
 from __future__ import annotations
@@ -411,13 +411,17 @@ class SentencePieceTokenizer:
         except ImportError:
             raise ImportError("a SentencePiece tokenizer needs sentencepiece "
                               "(pip install sentencepiece)") from None
-        self.model_path = os.path.abspath(model_path)
-        if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"SentencePiece model {model_path!r} not found "
+        from umg_jax import storage
+
+        # A local path (made absolute) or a gs:// / s3:// object, read through a local copy.
+        self.model_path = str(storage.path(model_path))
+        if not storage.path(self.model_path).is_file():
+            raise FileNotFoundError(f"SentencePiece model {os.fspath(model_path)!r} not found "
                                     "(model.text.tokenizer)")
         self.context_length = _check_context_length(context_length)
         self.pad_id = int(pad_id)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        with storage.local_file(self.model_path) as local:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(local))
         self.vocab_size = self._sp.get_piece_size()
         self.eot_token_id = self._sp.eos_id()
         if self.eot_token_id < 0:
@@ -457,7 +461,9 @@ def tokenizer_for(spec: str, context_length: int, pad_id: int = 0):
     if not spec:
         raise ValueError("model.text.tokenizer is empty: this model (a SigLIP import) needs its "
                          "SentencePiece .model file; pass --config.model.text.tokenizer=PATH")
-    return _sentencepiece(os.path.abspath(spec), int(context_length), int(pad_id))
+    from umg_jax import storage
+
+    return _sentencepiece(str(storage.path(spec)), int(context_length), int(pad_id))
 
 
 def for_model(text_cfg):

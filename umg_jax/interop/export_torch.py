@@ -3,13 +3,14 @@ r"""Exports our params to PyTorch: open_clip or Hugging Face ``CLIPModel``.
     python -m umg_jax.interop.export_torch WORKDIR_OR_CKPT --format {open_clip,hf} --out PATH \
         [--config configs/x.py] [--step N]
 
-Input: an import directory (``import_torch`` output: ``params/`` + ``model_config.json``), a
-training workdir (``checkpoints/<step>/state`` holding ``{"params", "opt_state", "step"}``, latest
-step unless ``--step``; model config from ``config.json``), or an orbax checkpoint directory
-holding ``{"params": ...}`` (give ``--config``). Scanned (stacked) layers are unstacked. Python
+Input (local or on a bucket, ``gs://`` / ``s3://``): an import directory (``import_torch``
+output: ``params/`` + ``model_config.json``), a training workdir (``checkpoints/<step>/state``
+holding ``{"params", "opt_state", "step"}``, latest step unless ``--step``; model config from
+``config.json``), or an orbax checkpoint directory holding ``{"params": ...}`` (give
+``--config``). Scanned (stacked) layers are unstacked. Python
 API: ``export_params(params, model_cfg, fmt, out)`` takes a param tree directly.
 
-Output:
+Output (``PATH`` local or ``gs://`` / ``s3://``: written to a local folder, then uploaded):
   ``hf``: ``PATH/config.json`` + ``PATH/model.safetensors`` for
       ``transformers.CLIPModel.from_pretrained(PATH)`` (no torch needed to write it).
   ``open_clip`` (PATH a directory): ``open_clip_model.safetensors``, ``open_clip_config.json``
@@ -143,14 +144,20 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
                   param_transform: ParamTransform | None = None,
                   seg: SegHead | None = None) -> dict:
     """Writes ``params`` (the model's tree, stacked or not) in ``fmt`` (``"open_clip"`` or
-    ``"hf"``) to ``out``. ``param_transform``: applied first (LoRA-merge hook). Bottleneck
+    ``"hf"``) to ``out`` (local, or ``gs://`` / ``s3://``: written locally, then uploaded;
+    the paths returned are the uploaded ones). ``param_transform``: applied first (LoRA-merge
+    hook). Bottleneck
     adapters (``--format hf`` only) go to ``umg_adapters.safetensors``; ``seg``: a segmentation
     head, written to ``umg_seg_head.safetensors`` and described in ``umg_config.json``. Returns
     ``{"files": [...], "extras": [names], "extras_file": path | None}``."""
     from safetensors.numpy import save_file
 
+    from umg_jax import storage
+
     if fmt not in ("open_clip", "hf"):
         raise InteropError(f"unknown format {fmt!r}; expected open_clip or hf")
+    if storage.is_remote(out):
+        return _export_remote(params, model_cfg, fmt, out, param_transform, seg)
     if param_transform is not None:
         params = param_transform(params)
     flat = flatten(params)
@@ -223,6 +230,33 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
                               f"{outp.stem}_" if torch_file else "", **side)
     return {"files": [str(f) for f in files], "extras": sorted(extras),
             "extras_file": str(extras_path) if extras else None}
+
+
+def output_folder(fmt: str, out: str):
+    """The folder an export to ``out`` writes into (``epath.Path``, local or remote): ``out``
+    itself, or its parent for an open_clip ``.pt`` / ``.pth`` / ``.bin`` file."""
+    from umg_jax import storage
+
+    p = storage.path(out)
+    return p.parent if fmt == "open_clip" and p.suffix in (".pt", ".pth", ".bin") else p
+
+
+def _export_remote(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
+                   param_transform: ParamTransform | None, seg: SegHead | None) -> dict:
+    """:func:`export_params` to a bucket: the files are written into a local folder that
+    ``storage.output_dir`` uploads to the output folder on success."""
+    from umg_jax import storage
+
+    target = output_folder(fmt, out)
+    with storage.output_dir(target) as local:
+        local_out = local if target == storage.path(out) else local / storage.path(out).name
+        info = export_params(params, model_cfg, fmt, str(local_out), param_transform, seg)
+
+        def remote(f: str | None) -> str | None:
+            return None if f is None else str(target / pathlib.Path(f).relative_to(local))
+
+        return {**info, "files": [remote(f) for f in info["files"]],
+                "extras_file": remote(info["extras_file"])}
 
 
 # ------------------------------------------------------------------------------ adapters, head
@@ -562,18 +596,18 @@ def read_model_config(path: pathlib.Path) -> mlc.ConfigDict:
         raise InteropError(str(e)) from None
 
 
-def read_seg_head(ckpt: pathlib.Path, config: mlc.ConfigDict, workdir: pathlib.Path
-                  ) -> SegHead:
+def read_seg_head(ckpt, config: mlc.ConfigDict, workdir) -> SegHead:
     """The segmentation head of a ``configs/seg_*.py`` run (``config``: its full config) with its
-    training vocabulary (``seg_vocab.json`` of the workdir, if there)."""
-    from umg_jax import checkpoint
+    training vocabulary (``seg_vocab.json`` of the workdir, if there); paths local or on a
+    bucket."""
+    from umg_jax import checkpoint, storage
 
     try:
         params = checkpoint.load_seg_params(ckpt, config)
     except (OSError, ValueError) as e:
         raise InteropError(str(e)) from None
-    vocab = workdir / "seg_vocab.json"
-    names = json.loads(vocab.read_text())["names"] if vocab.is_file() else None
+    vocab = storage.path(workdir) / "seg_vocab.json"
+    names = storage.read_json(vocab)["names"] if vocab.is_file() else None
     return SegHead(params, config.seg, names)
 
 
@@ -581,15 +615,22 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m umg_jax.interop.export_torch",
         description="Export umg-jax params to open_clip or Hugging Face CLIPModel.")
-    ap.add_argument("src", help="import dir, training workdir or orbax checkpoint dir")
+    ap.add_argument("src", help="import dir, training workdir or orbax checkpoint dir (local, "
+                    "gs:// or s3://)")
     ap.add_argument("--format", required=True, choices=("open_clip", "hf"))
     ap.add_argument("--out", required=True,
-                    help="output directory (or a .pt file for --format open_clip)")
+                    help="output directory (or a .pt file for --format open_clip); local, "
+                    "gs:// or s3://")
     ap.add_argument("--config", help="configs/x.py or model_config.json (default: from SRC)")
     ap.add_argument("--step", type=int, help="training step to export (default: latest)")
     args = ap.parse_args(argv)
+    from umg_jax import storage
+    from umg_jax.inference import check_bucket_source
+
     try:
+        check_bucket_source(args.src)
         ckpt, cfg_path = locate(args.src, args.step)
+        storage.check_writable_dir(output_folder(args.format, args.out))  # before restoring
         if args.config:
             from umg_jax.interop.import_torch import load_model_config
 
@@ -605,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
                                 seg_cfg is not None)
         seg = None if seg_cfg is None else read_seg_head(ckpt, seg_cfg, cfg_path.parent)
         info = export_params(params, model_cfg, args.format, args.out, seg=seg)
-    except InteropError as e:
+    except (InteropError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {ckpt} as {args.format}:")

@@ -16,7 +16,9 @@ else head dim 64). The activation comes from the source when it says (HF ``hidde
 ``quick_gelu``, OpenAI JIT archives are QuickGELU), else from ``--act``. Any disagreement between
 source, flags and config is refused with the first offending key and both shapes / values.
 
-Output (``DIR``, written to a temp dir and renamed, so a failure leaves nothing):
+Output (``DIR``, local or ``gs://`` / ``s3://``; written to a temp dir and renamed, so a
+failure leaves nothing; on a bucket the temp dir is local and is uploaded with
+``model_config.json`` last, so a directory without it is never taken for an import):
   ``DIR/params``             params checkpoint (``umg_jax.checkpoint.save_params``: orbax
                              ``{"params": params}``) in the model's own layout (stacked
                              ``resblocks`` when scan=True), read by ``restore_params_only``;
@@ -58,6 +60,8 @@ from umg_jax.interop.mapping import (
     torch_to_flax,
     unflatten,
 )
+
+LOCAL_HINT = "copy it to local disk first (gcloud storage cp / aws s3 cp)"
 
 
 @dataclasses.dataclass
@@ -417,11 +421,16 @@ def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: 
     same parent, then rename). ``tokenizer``: a SentencePiece model for ``model.text.tokenizer``.
     The tokenizer the config names is copied to ``out/tokenizer.model`` and stored as that name,
     relative to ``out`` (read back with ``umg_jax.checkpoint.read_model_config``), so the
-    directory can be moved."""
+    directory can be moved. ``out`` on a bucket (``gs://``, ``s3://``): written locally, then
+    uploaded with ``model_config.json`` (what makes it an import directory) last."""
     import jax
 
+    from umg_jax import storage
     from umg_jax.checkpoint import bundle_model_files, save_params
 
+    if storage.is_remote(out):
+        _upload_import_dir(out, params, model_cfg, report, tokenizer)
+        return
     dst = pathlib.Path(out).absolute()
     if dst.exists():
         raise InteropError(f"{out} already exists; remove it or choose another --out")
@@ -439,6 +448,26 @@ def write_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _upload_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report: dict,
+                       tokenizer: str | None) -> None:
+    """:func:`write_import_dir` to a bucket: built in a local temp dir, then uploaded entry by
+    entry, ``model_config.json`` last (``checkpoint.locate`` needs it to see an import)."""
+    from umg_jax import storage
+
+    dst = storage.path(out)
+    if dst.exists():
+        raise InteropError(f"{out} already exists; remove it or choose another --out")
+    with tempfile.TemporaryDirectory(prefix="umg_import_") as tmp:
+        local = pathlib.Path(tmp) / "out"
+        write_import_dir(str(local), params, model_cfg, report, tokenizer)
+        last = "model_config.json"
+        for entry in sorted(local.iterdir(), key=lambda e: e.name == last):
+            if entry.is_dir():
+                storage.copy_tree(entry, dst / entry.name)
+            else:
+                storage.write_bytes(dst / entry.name, entry.read_bytes())
 
 
 def load_model_config(path: str) -> mlc.ConfigDict:
@@ -468,7 +497,8 @@ def main(argv: list[str] | None = None) -> None:
                     "or a big_vision SigLIP .npz")
     ap.add_argument("--config", help="configs/x.py (uses .model) or a model_config.json; "
                     "default: inferred from the weights")
-    ap.add_argument("--out", required=True, help="output directory (must not exist)")
+    ap.add_argument("--out", required=True, help="output directory (must not exist); local, "
+                    "gs:// or s3://")
     ap.add_argument("--allow_resize", action="store_true",
                     help="bicubically resize the positional grid to the config's resolution")
     ap.add_argument("--act", choices=("quick_gelu", "gelu", "gelu_tanh"),
@@ -476,11 +506,18 @@ def main(argv: list[str] | None = None) -> None:
                     "big_vision SigLIP: gelu_tanh by default, gelu to match open_clip / timm)")
     ap.add_argument("--tokenizer", help="SentencePiece .model of a SigLIP (copied into --out)")
     args = ap.parse_args(argv)
+    from umg_jax import storage
+
     try:
         cfg = load_model_config(args.config) if args.config else None
-        if pathlib.Path(args.out).exists():
+        out = storage.path(args.out)
+        # a missing bucket / no credentials / an unwritable folder: stop before reading SRC
+        storage.check_writable_dir(out if storage.is_remote(out) else out.parent)
+        if out.exists():
             raise InteropError(f"{args.out} already exists; remove it or choose another --out")
+        storage.require_local(args.src, "SRC", LOCAL_HINT)
         if args.tokenizer:
+            storage.require_local(args.tokenizer, "--tokenizer", LOCAL_HINT)
             _check_sentencepiece(args.tokenizer)
         src = load_source(args.src)
         params, cfg, report = import_source(src, cfg, act=args.act,
@@ -489,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
             raise InteropError("--tokenizer is for SigLIP imports; CLIP weights use the "
                                "embedded CLIP BPE")
         write_import_dir(args.out, params, cfg, report, args.tokenizer)
-    except InteropError as e:
+    except (InteropError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     n = sum(int(np.prod(np.shape(x))) for x in flatten(params).values())

@@ -23,9 +23,27 @@ output layout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 
+from umg_jax import storage
 from umg_jax.data.annotate.backend import AnnotateError
+
+
+@contextlib.contextmanager
+def local_inputs(images: str):
+    """A local folder with the inputs of ``--images``: the folder itself, or for a bucket
+    (``gs://``, ``s3://``) a temporary copy of it (images or record shards: Grain and PIL read
+    local files), removed afterwards. The input ids are relative to the folder, so they do not
+    depend on where the copy lives."""
+    if not storage.is_remote(images):
+        yield images
+        return
+    src = storage.check_readable(images, "--images")
+    with tempfile.TemporaryDirectory(prefix="umg-annotate-in-") as tmp:
+        storage.copy_tree(src, tmp)
+        yield tmp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 1)[1])
-    ap.add_argument("--images", help="image folder (recursive) or a directory of record shards")
-    ap.add_argument("--out", help="output directory (resumable)")
+    ap.add_argument("--images", help="image folder (recursive) or a directory of record shards; "
+                    "local, gs:// or s3:// (copied to a local temp dir first)")
+    ap.add_argument("--out", help="output directory (resumable); local, gs:// or s3://")
     ap.add_argument("--recipe", help="recipe.json (see recipe.py)")
     ap.add_argument("--device", default="auto",
                     help="torch device for every model: cpu, cuda, cuda:N, auto (cuda if present)")
@@ -71,20 +90,25 @@ def main(argv: list[str] | None = None) -> int:
         from umg_jax.data.pseudo_label import list_inputs
 
         recipe = load_recipe(args.recipe)
-        items = list_inputs(args.images)
-        if args.limit:
-            items = items[: args.limit]
-        if not items:
-            raise AnnotateError(f"no images found in {args.images}")
-        if args.device not in ("cpu", "auto"):  # a missing GPU fails now, not at its first use
-            from umg_jax.data.annotate.families.hf import device
+        # a missing bucket / no credentials / an unwritable folder: stop before any model loads
+        # (a local --out itself is only created once annotation starts)
+        storage.check_writable_dir(args.out if storage.is_remote(args.out)
+                                   else storage.path(args.out).parent)
+        with local_inputs(args.images) as images:
+            items = list_inputs(images)
+            if args.limit:
+                items = items[: args.limit]
+            if not items:
+                raise AnnotateError(f"no images found in {args.images}")
+            if args.device not in ("cpu", "auto"):  # a missing GPU fails now, not at first use
+                from umg_jax.data.annotate.families.hf import device
 
-            device(args.device)
-        build(recipe, args.device, log=log)
-        c = annotate(items, recipe, args.out, batch_size=args.batch_size,
-                     shard_size=args.shard_size, num_workers=args.num_workers,
-                     worker_id=args.worker_id, decode_threads=args.decode_threads, log=log)
-    except (AnnotateError, FileNotFoundError) as e:
+                device(args.device)
+            build(recipe, args.device, log=log)
+            c = annotate(items, recipe, args.out, batch_size=args.batch_size,
+                         shard_size=args.shard_size, num_workers=args.num_workers,
+                         worker_id=args.worker_id, decode_threads=args.decode_threads, log=log)
+    except (AnnotateError, FileNotFoundError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"annotated {c['examples']} images: {c['regions']} regions, {c['masks']} masks; "

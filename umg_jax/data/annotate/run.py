@@ -15,13 +15,16 @@ way on every run. A shard is done when its ``.jsonl`` exists (written last, atom
 shard, each finished batch of states is appended to ``.annot-SSSSS.partial`` and flushed; a killed
 run resumes at the first unfinished batch. Batches keep their composition across resumes, so a
 resumed run writes the same bytes as an uninterrupted one (``stats-*.json`` aside).
+
+``--out`` may be a bucket (``gs://``, ``s3://``): each file is one object, written whole (a shard
+is built locally and uploaded); the partial file of the running shard is rewritten at each batch
+(objects cannot be appended to), so a killed job resumes there too.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import sys
 import time
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from umg_jax import storage
 from umg_jax.benchmark.common import map_threaded
 from umg_jax.data import records
 from umg_jax.data.annotate.recipe import Recipe
@@ -108,13 +112,13 @@ class Progress:
                  f"ETA {eta / 60:.1f} min | {per}")
 
 
-def _read_partial(path: pathlib.Path, ids: list[list[str]]) -> list[list[dict]]:
+def _read_partial(path, ids: list[list[str]]) -> list[list[dict]]:
     """Complete batches of a partial file whose ids match the planned batches; a torn last
     line (killed mid-write) or anything after a mismatch is discarded."""
     out: list[list[dict]] = []
     if not path.exists():
         return out
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             batch = json.loads(line)
         except json.JSONDecodeError:
@@ -125,22 +129,18 @@ def _read_partial(path: pathlib.Path, ids: list[list[str]]) -> list[list[dict]]:
     return out
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
-def annotate_shard(items: list, recipe: Recipe, out: pathlib.Path, name: str, *,
+def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
                    batch_size: int, decode_threads: int, progress: Progress,
                    counts: dict[str, int]) -> None:
-    """Runs every stage over one shard's ``(id, input)`` items and writes its files."""
+    """Runs every stage over one shard's ``(id, input)`` items and writes its files into
+    ``out`` (an ``epath.Path``, local or on a bucket)."""
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     ids = [[sid for sid, _ in b] for b in batches]
     partial = out / f".{name}.partial"
+    remote = storage.is_remote(partial)
     done = _read_partial(partial, ids)
-    with open(partial, "w") as f:  # rewrite what was kept: a torn tail must not stay
-        f.writelines(json.dumps(b) + "\n" for b in done)
+    # rewrite what was kept: a torn tail must not stay
+    storage.write_text(partial, "".join(json.dumps(b) + "\n" for b in done))
     if done:
         progress.log(f"{name}: resuming after {len(done)} of {len(batches)} batches")
         progress.step(sum(len(b) for b in done), name)
@@ -155,7 +155,8 @@ def annotate_shard(items: list, recipe: Recipe, out: pathlib.Path, name: str, *,
     loaded = map_threaded(load, todo, decode_threads)
     states_all = [s for b in done for s in b]
     encoded: dict[str, bytes] = {}  # the record stores the input's own bytes, not a re-encode
-    with open(partial, "a") as f:
+    # A bucket object cannot be appended to: AppendLog rewrites it at each flush.
+    with storage.AppendLog(partial) if remote else open(partial, "a") as f:
         for batch in batches[len(done):]:
             states, images = [], []
             for sid, _ in batch:
@@ -186,7 +187,8 @@ def annotate_shard(items: list, recipe: Recipe, out: pathlib.Path, name: str, *,
                     ok = [s for s in ok if s["kept"]]
             f.write(json.dumps(states) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if not remote:
+                os.fsync(f.fileno())
             states_all += states
             progress.step(len(batch), name)
     recs = []
@@ -203,7 +205,8 @@ def annotate_shard(items: list, recipe: Recipe, out: pathlib.Path, name: str, *,
     counts["masks"] += sum(len(r["segments"]) for r in recs)
     if recs:
         records.write_shard_file(recs, str(out / f"{name}{records.SHARD_SUFFIX}"))
-    _atomic_write(out / f"{name}.jsonl", "".join(json.dumps(s) + "\n" for s in states_all))
+    # the shard's done marker, written last (atomically: a rename locally, one object remotely)
+    storage.write_text(out / f"{name}.jsonl", "".join(json.dumps(s) + "\n" for s in states_all))
     partial.unlink()
 
 
@@ -211,10 +214,10 @@ def annotate(items: list, recipe: Recipe, out: str, *, batch_size: int = 8,
              shard_size: int = 256, num_workers: int = 1, worker_id: int = 0,
              decode_threads: int = 4, log=print) -> dict[str, Any]:
     """Annotates this worker's shards of ``items`` (``(id, input)`` pairs of
-    ``pseudo_label.list_inputs``) into ``out``; returns counts (``meta_written`` tells
-    whether every worker's shards were done, so ``meta.json`` could be written)."""
-    outp = pathlib.Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
+    ``pseudo_label.list_inputs``) into ``out`` (local or ``gs://`` / ``s3://``); returns counts
+    (``meta_written`` tells whether every worker's shards were done, so ``meta.json`` could be
+    written)."""
+    outp = storage.check_writable_dir(out)
     n_shards = max(1, -(-len(items) // shard_size))
     mine = worker_shards(n_shards, num_workers, worker_id)
     counts = dict.fromkeys(("examples", "regions", "masks", "unreadable", "dropped_images",
@@ -229,14 +232,14 @@ def annotate(items: list, recipe: Recipe, out: str, *, batch_size: int = 8,
                        batch_size=batch_size, decode_threads=decode_threads,
                        progress=progress, counts=counts)
         progress.step(0, f"shard {k + 1}/{len(todo)} ({name}) done:", force=True)
-    (outp / f"stats-worker-{worker_id}.json").write_text(json.dumps(
+    storage.write_text(outp / f"stats-worker-{worker_id}.json", json.dumps(
         {"images": progress.done, "seconds": time.perf_counter() - progress.t0,
          "stage_images_per_s": progress.rates(), "counts": counts}, indent=1))
     counts["meta_written"] = write_meta_if_complete(outp, n_shards, recipe)
     return counts
 
 
-def write_meta_if_complete(out: pathlib.Path, n_shards: int, recipe: Recipe) -> bool:
+def write_meta_if_complete(out, n_shards: int, recipe: Recipe) -> bool:
     """``meta.json`` from every shard's ``.jsonl``, once all exist (whichever worker finishes
     last writes it; re-running any worker rewrites it identically)."""
     names = [shard_name(s, n_shards) for s in range(n_shards)]
@@ -246,7 +249,7 @@ def write_meta_if_complete(out: pathlib.Path, n_shards: int, recipe: Recipe) -> 
     dropped: dict[str, int] = {}
     unreadable: list[str] = []
     for n in names:
-        for line in (out / f"{n}.jsonl").read_text().splitlines():
+        for line in storage.read_text(out / f"{n}.jsonl").splitlines():
             s = json.loads(line)
             totals["images"] += 1
             if "error" in s:
