@@ -18,8 +18,11 @@ Per model, one row: device kind and count, img/s (global batch / median step tim
 ``--warmup`` untimed steps), MFU (analytic model FLOPs ``step.step_flops`` / step time / peak;
 the peak is ``metrics.mfu_peak``, as the trainer's: the spec bf16 peak of the device kind from
 ``umg_jax/accelerators.toml``, measured on CPU, none for an unknown accelerator), the attention
-implementation each tower takes (``ops.attention.attention_implementation`` for the vision
-tower's token count and the text tower's trimmed caption / element lengths), peak device memory
+implementation that ran, read from the compiled step's HLO (cuDNN fused attention calls on GPU,
+Pallas ``tpu_custom_call`` kernels on TPU, neither: XLA's ops; ``hlo_stats.attention_kernel``)
+beside the one each tower was predicted to take (``ops.attention.attention_implementation`` for
+the vision tower's token count and the text tower's trimmed caption / element lengths; a row
+whose compiled HLO contradicts the prediction is flagged with ``!``), peak device memory
 (``memory_stats()["peak_bytes_in_use"]`` where the backend has it, else the compiled step's
 ``memory_analysis()``: arguments + outputs - aliased + temporaries, per device) and compile time
 (``lower`` + ``compile``). Each model runs in its own process, so the device memory peak is that
@@ -156,6 +159,28 @@ def attention_plan(model_cfg, lengths: tuple[int, int], platform: str) -> dict[s
     return out
 
 
+def compiled_attention(hlo_text: str) -> dict:
+    """The attention that a compiled step runs, from its HLO: ``{"impl": "cudnn" |
+    "pallas_flash" | "xla", "calls": {custom-call target: count per step}}``."""
+    from umg_jax import hlo_stats
+
+    calls = hlo_stats.program_costs(hlo_text)["custom_calls"]
+    return {"impl": hlo_stats.attention_kernel(calls),
+            "calls": hlo_stats.fused_attention_calls(calls)}
+
+
+def attention_mismatch(plan: dict[str, dict], ran: str) -> bool:
+    """True when the compiled step's attention (``ran``) contradicts the predicted ``plan``
+    (``attention_plan``): a kernel ran that no tower was predicted to take, or none ran where
+    one was predicted. ``"cpu_vjp"`` is XLA's ops in the HLO."""
+    predicted = {"xla" if p["impl"] == "cpu_vjp" else p["impl"] for p in plan.values()}
+    if "unknown" in predicted:
+        return False
+    if ran == "xla":
+        return predicted != {"xla"}
+    return ran not in predicted
+
+
 def flops_str(flops: float) -> str:
     """``9.89e14`` -> ``"989 TF/s"``, ``5.3e10`` -> ``"53 GF/s"``."""
     return f"{flops / 1e12:.0f} TF/s" if flops >= 1e12 else f"{flops / 1e9:.0f} GF/s"
@@ -165,7 +190,7 @@ def format_table(rows: list[dict]) -> str:
     """The printed table: one line per model row (``run_model`` rows, or ``{"model", "error"}``)."""
     head = (f"{'model':<6}{'devices':<26}{'batch/dev':>10}{'global':>8}{'text L':>8}"
             f"{'img/s':>10}{'MFU':>7}  {'peak FLOP/s':<28}{'attn vision':<14}"
-            f"{'attn text':<20}{'peak mem':<30}{'compile':>8}")
+            f"{'attn text':<20}{'attn ran':<15}{'peak mem':<30}{'compile':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -180,9 +205,13 @@ def format_table(rows: list[dict]) -> str:
         mfu = f"{100 * r['mfu']:>6.1f}%" if r["mfu"] is not None else f"{'n/a':>7}"
         mem = (f"{r['memory_bytes'] / GIB:.2f} GiB ({r['memory_source']})"
                if r["memory_bytes"] is not None else "n/a")
+        ran = r.get("attention_ran")
+        ran = ("n/a" if ran is None else ran["impl"]
+               + (" !" if attention_mismatch(att, ran["impl"]) else ""))
         lines.append(f"{r['model']:<6}{dev:<26}{r['per_device_batch']:>10}{r['global_batch']:>8}"
                      f"{lens:>8}{r['img_s']:>10.1f}{mfu}  {peak:<28}"
-                     f"{att['vision']['impl']:<14}{text:<20}{mem:<30}{r['compile_s']:>7.1f}s")
+                     f"{att['vision']['impl']:<14}{text:<20}{ran:<15}{mem:<30}"
+                     f"{r['compile_s']:>7.1f}s")
     return "\n".join(lines)
 
 
@@ -296,6 +325,10 @@ def run_model(name: str, per_device_batch: int | None, steps: int, warmup: int) 
     attention = attention_plan(c.model, lengths, plat)
     compiled, compile_s = compile_step(parts["step_fn"], parts["state"], parts["batch"])
     print(f"{name}: compiled in {compile_s:.1f} s, text lengths {lengths}", flush=True)
+    ran = compiled_attention(compiled.as_text())
+    if attention_mismatch(attention, ran["impl"]):
+        print(f"{name}: attention predicted {attention}, the compiled step runs {ran}",
+              file=sys.stderr, flush=True)
     state, batch = parts["state"], parts["batch"]
     times, out = [], {}
     for i in range(warmup + steps):
@@ -322,7 +355,9 @@ def run_model(name: str, per_device_batch: int | None, steps: int, warmup: int) 
         "steps": steps, "warmup": warmup, "step_times_s": times, "step_s": step_s,
         "img_s": c.batch_size / step_s, "flops_per_step": flops, "peak_flops": peak,
         "peak_source": source, "mfu": metrics.mfu(flops, step_s, peak) if peak else None,
-        "attention": attention, "memory_bytes": memory, "memory_source": mem_source,
+        "attention": attention, "attention_ran": ran,
+        "attention_mismatch": attention_mismatch(attention, ran["impl"]),
+        "memory_bytes": memory, "memory_source": mem_source,
         "compiled_memory": None if analysis is None else {
             k: int(getattr(analysis, k)) for k in (
                 "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",

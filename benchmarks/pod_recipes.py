@@ -1,10 +1,13 @@
 """Pod recipes from the TPU compiler: for each config and TPU slice, the largest global batch that
 fits, its per-device HBM, the roofline img/s and the compiler's FLOP ratio of the UMG step to
 the CLIP-only step at that batch; beside it, the CPU stand-in's figure for the same config.
+With ``--gpu``, the same for GPU nodes (1 and 2 hosts of 8 H100 / H200) from XLA:GPU, with the
+cuDNN fused-attention calls each step makes (no CLIP baseline: the ratio is the TPU table's).
 
     python benchmarks/pod_recipes.py                         # every cell (hours on 2 cores)
     python benchmarks/pod_recipes.py --configs vit_l --topologies v5e:16x16
     python benchmarks/pod_recipes.py --table_only             # rebuild the table from the JSONs
+    python benchmarks/pod_recipes.py --gpu                    # GPU nodes (minutes per cell)
 
 Each cell is one ``python -m umg_jax.dryrun --max_batch`` run in its own process (its JSON and log
 in ``benchmarks/results/dryrun/``; a cell whose JSON exists is not recompiled, so an interrupted
@@ -13,8 +16,9 @@ the UMG / CLIP FLOP ratio depends on the per-chip mix of work, not on the slice.
 their search where the per-chip memory line of the previous cell meets their HBM; the first cell
 of a config starts from the line of its single compiles (``<cell>_batch<N>.json``) when there are
 two. Head-only configs (``seg_vit_l``) get no CLIP baseline. ViT-L/14 compiles in 4-5 minutes
-per probe on 2 idle cores (``seg_vit_l`` 10-12) and a cell takes 2-8 probes. Writes
-``benchmarks/results/pod_recipes.json`` and prints a markdown table.
+per probe on 2 idle cores (``seg_vit_l`` 10-12) and a cell takes 2-8 probes; XLA:GPU compiles a
+ViT-L probe in under a minute. Writes ``benchmarks/results/pod_recipes.json`` (``--gpu``:
+``gpu_recipes.json``) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ HEAD_ONLY = ("seg_vit_l",)
 # One slice of 128-512 chips per TPU generation (memory per device depends on the per-device
 # batch, not the slice size, so the largest batch scales with the chip count).
 TOPOLOGIES = ("v4:4x4x8", "v5e:16x16", "v5p:4x8x8", "v6e:16x16")
+# One and two 8-GPU hosts (HGX / DGX nodes) of each card (``--gpu``).
+GPU_TOPOLOGIES = ("h100:1x1x8", "h100:1x2x8", "h200:1x1x8", "h200:1x2x8")
+# First probe per GPU of a config's first GPU cell (no memory line yet): the configs' TPU-sized
+# batches (32,768 = 4,096 per GPU) take XLA:GPU minutes to compile and are far past 80 GiB;
+# ViT-L/14 at 256 per GPU needs ~25 GiB (2026-12-07).
+GPU_FIRST_PROBE = 256
 GiB = 1024 ** 3
 
 
@@ -90,12 +100,15 @@ def per_chip_line(path: pathlib.Path) -> tuple[float, float] | None:
                  if not p.get("compile_error")])
 
 
-def singles_line(config: str) -> tuple[float, float] | None:
+def singles_line(config: str, compiler: str = "tpu") -> tuple[float, float] | None:
     """The per-chip memory line of ``config``'s single compiles (``<config>_<slice>_batch<N>
-    .json``), to seed its first search; None without two batches."""
+    .json``) by ``compiler`` (``"tpu"`` or ``"gpu"``), to seed its first search; None without
+    two batches."""
     points = []
     for q in sorted(OUT_DIR.glob(f"{config}_*_batch*.json")):
         d = json.loads(q.read_text())
+        if d.get("compiler", "tpu") != compiler:
+            continue
         r = d["rows"][0]
         points.append((r["batch_size"] / d["devices"], r["bytes_per_device"]["total"]))
     return _fit(points)
@@ -136,6 +149,7 @@ def table(configs, topologies, standins) -> tuple[str, list[dict]]:
                 "bound": r["roofline"]["bound"], "mfu": r["est_mfu"],
                 "umg_over_clip": r.get("umg_over_clip_flops"),
                 "fused_attention_calls": r.get("fused_attention_calls", 0),
+                "fused_attention": r.get("fused_attention", {}),
                 "probes": r.get("max_batch_probes", []), "date": d.get("date")})
     ratio_of = {}
     for r in rows:
@@ -144,6 +158,8 @@ def table(configs, topologies, standins) -> tuple[str, list[dict]]:
     for r in rows:
         if not r["umg_over_clip"] and r["config"] in ratio_of:
             r["umg_over_clip"], r["umg_over_clip_from"] = ratio_of[r["config"]]
+    if rows and all(r["compiler"] == "gpu" for r in rows):
+        return gpu_table(rows), rows
     lines = ["| config | slice | largest global batch (per chip) | HBM / chip at it | "
              "roofline img/s (bound, MFU) | UMG / CLIP FLOPs |",
              "|---|---|---|---|---|---|"]
@@ -184,20 +200,57 @@ def table(configs, topologies, standins) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+def _batch_cell(r: dict) -> str:
+    batch = (f"{r['max_batch']:,} ({r['per_device_batch']:g})" if r["max_batch"]
+             else "none fits")
+    return batch if r["searched"] else f">= {batch} (fits; largest not searched)"
+
+
+def gpu_table(rows: list[dict]) -> str:
+    """The GPU nodes' markdown table: per config and node, the largest batch, HBM per GPU,
+    roofline img/s and the cuDNN fused-attention calls per step (forward / backward)."""
+    lines = ["| config | node | largest global batch (per GPU) | HBM / GPU at it (of JAX's "
+             "share) | roofline img/s (bound, MFU) | cuDNN attention calls / step (fwd / bwd) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        calls = r["fused_attention"]
+        fwd = sum(n for t, n in calls.items() if t.startswith("__cudnn$fmha")
+                  and "Backward" not in t)
+        bwd = sum(n for t, n in calls.items() if t.startswith("__cudnn$fmha") and "Backward" in t)
+        hosts = r["topology"].split(":")[1].split("x")
+        node = f"{r['topology']} ({int(hosts[1])} x {int(hosts[2])} GPUs)"
+        lines.append(f"| {r['config']} | {node} | {_batch_cell(r)} | "
+                     f"{r['hbm_gib']:.1f} of {r['chip_hbm_gib']:g} GiB | {r['img_s']:,.0f} "
+                     f"({r['bound']}, {100 * r['mfu']:.0f} %) | "
+                     f"{f'{fwd} / {bwd}' if fwd or bwd else 'none (XLA attention)'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names")
-    ap.add_argument("--topologies", default=",".join(TOPOLOGIES), help="comma-separated slices")
-    ap.add_argument("--standin", default="vit_l:256:tpu_v5e:v5e:16x16",
+    ap.add_argument("--topologies", default=None, help="comma-separated slices / nodes "
+                    f"(default {','.join(TOPOLOGIES)}; with --gpu {','.join(GPU_TOPOLOGIES)})")
+    ap.add_argument("--gpu", action="store_true", help="GPU nodes (XLA:GPU, the CUDA plugin): "
+                    "no CLIP baseline unless --clip_all, no stand-in rows, gpu_recipes.json")
+    ap.add_argument("--standin", default=None,
                     help="CPU stand-in comparisons, CONFIG:DEVICES:TARGET:TOPOLOGY;... "
-                    "('' = none)")
+                    "('' = none; default vit_l:256:tpu_v5e:v5e:16x16, none with --gpu)")
     ap.add_argument("--table_only", action="store_true", help="only rebuild the table")
     ap.add_argument("--clip_all", action="store_true", help="compile the CLIP-only baseline "
                     "in every cell (default: the first cell of each config)")
     ap.add_argument("--hlo_dir", default=None, help="keep every probe's compiled HLO text here "
                     "(DIR/<config>_<slice>/...), to re-read costs without recompiling")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pod_recipes.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/pod_recipes.json "
+                    "(--gpu: gpu_recipes.json)")
     args = ap.parse_args(argv)
+    if args.topologies is None:
+        args.topologies = ",".join(GPU_TOPOLOGIES if args.gpu else TOPOLOGIES)
+    if args.standin is None:
+        args.standin = "" if args.gpu else "vit_l:256:tpu_v5e:v5e:16x16"
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks/results" / ("gpu_recipes.json" if args.gpu
+                                                       else "pod_recipes.json"))
     configs = [c for c in args.configs.split(",") if c]
     topologies = [t for t in args.topologies.split(",") if t]
     for c in configs:
@@ -218,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for cfg in configs:
             # No cell searched yet: the config's single compiles, if any, seed the first one.
-            line, clip_done = singles_line(cfg), cfg in HEAD_ONLY
+            line = singles_line(cfg, "gpu" if args.gpu else "tpu")
+            clip_done = cfg in HEAD_ONLY or args.gpu
             for topo in topologies:
                 path = cell_path(cfg, topo)
                 extra = ([f"--hlo_dir={args.hlo_dir}/{path.stem}"] if args.hlo_dir else [])
@@ -226,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
                 # the CLIP-only step is compiled once per config unless --clip_all.
                 if args.clip_all or not clip_done:
                     extra.append("--clip_baseline")
-                if line and not path.exists():
-                    chip = accelerators.topology_chip(topo)
-                    hint = batch_hint(line, chip.hbm_gib, accelerators.topology_size(topo))
+                if not path.exists():
+                    # (a GPU's HBM as the dry run judges it: JAX's share)
+                    chip = accelerators.jax_usable(accelerators.topology_chip(topo))
+                    n = accelerators.topology_size(topo)
+                    hint = batch_hint(line, chip.hbm_gib, n) if line else None
+                    if hint is None and chip.platform == "gpu":
+                        hint = GPU_FIRST_PROBE * n
                     if hint:
                         extra.append(f"--config.batch_size={hint}")
                 if run(["--config", f"configs/{cfg}.py", "--topology", topo, "--max_batch",

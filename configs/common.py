@@ -34,6 +34,10 @@ def model_config(
     m.remat = False  # nn.remat around every residual block (memory for recompute)
     m.remat_policy = "nothing_saveable"  # jax.checkpoint_policies name used when remat=True
     m.scan = False  # nn.scan over blocks: params get a leading layer axis, compile time O(1)
+    # Attention implementation: "auto" = the fastest the compile target offers for each shape
+    # (Pallas flash on TPU, cuDNN on GPU, a custom VJP on CPU; umg_jax/ops/attention.py), or
+    # "xla" = plain XLA everywhere (e.g. a node whose cuDNN misbehaves, or to compare).
+    m.attention = "auto"
     m.logit_scale_init = math.log(1 / 0.07)  # log-space temperature at init (CLIP)
     m.logit_scale_max = math.log(100.0)  # clamp for the log scale (CLIP clamps at 100)
     m.logit_bias_init = None  # float -> learn a logit bias (sigmoid loss; SigLIP uses -10)
@@ -284,23 +288,27 @@ def eval_config() -> mlc.ConfigDict:
 
 
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")  # slice names of config arguments (GEN-CHIPS)
+GPU_CARDS = ("a100", "h100", "h200", "b200")  # GPU names of config arguments (CARD-GPUS)
 
 
 def slice_batch(arg: str | None, batch_size: int, per_chip_max: dict[str, int]) -> int:
-    """The global batch for the TPU slice named by the config argument ``GEN-CHIPS`` (e.g.
-    ``configs/vit_l.py:v5e-256``; chips, not Cloud's core counts for v4 / v5p): ``batch_size``
-    when it fits, else the largest per-chip batch the TPU compiler fitted times the chips.
+    """The global batch for the TPU slice or GPU node(s) named by the config argument
+    ``GEN-CHIPS`` (e.g. ``configs/vit_l.py:v5e-256``; chips, not Cloud's core counts for v4 /
+    v5p) or ``CARD-GPUS`` (``configs/vit_l.py:h100-8``: one 8-GPU host, ``h100-16`` two):
+    ``batch_size`` when it fits, else the largest per-chip batch the compiler fitted times the
+    chips.
 
-    ``per_chip_max``: generation -> largest per-chip batch that fits, measured with
-    ``benchmarks/pod_recipes.py`` (memory per chip depends on the per-chip batch, not the slice
-    size). No argument: ``batch_size`` unchanged.
+    ``per_chip_max``: generation or card -> largest per-chip (per-GPU) batch that fits, measured
+    with ``benchmarks/pod_recipes.py`` (memory per chip depends on the per-chip batch, not the
+    slice size). No argument: ``batch_size`` unchanged.
     """
     if not arg:
         return batch_size
     gen, _, chips = arg.partition("-")
-    if gen not in TPU_GENERATIONS or not chips.isdigit() or int(chips) < 1:
+    known = TPU_GENERATIONS + GPU_CARDS
+    if gen not in known or not chips.isdigit() or int(chips) < 1:
         raise ValueError(f"config argument {arg!r}: expected GEN-CHIPS with GEN one of "
-                         f"{', '.join(TPU_GENERATIONS)}, e.g. v5e-256")
+                         f"{', '.join(known)}, e.g. v5e-256 or h100-8")
     if gen not in per_chip_max:
         raise ValueError(f"config argument {arg!r}: this config has not been compiled for {gen} "
                          "(python benchmarks/pod_recipes.py --configs NAME --topologies ...); "

@@ -24,8 +24,10 @@ import common  # noqa: E402
 import ml_collections as mlc  # noqa: E402
 
 # Largest per-chip batch that fits, by TPU generation (the TPU compiler, libtpu 0.0.42.1,
-# fsdp 8, 2026-11-30; benchmarks/results/dryrun/vit_l_*.json).
-PER_CHIP_MAX = {"v4": 208, "v5e": 88, "v5p": 632, "v6e": 192}
+# fsdp 8, 2026-11-30; benchmarks/results/dryrun/vit_l_*.json) and per GPU by card (XLA:GPU,
+# jax-cuda12-plugin 0.10.2, 2026-12-07, within JAX's default 75 % of the GPU's memory; the
+# smaller of one and two 8-GPU hosts: H200 1,112 on one, 1,064 on two).
+PER_CHIP_MAX = {"v4": 208, "v5e": 88, "v5p": 632, "v6e": 192, "h100": 640, "h200": 1064}
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:

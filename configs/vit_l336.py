@@ -15,8 +15,11 @@ import ml_collections as mlc  # noqa: E402
 import vit_l  # noqa: E402
 
 # Largest per-chip batch that fits (the TPU compiler, libtpu 0.0.42.1, fsdp 8, 2026-11-30/12-01;
-# benchmarks/results/dryrun/vit_l336_*.json, each searched to within one granule of 8 per chip).
-PER_CHIP_MAX = {"v4": 152, "v5e": 72, "v5p": 464, "v6e": 144}
+# benchmarks/results/dryrun/vit_l336_*.json, each searched to within one granule of 8 per chip);
+# per GPU (XLA:GPU, jax-cuda12-plugin 0.10.2, 2026-12-07, within JAX's default 75 % of the
+# GPU's memory): the smaller of one and two 8-GPU hosts (H100 528 on one, 392 on two; H200 712
+# on one, 760 on two).
+PER_CHIP_MAX = {"v4": 152, "v5e": 72, "v5p": 464, "v6e": 144, "h100": 392, "h200": 712}
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:

@@ -293,3 +293,59 @@ def test_cpu_custom_vjps_follow_the_compile_target_not_the_host(tpu_mesh):
     for fn, shapes in ((dense_step, xw), (_attention_step(False), qkv)):
         assert "optimization_barrier" in _lower(None, fn, *shapes).as_text()
         assert "optimization_barrier" not in _lower(tpu_mesh, fn, *shapes).as_text()
+
+
+# ------------------------------------------------------------------ the real XLA:GPU compiler ---
+
+
+@pytest.fixture(scope="module")
+def gpu_mesh():
+    """A data-parallel mesh of 8 abstract H100s (deviceless XLA:GPU compile, no GPU here)."""
+    from umg_jax import accelerators
+
+    if not accelerators.gpu_compiler_available():
+        pytest.skip("the CUDA plugin (requirements-gpu.txt) is not installed")
+    devs = accelerators.topology_devices("h100:1x1x8")
+    return Mesh(np.array(devs).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+
+
+def _gpu_hlo(mesh, fn, *shapes) -> str:
+    from umg_jax import accelerators
+
+    return _lower(mesh, fn, *shapes).compile(
+        compiler_options=accelerators.compile_options(list(mesh.devices.flat))).as_text()
+
+
+@pytest.mark.parametrize("n,causal", [(257, False), (77, True), (64, False)])
+def test_cudnn_training_compiles_at_any_length_for_an_h100_node(gpu_mesh, n, causal):
+    """JAX's cuDNN training rule refuses odd lengths (ViT-L/14's 257 tokens, CLIP's 77-token
+    captions) with a NotImplementedError at trace time; padded to even they compile to cuDNN's
+    fused forward and backward kernels, at the padded length."""
+    from umg_jax.ops.platform import target_compute_capability
+
+    with jax.sharding.use_abstract_mesh(gpu_mesh.abstract_mesh):
+        assert target_compute_capability() == (9, 0)  # from the chip table, by device kind
+    hlo = _gpu_hlo(gpu_mesh, _attention_step(causal), *[((8, n, 4, 64), jnp.bfloat16)] * 3)
+    fwd = [ln for ln in hlo.splitlines() if 'custom_call_target="__cudnn$fmhaSoftmax"' in ln]
+    assert fwd and "__cudnn$fmhaSoftmaxBackward" in hlo
+    pad = n + n % 2
+    assert all(re.search(rf"bf16\[1,4,{pad},64\]", ln) for ln in fwd), fwd[0][:300]
+
+
+def test_model_attention_knob_forces_xla(gpu_mesh):
+    """``model.attention="xla"`` (layers.Attention(attention="xla")) keeps cuDNN out of a GPU
+    compile; ``"auto"`` takes it."""
+    from umg_jax.models.layers import Attention
+
+    def step(attention):
+        layer = Attention(64, 2, dtype=jnp.bfloat16, attention=attention)
+        x0 = jnp.zeros((1, 9, 64), jnp.bfloat16)
+        params = layer.init(jax.random.key(0), x0, x0)
+
+        def loss(x):
+            return jnp.sum(layer.apply(params, x, x).astype(jnp.float32))
+        return jax.grad(loss)
+
+    x = [((8, 9, 64), jnp.bfloat16)]
+    assert "__cudnn$fmha" in _gpu_hlo(gpu_mesh, step("auto"), *x)
+    assert "__cudnn$fmha" not in _gpu_hlo(gpu_mesh, step("xla"), *x)

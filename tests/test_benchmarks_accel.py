@@ -1,6 +1,7 @@
-"""Pure helpers of ``benchmarks/accelerator_check.py``, ``benchmarks/vit_l_smoke.py`` and
+"""Helpers of ``benchmarks/accelerator_check.py``, ``benchmarks/vit_l_smoke.py`` and
 ``benchmarks/pod_recipes.py`` (flag parsing, memory totals, token counts, batch hints, the printed
-tables); nothing is compiled or timed."""
+tables, the attention read from compiled HLO); nothing is timed, only small attention calls are
+compiled."""
 
 import json
 import pathlib
@@ -89,15 +90,58 @@ def _row(**kw):
 def test_format_table():
     table = ac.format_table([_row(), _row(model="tiny", memory_bytes=None),
                              {"model": "tiny", "error": "RESOURCE_EXHAUSTED"},
-                             _row(mfu=None, peak_flops=None, peak_source="no spec")])
+                             _row(mfu=None, peak_flops=None, peak_source="no spec",
+                                  attention_ran={"impl": "cudnn", "calls": {}})])
     lines = table.splitlines()
     assert len(lines) == 6
+    assert "cudnn !" in lines[5]  # predicted XLA everywhere, the HLO has cuDNN calls
     assert "n/a" in lines[5] and "no spec" in lines[5]
     assert "NVIDIA H200 x8" in lines[2] and "41.0%" in lines[2] and "7912 TF/s" in lines[2]
     assert "50.00 GiB (device peak)" in lines[2] and "24/8" in lines[2]
     assert "n/a" in lines[3]
     assert lines[4].startswith("tiny") and "error: RESOURCE_EXHAUSTED" in lines[4]
     assert ac.flops_str(5.3e10) == "53 GF/s"
+
+
+def test_attention_mismatch():
+    plan = {"vision": {"impl": "cudnn"}, "caption": {"impl": "xla"}, "element": {"impl": "xla"}}
+    assert not ac.attention_mismatch(plan, "cudnn")
+    assert ac.attention_mismatch(plan, "xla")  # the vision tower's kernel did not run
+    assert ac.attention_mismatch(plan, "pallas_flash")
+    cpu = {k: {"impl": "cpu_vjp"} for k in ("vision", "caption", "element")}
+    assert not ac.attention_mismatch(cpu, "xla") and ac.attention_mismatch(cpu, "cudnn")
+    assert not ac.attention_mismatch({"vision": {"impl": "unknown"}}, "cudnn")
+
+
+def _attention_hlo(devices, implementation):
+    import jax
+    import jax.numpy as jnp
+
+    from umg_jax import accelerators
+
+    sh = jax.sharding.SingleDeviceSharding(devices[0])
+    x = jax.ShapeDtypeStruct((2, 128, 4, 64), jnp.bfloat16, sharding=sh)
+    f = jax.grad(lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
+        q, k, v, implementation=implementation).astype(jnp.float32)))
+    return jax.jit(f).lower(x, x, x).compile(
+        compiler_options=accelerators.compile_options(devices) or None).as_text()
+
+
+def test_compiled_attention_reads_the_hlo():
+    """What ran, from real compiled programs: XLA's attention on the CPU; cuDNN's forward and
+    backward calls on an H100 (XLA:GPU, deviceless)."""
+    import jax
+
+    from umg_jax import accelerators
+
+    assert ac.compiled_attention(_attention_hlo(jax.devices(), "xla")) == {
+        "impl": "xla", "calls": {}}
+    if not accelerators.gpu_compiler_available():
+        pytest.skip("the CUDA plugin (requirements-gpu.txt) not installed")
+    gpu = ac.compiled_attention(_attention_hlo(accelerators.topology_devices("h100:1x1x1"),
+                                               "cudnn"))
+    assert gpu == {"impl": "cudnn", "calls": {"__cudnn$fmhaSoftmax": 1,
+                                              "__cudnn$fmhaSoftmaxBackward": 1}}
 
 
 def test_smoke_summary_line():
@@ -199,3 +243,55 @@ def test_recipes_table(tmp_path, monkeypatch):
                         "12,346 (memory, 42 %) | 2.25x |")
     assert lines[3].endswith("| 2.25x (on v4:4x4x8) |")  # the ratio is per config
     assert lines[-1] == "| vit_l | 4,096 | v5e:16x16 | 27.3 GiB | 19.9 GiB |"
+
+
+def test_gpu_recipes_table(tmp_path, monkeypatch):
+    """GPU nodes get their own table: per GPU, HBM of 80 GiB, the cuDNN calls per step; a GPU
+    config's first search is not seeded from its TPU single compiles."""
+    monkeypatch.setattr(pod_recipes, "OUT_DIR", tmp_path)
+    cudnn = {"__cudnn$fmhaSoftmax": 96, "__cudnn$fmhaSoftmaxBackward": 48}
+    for topo, devices, attn in (("h100:1x1x8", 8, cudnn), ("h100:1x2x8", 16, {})):
+        row = {"batch_size": 512 * devices, "per_device_batch": 512.0,
+               "bytes_per_device": {"total": 70 * GIB}, "hbm_bytes": 80 * GIB, "fits": True,
+               "est_images_per_s": 5000.0, "est_mfu": 0.5, "roofline": {"bound": "compute"},
+               "max_batch_probes": [], "fused_attention": attn}
+        pod_recipes.cell_path("vit_l", topo).write_text(json.dumps(
+            {"devices": devices, "chip": "h100", "compiler": "gpu", "rows": [row]}))
+    md, rows = pod_recipes.table(["vit_l"], ["h100:1x1x8", "h100:1x2x8"], [])
+    lines = md.splitlines()
+    assert "cuDNN attention calls" in lines[0] and "JAX's share" in lines[0] and len(rows) == 2
+    assert lines[2] == ("| vit_l | h100:1x1x8 (1 x 8 GPUs) | 4,096 (512) | 70.0 of 80 GiB | "
+                        "5,000 (compute, 50 %) | 96 / 48 |")
+    assert lines[3].startswith("| vit_l | h100:1x2x8 (2 x 8 GPUs) | 8,192 (512) |")
+    assert lines[3].endswith("| none (XLA attention) |")
+    _cell(tmp_path / "vit_l_v5e_16x16_batch512.json", devices=256, chip="tpu_v5e",
+          probes=[{"batch_size": 512, "total": 3 * GIB}])
+    _cell(tmp_path / "vit_l_v5e_16x16_batch1024.json", devices=256, chip="tpu_v5e",
+          probes=[{"batch_size": 1024, "total": 4 * GIB}])
+    assert pod_recipes.singles_line("vit_l") is not None
+    assert pod_recipes.singles_line("vit_l", "gpu") is None
+
+
+@pytest.mark.parametrize("config", ["vit_l", "vit_l336"])
+def test_gpu_slice_arguments_follow_the_recipes(config):
+    """``configs/<config>.py:h100-8`` caps the batch at the per-GPU maximum the GPU recipes
+    measured (the smaller of one and two hosts) times the GPUs."""
+    sys.path.insert(0, str(ROOT / "configs"))
+    import importlib
+
+    import common
+
+    mod = importlib.import_module(config)
+    for card in ("h100", "h200"):
+        cells = [json.loads(pod_recipes.cell_path(config, f"{card}:1x{h}x8").read_text())
+                 for h in (1, 2)]
+        assert mod.PER_CHIP_MAX[card] == min(int(c["rows"][0]["per_device_batch"])
+                                             for c in cells)
+        for gpus in (8, 16):
+            assert mod.get_config(f"{card}-{gpus}").batch_size == min(
+                mod.get_config().batch_size, mod.PER_CHIP_MAX[card] * gpus)
+    for bad in ("h100-0", "h900-8", "h100"):
+        with pytest.raises(ValueError, match="expected GEN-CHIPS"):
+            common.slice_batch(bad, 4096, mod.PER_CHIP_MAX)
+    with pytest.raises(ValueError, match="has not been compiled for b200"):
+        common.slice_batch("b200-8", 4096, mod.PER_CHIP_MAX)

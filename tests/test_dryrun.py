@@ -5,6 +5,7 @@ largest-batch search and the CLI."""
 
 import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -183,7 +184,7 @@ def test_compile_oom_is_a_probe_that_does_not_fit(monkeypatch):
     assert best["fits"] and truth - max(64, truth // 32) <= best["batch_size"] <= truth
 
 
-def test_plan_falls_back_to_the_stand_in_without_libtpu():
+def test_plan_falls_back_to_the_stand_in_without_libtpu(monkeypatch):
     assert dryrun.plan(None, None, None, True)[:2] == ("tpu", dryrun.DEFAULT_TOPOLOGY)
     compiler, topology, chip, n = dryrun.plan("v4:4x4x8", None, None, False)
     assert (compiler, topology, chip.name, n) == ("cpu-standin", "v4:4x4x8", "tpu_v4", 128)
@@ -193,6 +194,17 @@ def test_plan_falls_back_to_the_stand_in_without_libtpu():
         dryrun.plan("v5e:2x2", None, "tpu_v4", True)
     with pytest.raises(ValueError, match="not both"):
         dryrun.plan("v5e:2x2", 8, None, True)
+    # GPU nodes: XLA:GPU from the CUDA plugin, never a stand-in
+    for var in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(var, raising=False)
+    compiler, topology, chip, n = dryrun.plan("h200:1x2x8", None, None, False, True)
+    assert (compiler, topology, chip.name, n) == ("gpu", "h200:1x2x8", "h200", 16)
+    assert chip.hbm_gib == 0.75 * 141  # judged against JAX's default share of the GPU
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".95")
+    assert dryrun.plan("h100:1x1x8", None, None, False, True)[2].hbm_gib == 0.95 * 80
+    with pytest.raises(accelerators.CompilerUnavailable, match="pip install -r requirements-gpu"):
+        dryrun.plan("h100:1x1x8", None, None, True, False)
 
 
 @pytest.mark.parametrize("bad", ["v5e", "v5e:16y16", "tpu9:2x2", "v5e:2x3"])
@@ -251,3 +263,26 @@ def test_cli_does_not_fit_exit_1_and_sweep():
     rows = [x for x in out.stdout.splitlines() if "batch_size=" in x and "does not fit" not in x]
     assert len(rows) == 2 and " yes " in rows[0] and " NO " in rows[1]
     assert "batch_size=65536: does not fit by" in out.stdout
+
+
+def test_outputs_go_to_a_bucket(gcs_bucket):
+    """``--json`` and ``--hlo_dir`` on a bucket (a real GCS emulator): checked, then written."""
+    from umg_jax import storage
+
+    out = f"{gcs_bucket}/dryrun"
+    dryrun.check_outputs(f"{out}/r.json", f"{out}/hlo")
+    dryrun.write_json(f"{out}/r.json", {"rows": [{"batch_size": 8}]})
+    dryrun.write_hlo(f"{out}/hlo/tiny.hlo.txt", "HloModule tiny")
+    assert storage.read_json(f"{out}/r.json") == {"rows": [{"batch_size": 8}]}
+    assert storage.read_text(f"{out}/hlo/tiny.hlo.txt") == "HloModule tiny"
+
+
+def test_missing_bucket_exits_2_before_compiling(gcs_bucket):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "umg_jax.dryrun", "--config", "configs/tiny.py",
+                        "--devices", "2", "--json", "gs://no-such-bucket-umg/r.json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "no-such-bucket-umg" in err[0]
+    assert "compiling" not in r.stderr

@@ -1,36 +1,52 @@
-r"""Pod-scale dry run: compile the real train step for a TPU slice with the TPU compiler, here,
-with no TPU attached, and say whether it fits and how fast it could run.
+r"""Pod-scale dry run: compile the real train step for a TPU slice with the TPU compiler, or for a
+GPU node with XLA:GPU, here, with no TPU or GPU attached, and say whether it fits and how fast it
+could run.
 
     python -m umg_jax.dryrun --config configs/vit_l.py --topology v5e:16x16
     python -m umg_jax.dryrun --config configs/vit_l.py --topology v4:4x4x8 \
         --sweep batch_size=8192,16384,32768 --sweep mesh.fsdp=1,8 --json sweep.json
     python -m umg_jax.dryrun --config configs/vit_l.py --topology v6e:16x16 --max_batch
+    python -m umg_jax.dryrun --config configs/vit_l.py --topology h100:1x1x8   # one 8-GPU host
+    python -m umg_jax.dryrun --config configs/vit_l.py --topology h200:1x2x8 --max_batch
     python -m umg_jax.dryrun --config configs/tiny.py --devices 8 --target tpu_v4   # CPU stand-in
 
 The step is the one ``umg_jax.train`` runs (``umg_jax.step.make_train_step``), lowered with the
 real shardings on abstract inputs (``jax.ShapeDtypeStruct``: nothing is allocated) onto the
 topology's devices (``umg_jax.accelerators.topology_devices``, libtpu's deviceless topologies;
-dimensions count chips, v4 / v5p in megacore mode as JAX runs them) and compiled by libtpu. Every
-backend-dependent choice (``umg_jax.ops``: dense layers, fused attention) follows the devices
-compiled for, so the TPU compile takes the TPU path.
+dimensions count chips, v4 / v5p in megacore mode as JAX runs them) and compiled by libtpu.
+GPU nodes (``h100``, ``h200``, ``a100``, ``b200``; ``CARD:SLICESxHOSTSxGPUS`` as JAX's GPU
+topologies name them) compile with XLA:GPU from the CUDA plugin (``pip install -r
+requirements-gpu.txt``) for the card described in ``umg_jax/gpu_targets/``, with no device to
+autotune on: matmuls go to cuBLAS with its default algorithm (``accelerators.GPU_COMPILE_OPTIONS``,
+passed to this compile only).
+Every backend-dependent choice (``umg_jax.ops``: dense layers, fused attention) follows the
+devices compiled for, so the TPU compile takes the TPU path and the GPU compile the GPU path.
 
 Per device it reports:
-- HBM from the TPU compiler's memory analysis: arguments, outputs, temporaries, aliasing (donated
-  state) and generated code; total = arguments + outputs - aliased + temporaries + code;
+- HBM from the compiler's memory analysis (TPU or GPU): arguments, outputs, temporaries,
+  aliasing (donated state) and generated code; total = arguments + outputs - aliased +
+  temporaries + code;
 - compiled FLOPs and HBM bytes accessed, and collective bytes per kind, read from the compiled
-  HLO with loops counted as often as they run (``umg_jax.hlo_stats``; XLA's own cost analysis
-  counts a scanned layer once and is given beside them);
+  HLO with loops counted as often as they run (``umg_jax.hlo_stats``: dots, convolutions,
+  Pallas kernels, cuBLAS and cuDNN calls; XLA's own cost analysis counts a scanned layer once and
+  is given beside them);
+- the fused attention kernels in the compiled program (``fused_attention``: TPU
+  ``tpu_custom_call`` Pallas kernels, GPU ``__cudnn$fmha*`` calls; none = XLA's attention);
 - analytic model FLOPs (``step.step_flops``);
-- the fit verdict against the chip's HBM (``umg_jax/accelerators.toml``), and a roofline step
+- the fit verdict against the chip's HBM (``umg_jax/accelerators.toml``; on a GPU the part
+  JAX's allocator takes, 75 % unless ``XLA_CLIENT_MEM_FRACTION`` says otherwise, read from this
+  process's environment as the node's would give it), and a roofline step
   time: ``max(FLOPs / peak, bytes / HBM bandwidth) + collective traffic / ICI bandwidth`` (no
-  overlap of communication, full peak on every matmul: a bound, not a promise).
+  overlap of communication, full peak on every matmul: a bound, not a promise; on GPUs the
+  interconnect is NVLink, also for the traffic that crosses hosts: optimistic for 2+ hosts).
 
 Without libtpu, or with ``--devices N``, N fake CPU devices stand in for the chips (XLA:CPU's
 buffer assignment, which upcasts bf16 dots: pessimistic), and every printed line says so.
 Compiling ViT-L/14 for 256 chips takes 4-5 minutes per row on an idle 2-core machine (measured
 231-293 s on 2026-11-30; up to 11 minutes when other work shares the cores; tiny: ~1 min), and
 ``--max_batch`` compiles 3-8 rows.
-Exit status: 0 all rows fit, 1 a row does not fit, 2 a bad request (config, topology, flags).
+Exit status: 0 all rows fit, 1 a row does not fit, 2 a bad request (config, topology, flags,
+a compiler that is not installed).
 """
 
 from __future__ import annotations
@@ -59,7 +75,8 @@ def _define_flags() -> None:
                                               lock_config=True)
     _TOPOLOGY = flags.DEFINE_string(
         "topology", None, f"TPU slice to compile for, GENERATION:AxB[xC] in chips (v4:4x4x8, "
-        f"v5e:16x16, v5p:8x8x8, v6e:16x16); default {DEFAULT_TOPOLOGY} unless --devices is given.")
+        f"v5e:16x16, v5p:8x8x8, v6e:16x16), or a GPU node CARD:SLICESxHOSTSxGPUS (h100:1x1x8, "
+        f"h200:1x2x8, a100:1x1x8, b200:1x1x8); default {DEFAULT_TOPOLOGY} unless --devices.")
     _DEVICES = flags.DEFINE_integer(
         "devices", None, "CPU stand-in: compile for this many fake CPU devices instead of a TPU "
         "topology (XLA:CPU's memory figures, pessimistic).")
@@ -70,10 +87,12 @@ def _define_flags() -> None:
     _SWEEP = flags.DEFINE_multi_string(
         "sweep", [], "key=v1,v2,... over config keys (batch_size, mesh.fsdp, model.remat, ...); "
         "several --sweep flags form a grid.")
-    _JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
+    _JSON = flags.DEFINE_string("json", None,
+                                "Write the results as JSON to this path (local, gs:// or s3://).")
     _HLO_DIR = flags.DEFINE_string(
-        "hlo_dir", None, "Also write each row's compiled HLO text to DIR/<row>.hlo.txt (to see "
-        "what the compiler did: fusions, collectives, the fused attention kernel).")
+        "hlo_dir", None, "Also write each row's compiled HLO text to DIR/<row>.hlo.txt (local, "
+        "gs:// or s3://; to see what the compiler did: fusions, collectives, the fused "
+        "attention kernel).")
     _MAX_BATCH = flags.DEFINE_bool(
         "max_batch", False, "Search the largest global batch that fits (a few compiles: two "
         "probes fit a line to memory vs batch, then the prediction is checked).")
@@ -97,7 +116,7 @@ def compile_step(config, devices):
     """
     import jax
 
-    from umg_jax import config_checks, optim, sharding
+    from umg_jax import accelerators, config_checks, optim, sharding
     from umg_jax import step as step_lib
     from umg_jax.data import schema
     from umg_jax.models import clip
@@ -118,7 +137,8 @@ def compile_step(config, devices):
     abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh)
                       for k, (s, d) in shapes.items()}
     t0 = time.perf_counter()
-    compiled = step_fn.lower(abstract_state, abstract_batch).compile()
+    compiled = step_fn.lower(abstract_state, abstract_batch).compile(
+        compiler_options=accelerators.compile_options(devices) or None)
     return compiled, abstract_state, abstract_batch, mesh, time.perf_counter() - t0
 
 
@@ -182,8 +202,9 @@ def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False
             hlo_path: str | None = None) -> dict:
     """Compiles the train step of ``config`` for ``devices`` and measures it against ``chip``.
 
-    ``compiler``: ``"tpu"`` (libtpu, abstract TPU devices) or ``"cpu-standin"`` (fake CPU
-    devices). Returns one JSON-able row (see the module docstring).
+    ``compiler``: ``"tpu"`` (libtpu, abstract TPU devices), ``"gpu"`` (XLA:GPU, abstract GPU
+    devices) or ``"cpu-standin"`` (fake CPU devices). Returns one JSON-able row (see the module
+    docstring).
     """
     import jax
 
@@ -203,9 +224,7 @@ def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False
         xla = xla[0] if xla else {}
     text = compiled.as_text()
     if hlo_path:
-        os.makedirs(os.path.dirname(os.path.abspath(hlo_path)), exist_ok=True)
-        with open(hlo_path, "w") as f:
-            f.write(text)
+        write_hlo(hlo_path, text)
     costs = hlo_stats.program_costs(text)
     del text
     n = len(devices)
@@ -240,7 +259,9 @@ def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False
                               "bytes_accessed": float(xla.get("bytes accessed", 0.0)),
                               "note": "loop bodies counted once"},
         "collective_bytes_per_device": costs["collective_bytes"],
-        "fused_attention_calls": int(costs["custom_calls"].get("tpu_custom_call", 0)),
+        "fused_attention": hlo_stats.fused_attention_calls(costs["custom_calls"]),
+        "fused_attention_calls": int(sum(
+            hlo_stats.fused_attention_calls(costs["custom_calls"]).values())),
         "roofline": roof, "est_step_time_s": roof["step_s"],
         "est_images_per_s": config.batch_size / roof["step_s"] if roof["step_s"] else 0.0,
         "est_mfu": analytic / n / roof["step_s"] / chip.peak_flops if roof["step_s"] else 0.0,
@@ -392,12 +413,14 @@ def find_max_batch(config, *, chip, devices, compiler: str, log=print,
 
 
 def plan(topology: str | None, devices: int | None, target: str | None,
-         libtpu: bool) -> tuple[str, str | None, object, int]:
+         libtpu: bool, cuda: bool = False) -> tuple[str, str | None, object, int]:
     """What to compile for: ``(compiler, topology, chip, device count)``.
 
     ``--devices N`` (CPU stand-in) or ``--topology`` (default :data:`DEFAULT_TOPOLOGY`); without
-    libtpu a topology falls back to the CPU stand-in with as many fake devices. The chip is the
-    topology's, or ``--target`` for the stand-in (default tpu_v5e). ``ValueError`` (incl.
+    libtpu a TPU topology falls back to the CPU stand-in with as many fake devices. A GPU node
+    needs the CUDA plugin (``cuda``): ``accelerators.CompilerUnavailable`` without it. The chip is
+    the topology's, or ``--target`` for the stand-in (default tpu_v5e); a GPU's HBM is the part
+    JAX may use (``accelerators.jax_usable``). ``ValueError`` (incl.
     ``accelerators.TopologyError``) for a bad request.
     """
     from umg_jax import accelerators
@@ -418,15 +441,27 @@ def plan(topology: str | None, devices: int | None, target: str | None,
                              f"({chip.name})")
         chip = accelerators.chips()[target]
     chip = chip or accelerators.chips()["tpu_v5e"]
+    if topology and chip.platform == "gpu":
+        if not cuda:
+            raise accelerators.CompilerUnavailable(
+                f"--topology {topology} needs the CUDA plugin for XLA:GPU: "
+                f"{accelerators.GPU_INSTALL}")
+        # judged against what JAX's GPU allocator may take of it (75 % unless the environment
+        # says otherwise): a step that needs more fails on the node
+        return "gpu", topology, accelerators.jax_usable(chip), n
     compiler = "tpu" if topology and libtpu else "cpu-standin"
     return compiler, topology, chip, n
 
 
+TAGS = {"tpu": "[TPU compiler]", "gpu": "[GPU compiler]",
+        "cpu-standin": "[CPU STAND-IN, not the TPU compiler]"}
+
+
 def format_rows(rows: list[dict], where: str, compiler: str) -> str:
-    tag = "[TPU compiler]" if compiler == "tpu" else "[CPU STAND-IN, not the TPU compiler]"
+    tag = TAGS[compiler]
     head = (f"{'config':<28} {'batch':>7} {'args':>6} {'temp':>6} {'total':>6} {'HBM':>4} "
             f"{'fits':>4} {'TFLOP/dev':>9} {'GB acc':>7} {'coll GB':>7} {'bound':>8} "
-            f"{'img/s':>8} {'MFU':>4}")
+            f"{'img/s':>8} {'MFU':>4} {'attn':>5}")
     lines = [f"{tag} per-device GiB on {where}", f"{tag} {head}", f"{tag} " + "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -440,7 +475,7 @@ def format_rows(rows: list[dict], where: str, compiler: str) -> str:
             f"{r['compiled']['flops'] / 1e12:>9.2f} {r['compiled']['bytes_accessed'] / 1e9:>7.1f} "
             f"{sum(r['collective_bytes_per_device'].values()) / 1e9:>7.2f} "
             f"{r['roofline']['bound']:>8} {r['est_images_per_s']:>8.0f} "
-            f"{100 * r['est_mfu']:>3.0f}%")
+            f"{100 * r['est_mfu']:>3.0f}% {r.get('fused_attention_calls', 0):>5}")
         if r.get("umg_over_clip_flops"):
             lines.append(f"{tag}   UMG / CLIP-only step, compiled FLOPs: "
                          f"{r['umg_over_clip_flops']:.2f}x")
@@ -448,6 +483,32 @@ def format_rows(rows: list[dict], where: str, compiler: str) -> str:
             lines.append(f"{tag}   {r['compiled']['unknown_trip_counts']} loop(s) with an "
                          "unreadable trip count were counted once")
     return "\n".join(lines)
+
+
+def write_hlo(path: str, text: str) -> None:
+    """Writes one row's compiled HLO text to ``path``: local (folders made as needed),
+    ``gs://`` or ``s3://``."""
+    from umg_jax import storage
+
+    storage.write_text(path, text)
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Writes the run's results (``--json``) to ``path``: local, ``gs://`` or ``s3://``."""
+    from umg_jax import storage
+
+    storage.write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+def check_outputs(json_path: str | None, hlo_dir: str | None) -> None:
+    """Before any compile: the folders ``--json`` and ``--hlo_dir`` write into can be written
+    (``storage.StorageError``, one line naming the path: no bucket, no credentials, unwritable)."""
+    from umg_jax import storage
+
+    if json_path:
+        storage.check_writable_dir(storage.path(json_path).parent)
+    if hlo_dir:
+        storage.check_writable_dir(hlo_dir)
 
 
 def _fail(msg: str) -> None:
@@ -464,8 +525,15 @@ def main(argv: list[str]) -> None:
         _fail("--config is required")
     try:
         compiler, topology, chip, n = plan(_TOPOLOGY.value, _DEVICES.value, _TARGET.value,
-                                           accelerators.tpu_compiler_available())
-    except ValueError as e:
+                                           accelerators.tpu_compiler_available(),
+                                           accelerators.gpu_compiler_available())
+    except (ValueError, accelerators.CompilerUnavailable) as e:
+        _fail(str(e))
+    from umg_jax import storage
+
+    try:
+        check_outputs(_JSON.value, _HLO_DIR.value)
+    except storage.StorageError as e:
         _fail(str(e))
     if compiler == "cpu-standin" and topology:
         print(f"[CPU STAND-IN] libtpu is not installed: falling back to {n} fake CPU devices "
@@ -480,8 +548,9 @@ def main(argv: list[str]) -> None:
         if len(devices) != n:
             _fail(f"could not create {n} CPU devices (got {len(devices)})")
     else:
-        # The local backend stays the CPU: never try to open a TPU on this host (a TPU VM's chips
-        # may be busy; the compile is deviceless anyway).
+        # The local backend stays the CPU: never try to open a TPU or GPU on this host (a TPU
+        # VM's chips may be busy; without a driver the CUDA plugin fails to start; the compile
+        # is deviceless anyway).
         jax.config.update("jax_platforms", "cpu")
         try:
             devices = accelerators.topology_devices(topology)
@@ -491,10 +560,13 @@ def main(argv: list[str]) -> None:
             _fail(str(e))
     from umg_jax import config_checks
 
-    where = (f"{topology} ({n} x {devices[0].device_kind}, {chip.hbm_gib:g} GiB each)"
-             if compiler == "tpu" else f"{n} fake CPU devices judged as {chip.name} "
+    full = accelerators.chips()[chip.name].hbm_gib
+    usable = (f"{chip.hbm_gib:g} GiB each" if chip.hbm_gib == full else
+              f"{chip.hbm_gib:g} of {full:g} GiB each: JAX's share, XLA_CLIENT_MEM_FRACTION")
+    where = (f"{topology} ({n} x {devices[0].device_kind}, {usable})"
+             if compiler != "cpu-standin" else f"{n} fake CPU devices judged as {chip.name} "
              f"({chip.hbm_gib:g} GiB each)")
-    tag = "[TPU compiler]" if compiler == "tpu" else "[CPU STAND-IN]"
+    tag = {"cpu-standin": "[CPU STAND-IN]"}.get(compiler, TAGS[compiler])
     try:
         grid = list(sweep_configs(_CONFIG.value, _SWEEP.value))
     except (ValueError, KeyError) as e:
@@ -552,9 +624,14 @@ def main(argv: list[str]) -> None:
                "config": _CONFIG.value.get("name", None),
                "date": datetime.date.today().isoformat(), "jax": jax.__version__,
                "libtpu": version("libtpu"), "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-        with open(_JSON.value, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+        if compiler == "gpu":
+            out.update({"jax_gpu_mem_fraction": accelerators.jax_gpu_memory_fraction(),
+                        "hbm_gib_per_gpu": accelerators.chips()[chip.name].hbm_gib,
+                        "jax_cuda12_plugin": version("jax-cuda12-plugin"),
+                        "cudnn": version("nvidia-cudnn-cu12"),
+                        "cuda_runtime": version("nvidia-cuda-runtime-cu12"),
+                        "compile_options": accelerators.GPU_COMPILE_OPTIONS})
+        write_json(_JSON.value, out)
     ok = [r for r in rows if "error" not in r]
     if not ok or not all(r["fits"] for r in ok):
         sys.exit(1)

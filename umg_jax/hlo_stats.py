@@ -13,12 +13,20 @@ and is reported in ``unknown_trip_counts``.
   XLA's own formula (valid kernel positions per spatial dimension, group counts); elementwise
   work is not counted (model FLOPs are matmuls). Pallas kernels (``tpu_custom_call``, e.g. the
   flash attention) count with the ``cost_estimate`` they carry (FLOPs and bytes accessed).
+  GPU library calls count from their operand shapes and backend config: cuBLAS GEMMs
+  (``__cublas$gemm``, ``__cublas$lt$matmul*``) as ``2 x batch x M x N x K`` from the config's dot
+  dimension numbers; cuDNN convolutions (``__cudnn$conv*``, forward and both gradients) with the
+  convolution formula on the forward shapes; cuDNN fused attention (``__cudnn$fmha*``) as its
+  GEMMs, ``2 x B x H x Nq x Nk x Dh`` each: the forward's two (``Q K^T``, ``P V``), the
+  backward's four gradient GEMMs plus the ``Q K^T`` a flash backward recomputes. A causal or
+  padding mask is counted as the full product, as XLA's own attention computes it.
 - Bytes accessed: operands + result of every instruction that runs on its own (fusions count at
   their call site, as XLA's cost analysis does, so traffic inside a fusion is not counted; an
   operand a fusion only slices counts as its slices, an in-place dynamic-update-slice as its
   update);
   arrays the TPU compiler placed in on-chip memory (layout ``S(1)`` / ``S(2)``) are not HBM
-  traffic and are skipped.
+  traffic and are skipped. A cuBLAS / cuDNN call reads its operands and writes its results, less
+  the scratch workspace it returns last (``s8`` / ``u8``: not traffic of the model).
 - Collectives: result bytes per kind (async ``-start`` ops included, ``-done`` not double
   counted), and an interconnect traffic estimate: all-gather / permute / all-to-all move their
   result, reduce-scatter its operand, all-reduce twice its size (reduce-scatter + all-gather).
@@ -205,6 +213,123 @@ def conv_flops(instr: Instr, types: dict[str, str]) -> float:
     return 2.0 * fma * valid
 
 
+def gemm_flops(lhs: tuple[int, ...], rhs: tuple[int, ...], lhs_contracting, rhs_contracting,
+               lhs_batch=(), rhs_batch=()) -> float:
+    """FLOPs (2 per multiply-add) of a general matrix product of arrays of shapes ``lhs`` and
+    ``rhs``: batch x M x N x K, M / N the dimensions of each side that are neither batch nor
+    contracting."""
+    fixed_l, fixed_r = set(lhs_contracting) | set(lhs_batch), set(rhs_contracting) | set(rhs_batch)
+    batch = math.prod(lhs[d] for d in lhs_batch)
+    k = math.prod(lhs[d] for d in lhs_contracting)
+    m = math.prod(n for d, n in enumerate(lhs) if d not in fixed_l)
+    n = math.prod(n for d, n in enumerate(rhs) if d not in fixed_r)
+    return 2.0 * batch * m * n * k
+
+
+def _json_ints(text: str, key: str) -> list[int]:
+    """The integers of the list ``"key": ["1", "2"]`` in a backend config (JSON, numbers as
+    strings); [] if absent."""
+    m = re.search(rf'"{key}":\s*\[([^\]]*)\]', text)
+    return [int(x.strip().strip('"')) for x in m.group(1).split(",") if x.strip()] if m else []
+
+
+def _result_arrays(type_str: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(dtype, dims, text)`` of each array of a result type, a library call's trailing scratch
+    workspace (``s8`` / ``u8`` after the real results) removed."""
+    arrays = [(d, tuple(int(x) for x in filter(None, dims.split(","))), f"{d}[{dims}]{lay}")
+              for d, dims, lay in _SHAPE.findall(type_str)]
+    if len(arrays) > 1 and arrays[-1][0] in ("s8", "u8"):
+        arrays = arrays[:-1]
+    return arrays
+
+
+def _cublas_flops(instr: Instr, types: dict[str, str]) -> float:
+    cfg = instr.attrs[instr.attrs.find('"dot_dimension_numbers"'):]
+    lhs, rhs = (_dims(types.get(o, "")) for o in instr.operands[:2])
+    return gemm_flops(lhs, rhs, _json_ints(cfg, "lhs_contracting_dimensions"),
+                      _json_ints(cfg, "rhs_contracting_dimensions"),
+                      _json_ints(cfg, "lhs_batch_dimensions"),
+                      _json_ints(cfg, "rhs_batch_dimensions"))
+
+
+def _cudnn_conv_flops(target: str, instr: Instr, types: dict[str, str]) -> float:
+    """A cuDNN convolution carries the forward convolution's window and dim labels; its
+    gradients swap which array is an operand and which the result."""
+    res = _result_arrays(instr.type)
+    if len(instr.operands) < 2 or not res:
+        return 0.0
+    a, b, out = types.get(instr.operands[0], ""), types.get(instr.operands[1], ""), res[0][2]
+    if target.endswith("BackwardInput"):  # (d output, filter) -> d input
+        lhs, rhs, out = out, b, a
+    elif target.endswith("BackwardFilter"):  # (input, d output) -> d filter
+        lhs, rhs, out = a, out, b
+    else:  # forward (with a fused bias / activation / side input after the two)
+        lhs, rhs = a, b
+    fwd = Instr(instr.name, out, "convolution", ["lhs", "rhs"], instr.attrs, instr.line)
+    return conv_flops(fwd, {"lhs": lhs, "rhs": rhs})
+
+
+def _cudnn_fmha_flops(target: str, instr: Instr, types: dict[str, str]) -> float:
+    """cuDNN fused attention: operands ``Q [B, Nq, H, Dh], K, V [B, Nk, H, Dv]`` first (JAX's
+    BTNH layout), the scores' shape ``[B, H, Nq, Nk]`` in the config."""
+    m = re.search(r'"intermediate_tensor_shape":\s*\{[^{}]*?"dimensions":\s*\[([^\]]*)\]',
+                  instr.attrs)
+    if not m or len(instr.operands) < 3:
+        return 0.0
+    scores = math.prod(int(x.strip().strip('"')) for x in m.group(1).split(",") if x.strip())
+    dqk = (_dims(types.get(instr.operands[0], "")) or (0,))[-1]
+    dv = (_dims(types.get(instr.operands[2], "")) or (0,))[-1]
+    if "Backward" not in target:
+        return 2.0 * scores * (dqk + dv)  # Q K^T, P V
+    # dQ = dS K, dK = dS^T Q (Dh); dP = dO V^T, dV = P^T dO (Dv); flash recomputes S = Q K^T
+    recompute = dqk if re.search(r'"is_flash_attention":\s*true', instr.attrs) else 0
+    return 2.0 * scores * (2 * dqk + 2 * dv + recompute)
+
+
+def library_call_cost(instr: Instr, types: dict[str, str]) -> tuple[float, float] | None:
+    """``(FLOPs, HBM bytes)`` of a cuBLAS or cuDNN custom call (see the module docstring), None
+    for any other instruction. Bytes: operands + results, the scratch workspace excluded."""
+    if instr.op != "custom-call":
+        return None
+    m = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
+    target = m.group(1) if m else ""
+    if target.startswith("__cublas$") and '"dot_dimension_numbers"' in instr.attrs:
+        flops = _cublas_flops(instr, types)
+    elif target.startswith("__cudnn$conv"):
+        flops = _cudnn_conv_flops(target, instr, types)
+    elif target.startswith("__cudnn$fmha"):
+        flops = _cudnn_fmha_flops(target, instr, types)
+    else:
+        return None
+    nbytes = (sum(shape_bytes(a[2], True) for a in _result_arrays(instr.type))
+              + sum(shape_bytes(types.get(o, ""), True) for o in instr.operands))
+    return flops, float(nbytes)
+
+
+# Custom-call targets of fused attention kernels: TPU Pallas kernels (the flash attention is the
+# project's only Pallas call) and cuDNN's fused attention (forward and backward).
+FUSED_ATTENTION_TARGETS = ("tpu_custom_call", "__cudnn$fmha")
+
+
+def fused_attention_calls(custom_calls: dict[str, float]) -> dict[str, int]:
+    """``{target: count}`` of the fused attention kernels among ``program_costs``'
+    ``custom_calls`` (per step, loops weighted); empty when attention ran on XLA's ops."""
+    return {t: int(n) for t, n in sorted(custom_calls.items())
+            if t.startswith(FUSED_ATTENTION_TARGETS) and n}
+
+
+def attention_kernel(custom_calls: dict[str, float]) -> str:
+    """Which attention implementation a compiled program ran, from its custom calls:
+    ``"cudnn"`` (cuDNN fused attention), ``"pallas_flash"`` (a TPU Pallas kernel) or ``"xla"``
+    (neither: XLA's own ops; on the CPU also the hand-written VJP)."""
+    calls = fused_attention_calls(custom_calls)
+    if any(t.startswith("__cudnn$fmha") for t in calls):
+        return "cudnn"
+    if "tpu_custom_call" in calls:
+        return "pallas_flash"
+    return "xla"
+
+
 def dot_flops(instr: Instr, types: dict[str, str]) -> float:
     """FLOPs of a ``dot``: 2 x result elements x contracted size."""
     m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
@@ -334,6 +459,9 @@ def program_costs(hlo_text: str) -> dict:
                 total += dot_flops(i, types[name])
             elif i.op == "fusion":
                 total += sum(flops_of(c, seen + (name,)) for c in _callees(i.attrs, "calls"))
+            elif i.op == "custom-call":  # a library call in a fusion (GPU address computation)
+                lib = library_call_cost(i, types[name])
+                total += lib[0] if lib else 0.0
         return total
 
     acc: collections.Counter = collections.Counter()
@@ -373,9 +501,13 @@ def program_costs(hlo_text: str) -> dict:
                 target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
                 custom[target.group(1) if target else "?"] += mult
                 estimate = _COST_ESTIMATE.search(i.attrs)
-            if estimate:  # a Pallas kernel states its own cost
-                acc["flops"] += mult * float(estimate.group(1))
-                acc["bytes"] += mult * float(estimate.group(2))
+                if estimate:  # a Pallas kernel states its own cost
+                    estimate = (float(estimate.group(1)), float(estimate.group(2)))
+                else:  # cuBLAS / cuDNN: from its shapes
+                    estimate = library_call_cost(i, t)
+            if estimate:
+                acc["flops"] += mult * estimate[0]
+                acc["bytes"] += mult * estimate[1]
             elif i.op == "convolution":
                 acc["flops"] += mult * conv_flops(i, t)
             elif i.op == "dot":

@@ -53,7 +53,8 @@ class CLIP(nn.Module):
         get_activation(m.act)  # fail early on a bad name
         dtype = dtype_of(m.dtype)
         common = dict(act=m.act, ln_eps=m.ln_eps, dtype=dtype, remat=m.remat,
-                      remat_policy=m.remat_policy, scan=m.scan)
+                      remat_policy=m.remat_policy, scan=m.scan,
+                      attention=m.get("attention", "auto"))
         v, t = m.vision, m.text
         self.visual = VisionTransformer(
             image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,

@@ -97,6 +97,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     init_std: float | None = None
     out_std: float | None = None
+    attention: str = "auto"  # "auto": ops.attention's choice for the compile target; or forced
 
     def setup(self):
         if self.width % self.heads:
@@ -117,7 +118,8 @@ class Attention(nn.Module):
         ``0..i`` only; ``key_bias [B, Nk]`` float32 added to every query's logits (ToMe's log
         token size). Returns ``[B, Nq, D]``. Scores and softmax in float32."""
         o = attention(self.query(xq), self.key(xkv), self.value(xkv), causal=bool(causal),
-                      key_bias=key_bias)
+                      key_bias=key_bias,
+                      implementation=None if self.attention == "auto" else self.attention)
         return self.out(o)
 
     def value_path(self, x: jax.Array) -> jax.Array:
@@ -188,6 +190,7 @@ class ResidualBlock(nn.Module):
     return_carry: bool = False
     adapter_dim: int = 0  # > 0: a bottleneck Adapter after the block (PEFT); 0 = plain CLIP
     mlp_dim: int = 0  # explicit MLP hidden width; 0 = width * mlp_ratio
+    attention: str = "auto"  # attention implementation (see Attention)
 
     @nn.compact
     def __call__(self, x: jax.Array, _unused: Any = None, key_bias: jax.Array | None = None):
@@ -196,7 +199,8 @@ class ResidualBlock(nn.Module):
         x = constrain_batch(x)
         proj_std = (self.width ** -0.5) * ((2 * self.layers) ** -0.5)
         ln_1 = layer_norm(self.ln_eps, "ln_1")
-        attn = Attention(self.width, self.heads, dtype=self.dtype, out_std=proj_std, name="attn")
+        attn = Attention(self.width, self.heads, dtype=self.dtype, out_std=proj_std,
+                         attention=self.attention, name="attn")
         ln_2 = layer_norm(self.ln_eps, "ln_2")
         mlp = MLP(self.width, self.mlp_ratio, self.act, dtype=self.dtype, proj_std=proj_std,
                   hidden=self.mlp_dim, name="mlp")
@@ -239,6 +243,7 @@ class Transformer(nn.Module):
     merge_proportional: bool = True  # ToMe proportional attention after the merge
     adapter_dim: int = 0  # bottleneck adapters in every block (0 = off)
     mlp_dim: int = 0  # explicit MLP hidden width; 0 = width * mlp_ratio
+    attention: str = "auto"  # attention implementation (see Attention)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -252,7 +257,8 @@ class Transformer(nn.Module):
                              f"merge_after < layers - 1 (got {self.merge_after})")
         kw = dict(width=self.width, heads=self.heads, layers=self.layers,
                   mlp_ratio=self.mlp_ratio, act=self.act, ln_eps=self.ln_eps, dtype=self.dtype,
-                  causal=self.causal, adapter_dim=self.adapter_dim, mlp_dim=self.mlp_dim)
+                  causal=self.causal, adapter_dim=self.adapter_dim, mlp_dim=self.mlp_dim,
+                  attention=self.attention)
         block_cls = ResidualBlock
         if self.remat:
             policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
@@ -295,11 +301,12 @@ class MAPHead(nn.Module):
     ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     mlp_dim: int = 0
+    attention: str = "auto"  # attention implementation (see Attention)
 
     def setup(self):
         self.probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, self.width),
                                 jnp.float32)
-        self.attn = Attention(self.width, self.heads, dtype=self.dtype)
+        self.attn = Attention(self.width, self.heads, dtype=self.dtype, attention=self.attention)
         self.ln = layer_norm(self.ln_eps, "ln")
         self.mlp = MLP(self.width, self.mlp_ratio, self.act, dtype=self.dtype,
                        hidden=self.mlp_dim)

@@ -38,6 +38,7 @@ class TextTransformer(nn.Module):
     pool: str = "eot"  # "eot": the largest id (CLIP's end-of-text); "last": last position
     proj_bias: bool = False  # True: SigLIP's biased head
     pad_id: int = 0  # id that pads rows to the full context when pool == "last"
+    attention: str = "auto"  # attention implementation (layers.Attention)
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -68,7 +69,8 @@ class TextTransformer(nn.Module):
             width=self.width, layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio,
             act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, causal=self.causal,
             remat=self.remat, remat_policy=self.remat_policy, scan=self.scan,
-            adapter_dim=self.adapter_dim, mlp_dim=self.mlp_dim, name="transformer")(x)
+            adapter_dim=self.adapter_dim, mlp_dim=self.mlp_dim, attention=self.attention,
+            name="transformer")(x)
         # ln_final is per token, so pooling first is the same maths on 1/L of the work.
         x = x[:, -1] if self.pool == "last" else x[jnp.arange(n), jnp.argmax(tokens, axis=-1)]
         x = layer_norm(self.ln_eps, "ln_final")(x)

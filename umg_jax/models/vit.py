@@ -79,6 +79,7 @@ class VisionTransformer(nn.Module):
     patch_bias: bool = False  # True: SigLIP (biased patch embedding)
     pool: str = "cls"  # "cls": class token (CLIP); "map": attention-pooling head (SigLIP)
     proj: str = "plain"  # "plain": Dense without bias; "bias": with bias; "none": identity
+    attention: str = "auto"  # attention implementation (layers.Attention)
 
     def _check(self):
         if self.dense_mode not in ("maskclip", "plain"):
@@ -128,11 +129,11 @@ class VisionTransformer(nn.Module):
             merge_after=self.merge_after,
             merge_r=token_merge.num_merged(gh * gw, self.merge_ratio) if self.merge_after >= 0
             else 0, merge_proportional=self.merge_proportional, adapter_dim=self.adapter_dim,
-            mlp_dim=self.mlp_dim, name="transformer")(x)
+            mlp_dim=self.mlp_dim, attention=self.attention, name="transformer")(x)
         x = layer_norm(self.ln_eps, "ln_post")(x).astype(self.dtype)
         if self.pool == "map":  # [pooled, per-token], laid out like [class, patches]
             head = MAPHead(self.width, self.heads, self.mlp_ratio, self.act, self.ln_eps,
-                           self.dtype, self.mlp_dim, name="map_head")
+                           self.dtype, self.mlp_dim, attention=self.attention, name="map_head")
             x = jnp.concatenate([head(x)[:, None], head.per_token(x)], axis=1)
         if self.proj != "none":
             x = Dense(self.embed_dim, use_bias=self.proj == "bias", dtype=self.dtype,

@@ -71,7 +71,7 @@ def target_compute_capability() -> tuple[int, int] | None:
         from umg_jax import accelerators
 
         chip = accelerators.chip_for_device_kind(dev.device_kind)
-        cc = getattr(chip, "compute_capability", None) if chip is not None else None
+        cc = chip.compute_capability if chip is not None else None
         return _parse_capability(cc) if cc else None
     cc = getattr(jax.devices()[0], "compute_capability", None)
     return _parse_capability(cc) if cc else None
