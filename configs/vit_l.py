@@ -14,6 +14,10 @@ needs 19.9 GiB of a v5e chip's 16 at 128 per chip). Name the slice as the config
 batch becomes the largest that fits it when 32,768 does not:
 
     python -m umg_jax.train --config configs/vit_l.py:v5e-256 ...    # batch 22,528 (88 per chip)
+
+GPU nodes the same way (XLA:GPU's verdict within JAX's default 75 % of each GPU's memory,
+``benchmarks/pod_recipes.py --gpu``): ``configs/vit_l.py:h100-8`` -> 5,120 (640 per GPU),
+``:h200-16`` -> 17,024 (1,064 per GPU).
 """
 
 import pathlib

@@ -4,7 +4,8 @@ on import).
 The batch of 16,384 (64 per chip on 256 chips) fits a v5e slice at 14.1 of 16 GiB per chip, with
 the Pallas flash-attention kernel in every vision block (577 tokens); 18,432 (72 per chip) still
 fits at 15.5 GiB. ``configs/vit_l336.py:GEN-N`` sets the batch for a slice of N chips of a
-generation the TPU compiler has searched (README "Pods")."""
+generation the TPU compiler has searched, or N GPUs of a card XLA:GPU has searched (``h100-8``,
+``h200-16``; README "Pods")."""
 
 import pathlib
 import sys

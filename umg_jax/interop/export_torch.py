@@ -40,8 +40,10 @@ Errors: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import sys
@@ -230,6 +232,20 @@ def export_params(params: dict, model_cfg: mlc.ConfigDict, fmt: str, out: str,
                               f"{outp.stem}_" if torch_file else "", **side)
     return {"files": [str(f) for f in files], "extras": sorted(extras),
             "extras_file": str(extras_path) if extras else None}
+
+
+def _missing_local_dirs(folder) -> list[str]:
+    """The local folders from ``folder`` up that do not exist yet, deepest first (what the
+    output check will create); none for a bucket."""
+    from umg_jax import storage
+
+    if storage.is_remote(folder):
+        return []
+    missing, p = [], pathlib.Path(folder)
+    while not p.exists() and p != p.parent:
+        missing.append(str(p))
+        p = p.parent
+    return missing
 
 
 def output_folder(fmt: str, out: str):
@@ -627,10 +643,12 @@ def main(argv: list[str] | None = None) -> None:
     from umg_jax import storage
     from umg_jax.inference import check_bucket_source
 
+    out_dir = output_folder(args.format, args.out)
+    made = _missing_local_dirs(out_dir)
     try:
         check_bucket_source(args.src)
         ckpt, cfg_path = locate(args.src, args.step)
-        storage.check_writable_dir(output_folder(args.format, args.out))  # before restoring
+        storage.check_writable_dir(out_dir)  # before restoring
         if args.config:
             from umg_jax.interop.import_torch import load_model_config
 
@@ -647,6 +665,9 @@ def main(argv: list[str] | None = None) -> None:
         seg = None if seg_cfg is None else read_seg_head(ckpt, seg_cfg, cfg_path.parent)
         info = export_params(params, model_cfg, args.format, args.out, seg=seg)
     except (InteropError, storage.StorageError) as e:
+        for d in made:  # a refused export leaves no folder behind (only empty ones it made)
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {ckpt} as {args.format}:")
