@@ -121,38 +121,26 @@ def test_tpu_flash_path_matches_reference_in_interpret_mode(nq, nk, causal, with
         np.testing.assert_array_equal(got[-1], 0.0)
 
 
-@pytest.mark.parametrize("causal,with_bias", [(False, True), (True, True)])
-def test_gpu_path_with_xla_implementation_matches_reference(causal, with_bias):
-    """The ``dot_product_attention`` wrapper (layout, scale, causal, key bias broadcast), run on
-    its XLA implementation (no GPU here): forward vs numpy, gradients vs the CPU custom VJP."""
-    q, k, v, bias, g = _inputs(jax.random.key(4), nq=9, nk=9, d=8)
-    got = _value_and_grads(lambda *a, **k: gpu_attention(*a, **k, implementation="xla"),
-                           q, k, v, bias, g, causal, with_bias)
-    ref = _value_and_grads(lambda *a, **k: attention(*a, **k, backend="cpu"),
-                           q, k, v, bias, g, causal, with_bias)
-    want = _np_attention(q, k, v, causal, bias if with_bias else None)
-    np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-5)
-    for a, r in zip(got, ref, strict=True):
-        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("nq,nk,causal,with_bias", [
-    (9, 9, False, False),  # both odd: padded keys masked by key_value_seq_lengths
-    (9, 9, True, False),  # causal: the padded key comes after every real query, no mask
-    (9, 9, False, True),
-    (1, 7, False, False),  # single query (MaskCLIP class token)
-    (8, 7, False, False),  # only the keys padded
+@pytest.mark.parametrize("nq,nk,causal,with_bias,pad", [
+    (9, 9, False, True, False),  # the wrapper as it is
+    (9, 9, True, True, False),
+    (9, 9, False, False, True),  # both odd, padded: keys masked by key_value_seq_lengths
+    (9, 9, True, False, True),  # causal: the padded key comes after every real query, no mask
+    (9, 9, False, True, True),
+    (1, 7, False, False, True),  # single query (MaskCLIP class token)
+    (8, 7, False, False, True),  # only the keys padded
 ])
-def test_gpu_path_padded_to_even_lengths_is_exact(nq, nk, causal, with_bias):
-    """What the cuDNN path does to odd lengths (one padded token, masked or hidden by the causal
-    mask, padded query rows sliced off), run on ``dot_product_attention``'s XLA implementation:
-    forward vs numpy, value and gradients (incl. the key bias's) vs the unpadded CPU path."""
-    q, k, v, bias, g = _inputs(jax.random.key(5), nq=nq, nk=nk, d=8)
+def test_gpu_path_with_xla_implementation_matches_reference(nq, nk, causal, with_bias, pad):
+    """The ``dot_product_attention`` wrapper (layout, scale, causal, key bias broadcast, and
+    with ``pad``: what the cuDNN path does to odd lengths, one padded token masked or hidden by
+    the causal mask, padded query rows sliced off), run on its XLA implementation (no GPU here):
+    forward vs numpy, value and gradients (incl. the key bias's) vs the CPU custom VJP."""
+    q, k, v, bias, g = _inputs(jax.random.key(4), nq=nq, nk=nk, d=8)
 
-    def padded(*a, **kw):
-        return gpu_attention(*a, **kw, implementation="xla", pad_to_even=True)
+    def wrapped(*a, **kw):
+        return gpu_attention(*a, **kw, implementation="xla", pad_to_even=pad)
 
-    got = _value_and_grads(padded, q, k, v, bias, g, causal, with_bias)
+    got = _value_and_grads(wrapped, q, k, v, bias, g, causal, with_bias)
     ref = _value_and_grads(lambda *a, **kw: attention(*a, **kw, backend="cpu"),
                            q, k, v, bias, g, causal, with_bias)
     want = _np_attention(q, k, v, causal, bias if with_bias else None)

@@ -51,24 +51,9 @@ Arguments after `--` go to the trainer, e.g.
 EOF
 }
 
-die() {  # usage error: one line on stderr, exit status 2
-  echo "$PROG: $*" >&2
-  exit 2
-}
-
-q() {  # shell-quote one word (like python's shlex.quote, so the output round-trips)
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-qjoin() {  # shell-quote every argument, joined by spaces
-  local out="" a
-  for a in "$@"; do out+="$(q "$a") "; done
-  printf '%s' "${out% }"
-}
+# die, q (shell-quote a word), qjoin (quote and join words)
+# shellcheck source=tools/launcher_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"
 
 # ------------------------------------------------------------------ defaults (one per flag)
 WORKDIR=""
