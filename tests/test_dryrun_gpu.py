@@ -112,3 +112,17 @@ def test_missing_cuda_plugin_is_one_line_with_the_install_command():
     assert out.stderr.strip().splitlines() == [
         "error: --topology h100:1x1x8 needs the CUDA plugin for XLA:GPU: "
         "pip install -r requirements-gpu.txt"]
+
+
+@pytest.mark.parametrize("name", ["tiny_lora", "tiny_adapter", "seg_tiny"])
+def test_the_other_tiny_configs_compile_for_an_h100_node(name):
+    """Every shipped tiny config's step compiles for 8 H100s (in bf16, so that attention is
+    eligible for cuDNN) and finds cuDNN's attention in its HLO (the big configs:
+    ``benchmarks/gpu_compile.py``). The segmentation head's frozen backbone runs forward only."""
+    c = config_lib.load_config(str(ROOT / f"configs/{name}.py"))
+    c.model.dtype = "bfloat16"
+    c.batch_size = 64
+    r = dryrun.analyse(c, chip=H100, devices=accelerators.topology_devices("h100:1x1x8"),
+                       compiler="gpu")
+    assert r["fits"] and r["fused_attention"].get("__cudnn$fmhaSoftmax", 0) > 0, r
+    assert ("__cudnn$fmhaSoftmaxBackward" in r["fused_attention"]) == (name != "seg_tiny")
