@@ -39,6 +39,11 @@ def test_device_kind_lookup():
     assert A.chip_for_device_kind("tpu v4").name == "tpu_v4"
     assert A.chip_for_device_kind("NVIDIA H100 80GB HBM3").name == "h100"
     assert A.chip_for_device_kind("cpu") is None
+    # PCIe / NVL parts are slower than the SXM parts: their own peaks for MFU
+    pcie = A.chip_for_device_kind("NVIDIA H100 PCIe")
+    nvl = A.chip_for_device_kind("NVIDIA H200 NVL")
+    assert (pcie.name, pcie.peak_flops, pcie.hbm_gbps) == ("h100_pcie", 756e12, 2000.0)
+    assert (nvl.name, nvl.peak_flops) == ("h200_nvl", 835e12)
 
 
 @pytest.mark.parametrize("name,chip,n", [("v5e:16x16", "tpu_v5e", 256), ("v4:4x4x8", "tpu_v4", 128),
