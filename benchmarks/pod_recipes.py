@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
 import time
+
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "benchmarks/results/dryrun"
@@ -299,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 standin_path(cfg, devices, target), log)
     md, rows = table(configs, topologies, standins)
     print(md)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"rows": rows, "table": md}, f, indent=2)
+    write_result(args.out, {"rows": rows, "table": md})
     return 0
 
 

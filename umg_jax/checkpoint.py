@@ -117,7 +117,7 @@ class Checkpointer:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         self.directory = storage.path(workdir) / "checkpoints"
-        if str(self.directory).startswith("s3://"):
+        if _is_s3(self.directory):
             raise storage.StorageError(
                 f"cannot keep training checkpoints in {self.directory}: orbax-checkpoint "
                 f"{ocp.__version__} writes arrays only to local paths and gs://; use a gs:// "
@@ -343,11 +343,8 @@ def resolve_stored_path(stored: str, directory: storage.PathLike) -> str:
             return stored
         moved = d / p.name
         return os.fspath(moved) if _exists(moved) else stored
-    for candidate in (d / p, None, d / p.name):  # None: cwd-relative, from an older run
-        if candidate is None:
-            if os.path.exists(stored):
-                return stored
-        elif _exists(candidate):
+    for candidate in (d / p, stored, d / p.name):  # stored: cwd-relative, from an older run
+        if _exists(candidate):
             return os.fspath(candidate)
     return os.fspath(d / p)
 

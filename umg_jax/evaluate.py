@@ -153,12 +153,12 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
     written, raised before the model is loaded)."""
     from umg_jax import checkpoint, storage
     from umg_jax.data import pipeline
-    from umg_jax.inference import InputError, check_bucket_source, load
+    from umg_jax.inference import InputError, load
 
     unknown = sorted(set(names) - set(ALL))
     if unknown or not names:
         raise EvalError(f"unknown evaluators {unknown} (choose from {', '.join(ALL)})")
-    check_bucket_source(workdir)
+    storage.check_bucket_source(workdir)
     try:
         ckpt_dir, cfg_file = checkpoint.locate(workdir, step)
     except FileNotFoundError as e:

@@ -189,26 +189,15 @@ class UMGModel:
         return float(np.exp(min(float(self.params["logit_scale"]), self.config.logit_scale_max)))
 
 
-def check_bucket_source(path: str | os.PathLike, what: str = "run directory") -> None:
-    """For a ``gs://`` / ``s3://`` ``path``: ``umg_jax.storage.StorageError`` (one line naming
-    it) when its bucket does not exist, there are no credentials, or it does not exist, before
-    anything is read (the file system clients would raise their own errors deep in a listing).
-    Local paths: nothing (the readers' own messages name what is missing)."""
-    from umg_jax import storage
-
-    if storage.is_remote(path):
-        storage.check_readable(path, what)
-
-
 def load(workdir_or_checkpoint: str | os.PathLike, step: int | None = None) -> UMGModel:
     """Loads params + model config from a training workdir (latest or given checkpoint step) or
     from an import directory written by ``umg_jax.interop.import_torch``; a local path or a
     ``gs://`` / ``s3://`` directory. :class:`InputError` for a directory that holds no model;
     ``umg_jax.storage.StorageError`` for a bucket that cannot be read (missing, no
     credentials)."""
-    from umg_jax import checkpoint
+    from umg_jax import checkpoint, storage
 
-    check_bucket_source(workdir_or_checkpoint)
+    storage.check_bucket_source(workdir_or_checkpoint)
     try:
         ckpt, cfg_file = checkpoint.locate(workdir_or_checkpoint, step)
         if cfg_file is None:
@@ -275,7 +264,7 @@ def load_segmenter(workdir: str | os.PathLike, step: int | None = None) -> Segme
     ``s3://``), on its backbone."""
     from umg_jax import checkpoint, storage
 
-    check_bucket_source(workdir)
+    storage.check_bucket_source(workdir)
     try:
         ckpt, cfg_file = checkpoint.locate(workdir, step)
         config = checkpoint.read_seg_config(cfg_file)

@@ -147,7 +147,6 @@ class MetricWriter:
             self._jsonl = None
         if self._tb is not None:
             self._tb.close()
-            self._tb_uploaded = -math.inf
             if self._tb_local is not None:
                 storage.copy_tree(self._tb_local, self.workdir / "tensorboard")
                 shutil.rmtree(self._tb_local, ignore_errors=True)

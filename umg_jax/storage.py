@@ -193,6 +193,14 @@ def check_readable(p: PathLike, what: str) -> epath.Path:
     return ep
 
 
+def check_bucket_source(p: PathLike, what: str = "run directory") -> None:
+    """For a ``gs://`` / ``s3://`` ``p``: :func:`check_readable` (bucket, credentials, the path
+    itself), before anything is read, since the clients would raise their own errors deep in a
+    listing. Local paths: nothing (the readers' own messages name what is missing)."""
+    if is_remote(p):
+        check_readable(p, what)
+
+
 # ------------------------------------------------------------------ whole-file reads / writes ---
 
 
@@ -244,11 +252,13 @@ class AppendLog:
     Local: a real file opened for appending. Remote (no append on object stores): the existing
     object is read once at open and kept in memory; ``flush()`` rewrites the whole object, so
     what was written before (earlier runs of a resumed job) is kept. Text reaches a bucket only on
-    ``flush()`` / ``close()``.
+    ``flush()`` / ``close()``. ``durable``: a local ``flush()`` also fsyncs (what survives a
+    crash of the machine, not only of the process).
     """
 
-    def __init__(self, p: PathLike):
+    def __init__(self, p: PathLike, durable: bool = False):
         self.path = path(p)
+        self._durable = durable
         self._remote = is_remote(self.path)
         self._file = None
         self._text = ""
@@ -272,6 +282,8 @@ class AppendLog:
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
+            if self._durable:
+                os.fsync(self._file.fileno())
         elif self._dirty:
             self.path.write_text(self._text, encoding="utf-8")
             self._dirty = False
@@ -330,16 +342,18 @@ def _copy_file(src: epath.Path, dst: epath.Path) -> None:
         shutil.copyfileobj(fin, fout, _COPY_CHUNK)
 
 
-def copy_tree(src: PathLike, dst: PathLike) -> None:
+def copy_tree(src: PathLike, dst: PathLike, last: str | None = None) -> None:
     """Copies every file under ``src`` to the same relative path under ``dst`` (any two of local,
-    gs://, s3://); existing files are overwritten. ``FileNotFoundError`` when ``src`` is not a
-    directory."""
+    gs://, s3://); existing files are overwritten. ``last``: the name of a top-level entry copied
+    after all the others (the index file, e.g. ``meta.json``, whose presence tells readers that
+    the set is complete: uploads are not atomic as a whole). ``FileNotFoundError`` when ``src``
+    is not a directory."""
     s, d = path(src), path(dst)
     if not s.is_dir():
         raise FileNotFoundError(f"{s} is not a directory")
     if not is_remote(d):
         pathlib.Path(d).mkdir(parents=True, exist_ok=True)
-    for child in s.iterdir():
+    for child in sorted(s.iterdir(), key=lambda c: c.name == last):
         if child.is_dir():
             copy_tree(child, d / child.name)
         else:

@@ -87,10 +87,8 @@ def _maybe_init_distributed() -> None:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
-    elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")) and \
-            int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-        jax.distributed.initialize()
-    elif tpu_chips_attached():
+    elif (any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID"))
+          and int(os.environ.get("SLURM_NTASKS", "2")) > 1) or tpu_chips_attached():
         jax.distributed.initialize()
 
 

@@ -205,7 +205,7 @@ def check_run_dir(workdir: storage.PathLike, step: int | None = None) -> None:
     credentials, an unwritable directory)."""
     from umg_jax import checkpoint, inference
 
-    inference.check_bucket_source(workdir)
+    storage.check_bucket_source(workdir)
     try:
         checkpoint.locate(workdir, step)
     except (FileNotFoundError, ValueError) as e:

@@ -219,10 +219,7 @@ def _upload_shards(records: Iterable[bytes | dict[str, Any]], out_dir: str, *, n
         local = pathlib.Path(tmp) / "data"
         paths = write_shards(records, str(local), num_shards=num_shards, prefix=prefix,
                              meta=meta)
-        meta_text = (local / META_FILE).read_text()
-        (local / META_FILE).unlink()  # uploaded last, on its own
-        storage.copy_tree(local, dst)
-        storage.write_text(dst / META_FILE, meta_text)
+        storage.copy_tree(local, dst, last=META_FILE)
     return [str(dst / os.path.basename(p)) for p in paths]
 
 

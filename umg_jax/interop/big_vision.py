@@ -1,6 +1,6 @@
 """big_vision SigLIP ``.npz`` checkpoints: names, architecture, conversion to our Flax params.
 
-The names are those of ../shared/reference/anchors.md section 3.4 (the ones open_clip's
+The names are big_vision's SigLIP checkpoint names (the ones open_clip's
 ``load_big_vision_weights`` reads), with an optional ``params/`` prefix and scanned blocks
 (``encoderblock/...`` with a leading layer axis) unstacked on reading. big_vision is Flax too, so
 kernels keep their layout: only the scope names change, plus three reshapes (the ``(1, N, D)``

@@ -641,12 +641,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step", type=int, help="training step to export (default: latest)")
     args = ap.parse_args(argv)
     from umg_jax import storage
-    from umg_jax.inference import check_bucket_source
 
     out_dir = output_folder(args.format, args.out)
     made = _missing_local_dirs(out_dir)
     try:
-        check_bucket_source(args.src)
+        storage.check_bucket_source(args.src)
         ckpt, cfg_path = locate(args.src, args.step)
         storage.check_writable_dir(out_dir)  # before restoring
         if args.config:

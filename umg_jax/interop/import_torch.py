@@ -462,12 +462,7 @@ def _upload_import_dir(out: str, params: dict, model_cfg: mlc.ConfigDict, report
     with tempfile.TemporaryDirectory(prefix="umg_import_") as tmp:
         local = pathlib.Path(tmp) / "out"
         write_import_dir(str(local), params, model_cfg, report, tokenizer)
-        last = "model_config.json"
-        for entry in sorted(local.iterdir(), key=lambda e: e.name == last):
-            if entry.is_dir():
-                storage.copy_tree(entry, dst / entry.name)
-            else:
-                storage.write_bytes(dst / entry.name, entry.read_bytes())
+        storage.copy_tree(local, dst, last="model_config.json")
 
 
 def load_model_config(path: str) -> mlc.ConfigDict:

@@ -1,6 +1,6 @@
 """The one name table between our Flax params and PyTorch CLIP state dicts, used both ways.
 
-Two PyTorch layouts (see ../shared/reference/anchors.md section 3):
+Two PyTorch layouts:
 
 * ``classic``: OpenAI CLIP / open_clip (non-timm) key names, e.g.
   ``visual.transformer.resblocks.{i}.attn.in_proj_weight`` (q, k, v fused along axis 0).

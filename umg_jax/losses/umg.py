@@ -2,7 +2,7 @@
 
 Called inside the jitted train step on globally split arrays (batch over the mesh's batch axes).
 A term whose weight is 0 is not computed at all (static under jit). The paper does not give its
-loss formulas or weights (see ../shared/reference/umg-clip-paper.md §2); the choices here
+loss formulas or weights (Shi et al., ECCV 2024, arXiv 2401.06397); the choices here
 (symmetric InfoNCE or SigLIP per ``loss.kind``, multi-positive targets for equal texts, per-image
 pixel classification) are documented in each module and switchable in ``configs.loss``.
 ``batch["example_weight"]`` is not used by the losses.

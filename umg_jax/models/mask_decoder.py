@@ -1,6 +1,6 @@
 """Open-vocabulary mask decoder on a frozen UMG-CLIP backbone (the PEFT segmentation head).
 
-A light Mask2Former-style head (FC-CLIP / SAN family, see ../shared/reference/anchors.md §6):
+A light Mask2Former-style head (FC-CLIP / SAN family):
 
 * pixel features ``[B, h, w, D]`` at ``1 / mask_stride`` of the image: the frozen dense
   embeddings (bilinearly upsampled) plus a small strided-conv stem on the raw image, which gives

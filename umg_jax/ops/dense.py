@@ -1,8 +1,7 @@
 """The maths of every dense layer in the towers, ``y = x @ W + b``, with a hand-written backward
 for XLA:CPU.
 
-Why a custom VJP (``../shared/reference/performance-notes.md``; measured again in
-``benchmarks/train_step.py``):
+Why a custom VJP (measured in ``benchmarks/train_step.py``):
 
 - XLA:CPU runs a bf16 dot on its native path (about 2x the float32 rate on AVX512-BF16 cores)
   only when the dot accumulates in float32 (``preferred_element_type=float32``) and its left

@@ -24,7 +24,6 @@ is built locally and uploaded); the partial file of the running shard is rewritt
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -137,7 +136,6 @@ def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     ids = [[sid for sid, _ in b] for b in batches]
     partial = out / f".{name}.partial"
-    remote = storage.is_remote(partial)
     done = _read_partial(partial, ids)
     # rewrite what was kept: a torn tail must not stay
     storage.write_text(partial, "".join(json.dumps(b) + "\n" for b in done))
@@ -156,7 +154,7 @@ def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
     states_all = [s for b in done for s in b]
     encoded: dict[str, bytes] = {}  # the record stores the input's own bytes, not a re-encode
     # A bucket object cannot be appended to: AppendLog rewrites it at each flush.
-    with storage.AppendLog(partial) if remote else open(partial, "a") as f:
+    with storage.AppendLog(partial, durable=True) as f:
         for batch in batches[len(done):]:
             states, images = [], []
             for sid, _ in batch:
@@ -187,8 +185,6 @@ def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
                     ok = [s for s in ok if s["kept"]]
             f.write(json.dumps(states) + "\n")
             f.flush()
-            if not remote:
-                os.fsync(f.fileno())
             states_all += states
             progress.step(len(batch), name)
     recs = []
