@@ -5,7 +5,7 @@
 Writes the tiny teachers (``--write_tiny_teachers``), renders ``--num`` scenes of the synthetic
 world at 80 px, and runs ``recipe.json`` (Florence-2, CLIP + noun phrases, OWLv2, SAM, SAM 3
 stuff) and ``recipe_alt.json`` (BLIP-2, SigLIP, Grounding DINO, BLIP-2 crops, SAM 2) over them
-with ``umg_jax.data.annotate``. Per stage: images/s counting only the time inside that stage
+with ``umg_jax.labeling.annotate``. Per stage: images/s counting only the time inside that stage
 (``stats-worker-0.json``), and the whole run's images/s. Tiny models measure the tool's
 overhead (decoding, batching, pre/post-processing, RLE, filter), not a real teacher's speed: the
 real-size stages need a GPU. Prints a markdown table, writes
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/annotate.json"))
     args = ap.parse_args(argv)
-    from umg_jax.data.annotate.__main__ import main as annotate_main
-    from umg_jax.data.annotate.tiny import write_tiny_teachers
     from umg_jax.data.synthetic import write_synthetic
+    from umg_jax.labeling.annotate.__main__ import main as annotate_main
+    from umg_jax.labeling.annotate.tiny import write_tiny_teachers
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # the compile is deviceless; never open a GPU
-    from umg_jax import accelerators, config_lib
+    from umg_jax import accelerators, config_lib, configs
 
     try:
         devices = accelerators.topology_devices(args.topology)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     chip = accelerators.jax_usable(accelerators.topology_chip(args.topology))
-    names = (sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "common")
+    names = (configs.names()
              if args.configs == "all" else [c.strip() for c in args.configs.split(",")])
     rows, compare = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,13 +3,13 @@
     python benchmarks/pseudo_label_loop.py [--steps 400] [--reuse /tmp/ablation]
 
 On the synthetic world: (a) train tiny with image-level losses only; pseudo-label the training
-images with it (``umg_jax.data.pseudo_label``, vocabulary = the category names, captions kept);
+images with it (``umg_jax.labeling.pseudo_label``, vocabulary = the category names, captions kept);
 (p) retrain tiny with all UMG losses on the pseudo-labels; (b) train tiny with all UMG losses on
 the ground-truth labels. All evaluated on the same held-out split. ``--reuse DIR`` takes (a) and
 (b) from a ``granularity_ablation.py --workdir DIR`` run (its ``a_image`` and
 ``c_+region+pixel``). Prints the table, writes ``benchmarks/results/pseudo_label_loop.json``.
 
-``--labeller annotate`` labels with ``python -m umg_jax.data.annotate`` instead, with teachers
+``--labeller annotate`` labels with ``python -m umg_jax.labeling.annotate`` instead, with teachers
 trained or fitted here: the image-only run (a), exported to a Hugging Face ``CLIPModel``
 directory, is the ``clip`` tagger; tags the captions mention are added (``noun_phrases``); (a)
 labels the ``proposals`` boxes and each tag picks its proposal masks (``proposals`` backends,
@@ -54,8 +54,8 @@ def label_quality(pl_dir: pathlib.Path, gt_dir: str) -> dict[str, float]:
     with IoU > 0.5 (boxes: regions; masks: segments)."""
     import numpy as np
 
-    from umg_jax.data import pseudo_label as pl
     from umg_jax.data import records
+    from umg_jax.labeling import pseudo_label as pl
 
     gt = {r["source"]: r for r in records.iter_records(gt_dir)}
     names = {c["id"]: c["name"] for c in records.read_meta(gt_dir)["categories"]}
@@ -104,8 +104,8 @@ ANNOTATE_STAGES = [
 def _annotate(wd_a: pathlib.Path, train_dir: str, vocab: list[str], root: pathlib.Path,
               out: pathlib.Path) -> dict:
     """Exports (a) to HF, writes the recipe, runs the annotate command line; returns counts."""
-    from umg_jax.data.annotate.__main__ import main as annotate_main
     from umg_jax.interop.export_torch import main as export_main
+    from umg_jax.labeling.annotate.__main__ import main as annotate_main
 
     hf = root / "teacher_hf"
     if not (hf / "config.json").exists():
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="pseudo-label score (probability, or relative score with --assign "
                          "concept)")
     ap.add_argument("--score", choices=("dense", "crop"), default="crop",
-                    help="how the teacher labels proposals (umg_jax.data.pseudo_label --score)")
+                    help="how the teacher labels proposals (umg_jax.labeling.pseudo_label --score)")
     ap.add_argument("--assign", choices=("proposal", "concept"), default="concept",
                     help="who picks: each proposal its class, or each concept its proposals")
     ap.add_argument("--caption_vocab", action=argparse.BooleanOptionalAction, default=True,
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from umg_jax import evaluate, train
     from umg_jax.data import pipeline, synthetic
-    from umg_jax.data import pseudo_label as pl
     from umg_jax.inference import load
+    from umg_jax.labeling import pseudo_label as pl
 
     root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="umg_pl_loop-"))
     image_only = {"loss.w_region": 0.0, "loss.w_mask": 0.0, "loss.w_pixel": 0.0}

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from umg_jax.data.annotate import backend as b
+from umg_jax.labeling.annotate import backend as b
 
 COLOURS = {"red": (220, 0, 0), "green": (0, 200, 0)}
 SKY = (0, 0, 200)

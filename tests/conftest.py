@@ -33,10 +33,10 @@ def torch_peers():
     """Imports torch with the torchvision shim applied once; returns the torch module.
 
     Skips the calling test when torch is not installed. The shim is the annotation families'
-    (one place: ``umg_jax/data/annotate/families/hf.py``).
+    (one place: ``umg_jax/labeling/annotate/families/hf.py``).
     """
     pytest.importorskip("torch")
-    from umg_jax.data.annotate.families.hf import import_torch
+    from umg_jax.labeling.annotate.families.hf import import_torch
 
     return import_torch()
 

@@ -1,4 +1,4 @@
-"""The annotation tool (umg_jax/data/annotate/): stage policies and the filter by hand, the run
+"""The annotation tool (umg_jax/labeling/annotate/): stage policies and the filter by hand, the run
 loop end to end with known-answer backends (tests/annotate_fakes.py, plugged in through the
 recipe like a user's own), records through the Grain pipeline, resume after a kill (byte-identical
 output), job-array splitting, recipe and CLI errors, and no torch in ``import umg_jax``."""
@@ -18,15 +18,15 @@ from conftest import first_batch
 from PIL import Image
 
 from umg_jax.data import records, transforms
-from umg_jax.data.annotate import __main__ as cli
-from umg_jax.data.annotate import detect, stage
-from umg_jax.data.annotate import filter as filter_stage
-from umg_jax.data.annotate.backend import AnnotateError
-from umg_jax.data.annotate.families.noun_phrases import NounPhraseTagger, mentions
-from umg_jax.data.annotate.recipe import build, load_recipe
-from umg_jax.data.annotate.run import annotate, worker_shards
-from umg_jax.data.annotate.things import is_thing, load_stuff_names
-from umg_jax.data.pseudo_label import list_inputs
+from umg_jax.labeling.annotate import __main__ as cli
+from umg_jax.labeling.annotate import detect, stage
+from umg_jax.labeling.annotate import filter as filter_stage
+from umg_jax.labeling.annotate.backend import AnnotateError
+from umg_jax.labeling.annotate.families.noun_phrases import NounPhraseTagger, mentions
+from umg_jax.labeling.annotate.recipe import build, load_recipe
+from umg_jax.labeling.annotate.run import annotate, worker_shards
+from umg_jax.labeling.annotate.things import is_thing, load_stuff_names
+from umg_jax.labeling.pseudo_label import list_inputs
 
 TESTS = pathlib.Path(__file__).parent
 VOCAB = ["red", "green", "sky"]
@@ -211,7 +211,7 @@ def test_concept_masks_for_every_tag(tmp_path):
 def test_segment_stage_instances_and_stuff_union():
     """Text-prompted masks: a thing concept keeps one segment per instance, a stuff concept
     becomes one segment; the filter then drops a thing instance duplicating a region mask."""
-    from umg_jax.data.annotate import segment
+    from umg_jax.labeling.annotate import segment
 
     ctx = stage.Context(("red", "sky"), load_stuff_names())
     a, b, c = (np.zeros((20, 20), bool) for _ in range(3))
@@ -265,7 +265,7 @@ def test_kill_mid_shard_then_resume_cli(tmp_path):
     _run(src, tmp_path / "ref", recipe)
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                FAKE_KILL_AFTER="3", FAKE_KILL_FILE=str(tmp_path / "killme"))
-    cmd = [sys.executable, "-m", "umg_jax.data.annotate", "--images", str(src), "--out",
+    cmd = [sys.executable, "-m", "umg_jax.labeling.annotate", "--images", str(src), "--out",
            str(tmp_path / "res"), "--recipe", recipe, "--batch_size", "2", "--shard_size", "3",
            "--device", "cpu"]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -363,8 +363,8 @@ def test_cli_bad_input(tmp_path, capsys):
 def test_umg_jax_imports_without_torch():
     code = ("import sys\nfor m in ('torch', 'transformers', 'torchvision'):\n"
             "    sys.modules[m] = None\n"
-            "import umg_jax, umg_jax.data.annotate.recipe, umg_jax.data.annotate.run\n"
-            "from umg_jax.data.annotate import __main__\nprint('ok')\n")
+            "import umg_jax, umg_jax.labeling.annotate.recipe, umg_jax.labeling.annotate.run\n"
+            "from umg_jax.labeling.annotate import __main__\nprint('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
@@ -375,8 +375,8 @@ def test_proposals_backend_finds_the_red_square(monkeypatch):
     from test_pseudo_label import FakeTeacher, _scene
 
     from umg_jax import inference
-    from umg_jax.data.annotate.families.proposals import ProposalDetector
-    from umg_jax.data.pseudo_label import box_iou
+    from umg_jax.labeling.annotate.families.proposals import ProposalDetector
+    from umg_jax.labeling.pseudo_label import box_iou
 
     monkeypatch.setattr(inference, "load", lambda path: FakeTeacher())
     det = ProposalDetector("teacher-dir")
@@ -397,8 +397,8 @@ def test_proposals_segmenter_superpixels_and_concepts(monkeypatch):
     from test_pseudo_label import FakeTeacher, _scene
 
     from umg_jax import inference
-    from umg_jax.data.annotate.families.proposals import ProposalSegmenter
-    from umg_jax.data.pseudo_label import mask_iou
+    from umg_jax.labeling.annotate.families.proposals import ProposalSegmenter
+    from umg_jax.labeling.pseudo_label import mask_iou
 
     img = fk.scene(1)
     boxes = np.asarray([fk.colour_box(img, "red"), fk.colour_box(img, "green")], np.float32)

@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from umg_jax.data.annotate.backend import AnnotateError, backend_class  # noqa: E402
-from umg_jax.data.annotate.families import blip2, florence2, hf  # noqa: E402
+from umg_jax.labeling.annotate.backend import AnnotateError, backend_class  # noqa: E402
+from umg_jax.labeling.annotate.families import blip2, florence2, hf  # noqa: E402
 
 torch = hf.import_torch()  # before transformers: the torchvision fix
 from PIL import Image  # noqa: E402

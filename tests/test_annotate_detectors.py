@@ -1,4 +1,4 @@
-"""The Hugging Face detect and tag backends of ``umg_jax.data.annotate`` (OWLv2, Grounding DINO,
+"""The Hugging Face detect and tag backends of ``umg_jax.labeling.annotate`` (OWLv2, Grounding DINO,
 CLIP/SigLIP tagger) on tiny random models written by each family's ``write_tiny``: the backend
 contract, batching against single-image reference runs of the model + processor, the box frame,
 the tag scores against a hand computation, and refusing a wrong model directory or option."""
@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from umg_jax.data.annotate.backend import AnnotateError, backend_class  # noqa: E402
-from umg_jax.data.annotate.families import clip_tagger, grounding_dino, hf, owlv2  # noqa: E402
+from umg_jax.labeling.annotate.backend import AnnotateError, backend_class  # noqa: E402
+from umg_jax.labeling.annotate.families import clip_tagger, grounding_dino, hf, owlv2  # noqa: E402
 
 SIZES = [(40, 56), (64, 64), (30, 90)]
 QUERIES = [["cat", "dog"], [], ["car", "red tree", "person"]]

@@ -5,7 +5,7 @@ single-image call of the Hugging Face model + processor, and the errors."""
 import numpy as np
 import pytest
 
-from umg_jax.data.annotate.backend import AnnotateError, backend_class
+from umg_jax.labeling.annotate.backend import AnnotateError, backend_class
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -24,7 +24,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, torch_mod):
-    from umg_jax.data.annotate.families import sam, sam3
+    from umg_jax.labeling.annotate.families import sam, sam3
 
     root = tmp_path_factory.mktemp("segmenters")
     dirs = {k: str(root / k) for k in ("sam", "sam2", "sam3")}

@@ -8,8 +8,8 @@ import pytest
 from conftest import first_batch
 
 from umg_jax.data import records, transforms
-from umg_jax.data.annotate import __main__ as cli
 from umg_jax.data.synthetic import write_synthetic
+from umg_jax.labeling.annotate import __main__ as cli
 
 pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""``python -m umg_jax.benchmark`` (umg_jax/benchmark: cli, classification, retrieval, regions).
+"""``python -m umg_jax.downstream`` (umg_jax/downstream: cli, classification, retrieval, regions).
 
 Tiny fixture trees in each real layout (ImageFolder, CIFAR pickles, Karpathy JSON, COCO
 instances JSON). Known-answer tests plug a fake backbone, whose embeddings are set by the
@@ -17,8 +17,8 @@ import pytest
 from conftest import make_tiny_workdir
 from PIL import Image
 
-from umg_jax.benchmark import classification, cli, common, regions, retrieval
-from umg_jax.benchmark.common import BenchmarkInputError, BenchModel, Options
+from umg_jax.downstream import classification, cli, common, regions, retrieval
+from umg_jax.downstream.common import BenchmarkInputError, BenchModel, Options
 from umg_jax.evaluators.common import normalize
 
 E = 1024  # fake embedding width (>= every code used)
@@ -506,7 +506,7 @@ def _example_classes():
 def test_tfrecord_example_parser_against_protobuf(tmp_path):
     from tensorboardX.record_writer import RecordWriter
 
-    from umg_jax.benchmark import tfrecord
+    from umg_jax.downstream import tfrecord
 
     Example = _example_classes()
     ex = Example()

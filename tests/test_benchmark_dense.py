@@ -1,4 +1,4 @@
-"""Dense benchmark tasks (umg_jax/benchmark/{sliding,semantic,panoptic}.py) on tiny fixture trees
+"""Dense benchmark tasks (umg_jax/downstream/{sliding,semantic,panoptic}.py) on tiny fixture trees
 in each data set's real layout.
 
 A fake backbone whose dense embedding at a pixel decreases with the distance of that pixel's
@@ -23,8 +23,8 @@ from conftest import make_tiny_workdir
 from PIL import Image
 
 from umg_jax import inference
-from umg_jax.benchmark import common, panoptic, semantic, sliding
-from umg_jax.benchmark.common import BenchmarkInputError, BenchModel, Options
+from umg_jax.downstream import common, panoptic, semantic, sliding
+from umg_jax.downstream.common import BenchmarkInputError, BenchModel, Options
 from umg_jax.evaluators import metrics
 
 ROOT = pathlib.Path(__file__).parents[1]

@@ -1,8 +1,8 @@
 """The tools on runs and outputs in buckets (issue 28, item 1): a tiny run made locally once, copied
 to a GCS emulator on localhost (``gcs_bucket``, a real server), then ``umg_jax.load``,
 ``load_segmenter``, ``demo``, ``evaluate``, ``benchmark`` and ``export_torch`` read it straight
-from the bucket, ``import_torch``, ``data.build`` and ``data.annotate`` write there; every output
-equals the same command's on the local copy. Bad input (a missing bucket, no credentials, an
+from the bucket, ``import_torch``, ``data.build`` and ``labeling.annotate`` write there; every
+output equals the same command's on the local copy. Bad input (a missing bucket, no credentials, an
 output that cannot be a directory): one line naming the path, exit status 2."""
 
 import json
@@ -16,12 +16,12 @@ from PIL import Image
 
 import umg_jax
 from umg_jax import demo, evaluate, storage
-from umg_jax.benchmark import cli as bench
-from umg_jax.benchmark import synthetic_layouts
 from umg_jax.data import build, records, synthetic
-from umg_jax.data.annotate import __main__ as annotate_cli
+from umg_jax.downstream import cli as bench
+from umg_jax.downstream import synthetic_layouts
 from umg_jax.inference import read_image
 from umg_jax.interop import export_torch, import_torch
+from umg_jax.labeling.annotate import __main__ as annotate_cli
 
 MISSING = "gs://no-such-bucket-umg"  # a bucket the emulator does not have
 

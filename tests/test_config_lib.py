@@ -6,10 +6,10 @@ import pathlib
 import ml_collections as mlc
 import pytest
 
-from umg_jax import config_lib
+from umg_jax import config_lib, configs
 
 ROOT = pathlib.Path(__file__).parents[1]
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name != "common.py")
+CONFIGS = [f"{n}.py" for n in configs.names()]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

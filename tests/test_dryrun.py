@@ -118,6 +118,18 @@ def test_dry_run_equals_a_real_compile(replicated):
     assert mem.argument_size_in_bytes == r["bytes_per_device"]["arguments"]
 
 
+def test_seg_config_compiles_from_shapes_alone(tmp_path, monkeypatch):
+    """A dry run of a segmentation-head config reads and writes no data: its vocabulary is
+    placeholder shapes (``dryrun.SEG_CLASSES``), not the training set's categories."""
+    monkeypatch.setenv("UMG_JAX_CACHE", str(tmp_path / "cache"))
+    c = config_lib.load_config(str(ROOT / "configs/seg_tiny.py"))
+    c.model.vision.layers = c.model.text.layers = 1
+    c.mesh.update(data=8, fsdp=1)
+    r = dryrun.analyse(c, chip=V4, devices=jax.devices(), compiler="cpu-standin")
+    assert r["bytes_per_device"]["total"] > 0
+    assert not (tmp_path / "cache").exists()
+
+
 def _memory(b: int) -> float:
     """1 GiB fixed + 10 MiB per example, 5 % more past 2,048 examples (compilers change plans)."""
     return 2 ** 30 + b * 10 * 2 ** 20 * (1.05 if b > 2048 else 1.0)

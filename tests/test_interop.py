@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from umg_jax.configs import common
 from umg_jax.interop import export_torch, import_torch, infer, mapping
 from umg_jax.models import clip
 
@@ -32,7 +33,7 @@ B16 = dict(image_size=224, patch_size=16, vision_width=768, vision_layers=2, vis
 
 
 def _cfg(arch, **over):
-    m = infer.common_module().model_config(**arch)
+    m = common.model_config(**arch)
     for k, v in over.items():
         m[k] = v
     return m

@@ -56,12 +56,26 @@ def test_output_shapes_and_config_errors():
             config_checks.validate(bad)
 
 
-def test_unknown_holdout_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("UMG_JAX_CACHE", str(tmp_path))
+def test_train_vocabulary_maps_categories_and_refuses_unknown_holdouts():
     c = _cfg()
+    cats = [{"name": n} for n in ("cat", "dog", "sky")]
+    c.seg.holdout = ("dog",)
+    v = step_lib.train_vocabulary(c, cats)
+    assert v["names"] == ["cat", "sky"]
+    np.testing.assert_array_equal(v["class_map"], [0, -1, 1])
+    assert v["tokens"].shape[:1] == (2,) and v["tokens"].dtype == np.int32
     c.seg.holdout = ("unicorn",)
     with pytest.raises(ValueError, match="unicorn"):
-        step_lib.train_vocabulary(c)
+        step_lib.train_vocabulary(c, cats)
+    c.seg.holdout = ("cat", "dog", "sky")
+    with pytest.raises(ValueError, match="every category"):
+        step_lib.train_vocabulary(c, cats)
+
+
+def test_seg_step_needs_its_vocabulary():
+    c = _cfg()
+    with pytest.raises(ValueError, match="training vocabulary"):
+        step_lib.make_loss_fn(clip.build_model(c.model), c, None)
 
 
 def test_optimizer_state_only_for_the_decoder():

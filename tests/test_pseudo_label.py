@@ -1,5 +1,5 @@
-"""Pseudo-annotation (umg_jax/data/pseudo_label.py): proposals, NMS by hand, a fake teacher whose
-answer is known, output readable by the pipeline, resume, thresholds, bad input."""
+"""Pseudo-annotation (umg_jax/labeling/pseudo_label.py): proposals, NMS by hand, a fake teacher
+whose answer is known, output readable by the pipeline, resume, thresholds, bad input."""
 
 import argparse
 import os
@@ -11,8 +11,8 @@ from conftest import first_batch
 from PIL import Image
 
 from umg_jax import inference
-from umg_jax.data import pseudo_label as pl
 from umg_jax.data import records, transforms
+from umg_jax.labeling import pseudo_label as pl
 
 VOCAB = ["red", "blue"]
 

@@ -7,8 +7,8 @@ import numpy as np
 from conftest import make_tiny_workdir
 from PIL import Image
 
-from umg_jax.benchmark import cli, synthetic_layouts
 from umg_jax.data import records, synthetic
+from umg_jax.downstream import cli, synthetic_layouts
 
 NUM = 3
 

@@ -60,8 +60,11 @@ def knob_comments(config_dir: str | pathlib.Path) -> dict[str, str]:
 
 
 def describe(config: mlc.ConfigDict, config_dir: str | pathlib.Path) -> str:
-    """Every ``--config.<key>=<value>`` override with its current value and its comment."""
-    comments = knob_comments(config_dir)
+    """Every ``--config.<key>=<value>`` override with its current value and its comment (read
+    from the files in ``config_dir`` and from the shipped sections, ``umg_jax.configs``)."""
+    from umg_jax import configs
+
+    comments = {**knob_comments(configs.DIR), **knob_comments(config_dir)}
     rows = []
 
     def walk(d: mlc.ConfigDict, prefix: str) -> None:

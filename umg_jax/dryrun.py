@@ -109,8 +109,13 @@ def _shard_bytes(tree) -> int:
                    for a in jax.tree.leaves(tree)))
 
 
-def compile_step(config, devices):
-    """Lowers and compiles the train step of ``config`` for ``devices`` (abstract or real).
+SEG_CLASSES = 133  # a segmentation head's training vocabulary in a dry run: COCO panoptic's
+
+
+def compile_step(config, devices, seg_classes: int = SEG_CLASSES):
+    """Lowers and compiles the train step of ``config`` for ``devices`` (abstract or real). A
+    segmentation-head config gets a vocabulary of ``seg_classes`` placeholder classes: the dry
+    run needs shapes alone and reads no data.
 
     Returns ``(compiled, abstract_state, abstract_batch, mesh, compile_seconds)``.
     """
@@ -130,7 +135,9 @@ def compile_step(config, devices):
     abstract = step_lib.abstract_state(config, tx)
     state_sh = step_lib.state_shardings(abstract, mesh)
     shapes = schema.batch_shapes_from_config(config)
-    step_fn = step_lib.make_train_step(model, tx, config, mesh, state_sh, shapes)
+    vocab = (step_lib.vocabulary_shapes(config, seg_classes) if step_lib.seg_enabled(config)
+             else None)
+    step_fn = step_lib.make_train_step(model, tx, config, mesh, state_sh, shapes, vocab)
     batch_sh = sharding.batch_sharding(mesh)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract, state_sh)

@@ -259,10 +259,15 @@ def frozen_regexes(config: mlc.ConfigDict) -> tuple[str, ...]:
     return own + (("base/.*",) if nested_params(config) else ())
 
 
-def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh):
-    """``loss_fn(params, batch) -> (total, metrics)``."""
+def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh,
+                 seg_vocab: dict | None = None):
+    """``loss_fn(params, batch) -> (total, metrics)``; ``seg_vocab`` (:func:`train_vocabulary`)
+    is required by segmentation-head configs and unused otherwise."""
     if seg_enabled(config):
-        return make_seg_loss_fn(model, config)
+        if seg_vocab is None:
+            raise ValueError("a segmentation-head config needs its training vocabulary: pass "
+                             "seg_vocab=train_vocabulary(config, categories)")
+        return make_seg_loss_fn(model, config, seg_vocab)
 
     def loss_fn(params, batch):
         outputs = model_outputs(model, effective_params(params, config), batch, config.loss)
@@ -271,14 +276,14 @@ def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh):
     return loss_fn
 
 
-def make_seg_loss_fn(model: clip.CLIP, config: mlc.ConfigDict):
+def make_seg_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, vocab: dict):
     """Loss of the segmentation head on the frozen backbone: the backbone (with LoRA, if on)
-    gives normalised dense features and the training vocabulary's text embeddings; without LoRA
-    they are ``stop_gradient``-ed so no backward pass runs through the backbone at all."""
+    gives normalised dense features and the training vocabulary's (``vocab``,
+    :func:`train_vocabulary`) text embeddings; without LoRA they are ``stop_gradient``-ed so no
+    backward pass runs through the backbone at all."""
     from umg_jax.losses import segmentation as seg_losses
     from umg_jax.models.mask_decoder import MaskDecoder
 
-    vocab = train_vocabulary(config)
     tokens = jnp.asarray(vocab["tokens"])  # [C, K, L]
     class_map = jnp.asarray(vocab["class_map"])
     decoder = MaskDecoder(config.seg, config.model.embed_dim)
@@ -297,17 +302,16 @@ def make_seg_loss_fn(model: clip.CLIP, config: mlc.ConfigDict):
     return loss_fn
 
 
-def train_vocabulary(config: mlc.ConfigDict) -> dict:
-    """The segmentation head's training vocabulary from the training data's categories minus
-    ``seg.holdout``: ``names [C]``, ``seen [K]`` bool per data-set category, ``class_map [K]``
-    int32 (data-set category -> vocabulary index, -1 held out), ``tokens [C, T, L]`` int32
-    (prompt templates of ``evaluators.common.DEFAULT_TEMPLATES``)."""
-
-    from umg_jax.data import pipeline, records, tokenizer
+def train_vocabulary(config: mlc.ConfigDict, categories: list[dict]) -> dict:
+    """The segmentation head's training vocabulary: ``categories`` (the training data's
+    ``meta.json`` list, ``{"name": ...}`` each) minus ``seg.holdout``. Returns ``names [C]``,
+    ``seen [K]`` bool per data-set category, ``class_map [K]`` int32 (data-set category ->
+    vocabulary index, -1 held out), ``tokens [C, T, L]`` int32 (prompt templates of
+    ``evaluators.common.DEFAULT_TEMPLATES``). Pure: it reads and writes nothing."""
+    from umg_jax.data import tokenizer
     from umg_jax.evaluators.common import DEFAULT_TEMPLATES
 
-    cats = records.read_meta(pipeline.ensure_data(config.data, "train")).get("categories") or []
-    names = [c["name"] for c in cats]
+    names = [c["name"] for c in categories]
     unknown = sorted(set(config.seg.holdout) - set(names))
     if unknown:
         raise ValueError(f"seg.holdout names {unknown} are not categories of the training data "
@@ -320,6 +324,17 @@ def train_vocabulary(config: mlc.ConfigDict) -> dict:
     tok = tokenizer.for_model(config.model.text)
     tokens = np.stack([tok([t.format(n) for t in DEFAULT_TEMPLATES]) for n in train_names])
     return {"names": train_names, "seen": seen, "class_map": class_map, "tokens": tokens}
+
+
+def vocabulary_shapes(config: mlc.ConfigDict, num_classes: int) -> dict:
+    """A :func:`train_vocabulary` of ``num_classes`` placeholder classes (zero tokens): what a
+    compile-only caller (``dryrun``) hands the step, whose shapes alone it needs."""
+    from umg_jax.evaluators.common import DEFAULT_TEMPLATES
+
+    shape = (num_classes, len(DEFAULT_TEMPLATES), config.model.text.context_length)
+    return {"names": [f"class {i}" for i in range(num_classes)],
+            "seen": np.ones(num_classes, bool), "class_map": np.arange(num_classes, dtype=np.int32),
+            "tokens": np.zeros(shape, np.int32)}
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -344,14 +359,16 @@ def state_shardings(abstract: TrainState, mesh: Mesh, rules=None) -> TrainState:
 
 
 def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: mlc.ConfigDict,
-                    mesh: Mesh, state_sharding: TrainState, batch_shapes: dict):
+                    mesh: Mesh, state_sharding: TrainState, batch_shapes: dict,
+                    seg_vocab: dict | None = None):
     """Jitted ``train_step(state, batch) -> (state, metrics)`` with the state donated.
+    ``seg_vocab``: the head's :func:`train_vocabulary` (segmentation-head configs only).
 
     A non-finite loss or gradient norm skips the update (params and optimizer state unchanged),
     increments ``nonfinite`` (reset to 0 by the next good step) and ``skipped``; the host loop
     stops the run after ``config.train.max_nonfinite`` consecutive skips.
     """
-    loss_fn = make_loss_fn(model, config, mesh)
+    loss_fn = make_loss_fn(model, config, mesh, seg_vocab)
     cap = config.model.logit_scale_max
 
     def step_fn(state: TrainState, batch: dict):

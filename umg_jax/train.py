@@ -36,7 +36,7 @@ from umg_jax import checkpoint as ckpt_lib
 from umg_jax import config_checks, config_lib, optim, sharding, storage
 from umg_jax import metrics as metrics_lib
 from umg_jax import step as step_lib
-from umg_jax.data import pipeline, schema
+from umg_jax.data import pipeline, records, schema
 from umg_jax.models import clip
 
 
@@ -139,11 +139,14 @@ def train(config: mlc.ConfigDict, workdir: storage.PathLike) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         _write_config(config, workdir)
-    if is_main and step_lib.seg_enabled(config):
+    seg_vocab = None
+    if step_lib.seg_enabled(config):
         # The head's training vocabulary: inference treats other labels as unseen (ensemble).
-        vocab = step_lib.train_vocabulary(config)
-        storage.write_json(workdir / "seg_vocab.json",
-                           {"names": vocab["names"], "holdout": list(config.seg.holdout)})
+        meta = records.read_meta(pipeline.ensure_data(config.data, "train"))
+        seg_vocab = step_lib.train_vocabulary(config, meta.get("categories") or [])
+        if is_main:
+            storage.write_json(workdir / "seg_vocab.json",
+                               {"names": seg_vocab["names"], "holdout": list(config.seg.holdout)})
     logging.info("mesh %s, global batch %d (%d per process)", dict(mesh.shape),
                  config.batch_size, local_batch)
 
@@ -166,7 +169,8 @@ def train(config: mlc.ConfigDict, workdir: storage.PathLike) -> dict:
                                         freeze=step_lib.frozen_regexes(config))
     abstract = step_lib.abstract_state(config, tx)
     state_sh = step_lib.state_shardings(abstract, mesh)
-    train_step = step_lib.make_train_step(model, tx, config, mesh, state_sh, batch_shapes)
+    train_step = step_lib.make_train_step(model, tx, config, mesh, state_sh, batch_shapes,
+                                          seg_vocab)
 
     # ---------------------------------------------------------------- state: resume / import / init
     abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -1,3 +1,3 @@
-"""``python -m umg_jax.benchmark``: the paper's evaluation table on the benchmarks' own files
-(zero-shot classification, retrieval, region classification, semantic and panoptic
-segmentation). Tasks live in one module per family; ``common`` holds what they share."""
+"""Deprecated name of :mod:`umg_jax.downstream` (renamed so that it is not one letter from the
+repository's ``benchmarks/`` speed scripts). ``python -m umg_jax.benchmark`` still runs, with a
+warning, until the next release; import :mod:`umg_jax.downstream` instead."""

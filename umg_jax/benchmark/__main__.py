@@ -1,8 +1,8 @@
-"""``python -m umg_jax.benchmark``: see :mod:`umg_jax.benchmark.cli`."""
+"""``python -m umg_jax.benchmark``: forwards to ``python -m umg_jax.downstream`` (one release)."""
 
 import sys
 
-from umg_jax.benchmark.cli import main
+from umg_jax import deprecated
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(deprecated.forward("umg_jax.benchmark", "umg_jax.downstream.cli"))

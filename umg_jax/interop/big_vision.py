@@ -19,6 +19,7 @@ import re
 import ml_collections as mlc
 import numpy as np
 
+from umg_jax.configs import common
 from umg_jax.interop.mapping import InteropError
 
 _BLOCK = (  # big_vision encoderblock scope -> our resblocks scope
@@ -110,8 +111,6 @@ def _count(w: dict, prefix: str) -> int:
 def model_config(w: dict[str, np.ndarray], act: str) -> mlc.ConfigDict:
     """The ``config.model`` section of the SigLIP in ``w`` (:func:`read_npz`), from shapes.
     Raises InteropError for big_vision towers our model cannot represent."""
-    from umg_jax.interop.infer import common_module
-
     if "img/cls" in w:
         raise InteropError("img/cls: big_vision class tokens get no position embedding, which our "
                            "ViT cannot represent; only SigLIP towers (MAP pooling) can be imported")
@@ -143,7 +142,6 @@ def model_config(w: dict[str, np.ndarray], act: str) -> mlc.ConfigDict:
     elif width != embed:
         raise InteropError(f"no img/head and the image width {width} differs from the text "
                            f"embedding {embed}")
-    common = common_module()
     m = common.model_config(
         image_size=grid * patch, patch_size=patch, vision_width=width,
         vision_layers=_count(w, "img/Transformer/encoderblock_"), vision_heads=vq.shape[1],

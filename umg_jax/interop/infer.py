@@ -10,14 +10,13 @@ else head dim 64 is assumed (every OpenAI / open_clip ViT).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 import re
 
 import ml_collections as mlc
 import numpy as np
 
+from umg_jax.configs import common
 from umg_jax.interop.big_vision import is_big_vision
 from umg_jax.interop.mapping import InteropError
 
@@ -109,21 +108,10 @@ def infer_arch(sd: dict[str, np.ndarray], fmt: str, hf_config: dict | None = Non
         vision_mlp_ratio=vfc.shape[0] / width, text_mlp_ratio=tfc.shape[0] / twidth)
 
 
-def common_module():
-    """``configs/common.py`` (the configs directory is not a package)."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "common.py"
-    if not path.is_file():
-        raise InteropError(f"{path} not found; pass --config")
-    spec = importlib.util.spec_from_file_location("umg_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def model_config_from_arch(arch: dict, act: str, ln_eps: float) -> mlc.ConfigDict:
     """A ``config.model`` section (configs/common.py defaults) for an inferred architecture."""
     kw = {k: v for k, v in arch.items() if not k.endswith("mlp_ratio")}
-    m = common_module().model_config(act=act, **kw)
+    m = common.model_config(act=act, **kw)
     m.ln_eps = ln_eps
     m.vision.mlp_ratio = arch["vision_mlp_ratio"]
     m.text.mlp_ratio = arch["text_mlp_ratio"]

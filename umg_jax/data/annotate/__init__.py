@@ -1,1 +1,2 @@
-"""Pseudo-annotation with teacher models (UMG-41M recipe); see ``__main__.py``. No torch here."""
+"""Deprecated name of :mod:`umg_jax.labeling.annotate`: ``python -m umg_jax.data.annotate``
+forwards there, with a warning, until the next release."""

@@ -1,0 +1,1 @@
+"""Pseudo-annotation with teacher models (UMG-41M recipe); see ``__main__.py``. No torch here."""
