@@ -119,10 +119,10 @@ def seg_diffs(js, ts) -> dict:
     text = bb.encode_text_labels(LABELS)
     pv = bb.preprocess(img)[None]
     dense = inference._normalize(bb.encode_image(pv)[1])
-    mask_logits, cls_logits = map(np.asarray, js._decode(js.seg_params, pv, dense, text))
+    mask_logits, cls_logits = map(np.asarray, js.decode(js.seg_params, pv, dense, text))
     seen = np.array([lab in js.train_labels for lab in LABELS])
     mask_prob, probs = se.head_predictions(
-        lambda *a: js._decode(js.seg_params, *a), pv, dense, text, img.shape[:2], seen,
+        lambda *a: js.decode(js.seg_params, *a), pv, dense, text, img.shape[:2], seen,
         js.config.seg, se.mask_logit_scale(bb))
     got = ts.head_outputs(img, LABELS)
     want = js.predict(img, LABELS, isthing=ISTHING)

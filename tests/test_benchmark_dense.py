@@ -147,16 +147,25 @@ def test_logit_resize_is_torch_bilinear(torch_mod):
         np.testing.assert_allclose(sliding.resize_bilinear(x, size), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_resize_pos_embedding_matches_the_import():
-    from umg_jax.interop.import_torch import resize_pos_embed
+def test_resize_pos_embedding_square_rectangular_and_identity():
+    """The square case is what the import resizes (checked against torch's bicubic in
+    test_interop); a rectangle keeps the class row; the same grid is the identity."""
+    from umg_jax.models import pos_embed
 
     pos = np.random.default_rng(1).normal(size=(1 + 4 * 4, 8)).astype(np.float32)
-    np.testing.assert_allclose(sliding.resize_grid_embedding(pos, (6, 6), 1),
-                               resize_pos_embed(pos, 6, 1), rtol=1e-6)
-    rect = sliding.resize_grid_embedding(pos, (5, 7), 1)
-    assert rect.shape == (1 + 35, 8)
+    rect = pos_embed.resize(pos, (5, 7), 1)
+    assert rect.shape == (1 + 35, 8) and rect.dtype == np.float32
     np.testing.assert_array_equal(rect[0], pos[0])
-    np.testing.assert_allclose(sliding.resize_grid_embedding(pos, (4, 4), 1), pos, atol=1e-6)
+    np.testing.assert_allclose(pos_embed.resize(pos, (4, 4), 1), pos, atol=1e-6)
+    # separable: a 5x7 resize is the 5x5 resize's rows combined with the 7x7 resize's columns
+    sq5, sq7 = pos_embed.resize(pos, (5, 5), 1), pos_embed.resize(pos, (7, 7), 1)
+    g = pos[1:].reshape(4, 4, 8).astype(np.float64)
+    mh, mw = pos_embed.cubic_matrix(4, 5), pos_embed.cubic_matrix(4, 7)
+    np.testing.assert_allclose(rect[1:].reshape(5, 7, 8), np.einsum("ij,jkd,lk->ild", mh, g, mw),
+                               rtol=1e-5, atol=1e-6)
+    assert sq5.shape == (26, 8) and sq7.shape == (50, 8)
+    with pytest.raises(ValueError, match="square"):
+        pos_embed.resize(pos[:-1], (5, 5), 1)
 
 
 # ---------------------------------------------------------------------------- fixtures ---

@@ -279,7 +279,7 @@ def test_cli_writes_an_import_dir_with_the_tokenizer(tmp_path, tiny_npz, spm_mod
 
 
 def test_resize_needs_permission_and_keeps_no_class_row(tmp_path, tiny_npz, capsys):
-    from umg_jax.interop.import_torch import resize_pos_embed
+    from umg_jax.models import pos_embed
 
     params, cfg, _ = import_torch.import_source(import_torch.load_source(tiny_npz))
     cfg.vision.image_size = 6 * TINY["patch"]
@@ -295,7 +295,7 @@ def test_resize_needs_permission_and_keeps_no_class_row(tmp_path, tiny_npz, caps
     assert report["resized"] == "4x4 -> 6x6"
     pos = big_vision.read_npz(tiny_npz)["img/pos_embedding"][0]
     np.testing.assert_array_equal(p2["visual"]["positional_embedding"],
-                                  resize_pos_embed(pos, 6, prefix=0))
+                                  pos_embed.resize(pos, (6, 6), prefix=0))
     torch = torch_peers()
     g = torch.from_numpy(pos.reshape(1, 4, 4, -1)).permute(0, 3, 1, 2)
     ref = torch.nn.functional.interpolate(g, size=(6, 6), mode="bicubic", align_corners=False)

@@ -93,7 +93,7 @@ def test_progress_with_fake_clock(monkeypatch):
     p.reset(112)
     clock[0] += 1.0
     assert p.update(113).endswith("ETA 14m47s") and p.last["steps_per_sec"] == pytest.approx(1.0)
-    assert M._fmt_duration(7300) == "2h01m" and M._fmt_duration(9.4) == "9s"
+    assert M.format_duration(7300) == "2h01m" and M.format_duration(9.4) == "9s"
 
 
 def test_mfu():

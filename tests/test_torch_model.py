@@ -542,10 +542,10 @@ def seg_jax(seg_run, scene):
     text = bb.encode_text_labels(SEG_LABELS)
     pv = bb.preprocess(scene)[None]
     dense = inference._normalize(bb.encode_image(pv)[1])
-    mask_logits, cls_logits = map(np.asarray, js._decode(js.seg_params, pv, dense, text))
+    mask_logits, cls_logits = map(np.asarray, js.decode(js.seg_params, pv, dense, text))
     seen = np.array([lab in js.train_labels for lab in SEG_LABELS])
     mask_prob, probs = se.head_predictions(
-        lambda *a: js._decode(js.seg_params, *a), pv, dense, text, scene.shape[:2], seen,
+        lambda *a: js.decode(js.seg_params, *a), pv, dense, text, scene.shape[:2], seen,
         js.config.seg, se.mask_logit_scale(bb))
     return mask_logits[0], cls_logits[0], mask_prob[0], {k: v[0] for k, v in probs.items()}
 

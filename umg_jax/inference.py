@@ -222,7 +222,7 @@ class Segmenter:
 
         self.backbone, self.seg_params, self.config = backbone, seg_params, config
         self.train_labels = set(train_labels or ())
-        self._decode = make_decode(config)
+        self.decode = make_decode(config)
 
     def predict(self, image, labels, isthing=None, templates=DEFAULT_TEMPLATES,
                 ensemble: bool | None = None) -> dict:
@@ -247,7 +247,7 @@ class Segmenter:
         seen = np.array([lab in self.train_labels for lab in labels])
         use = self.config.seg.ensemble if ensemble is None else ensemble
         mask_prob, probs = se.head_predictions(
-            lambda *a: self._decode(self.seg_params, *a), self.backbone.preprocess(img)[None],
+            lambda *a: self.decode(self.seg_params, *a), self.backbone.preprocess(img)[None],
             dense, text, img.shape[:2], seen, self.config.seg,
             se.mask_logit_scale(self.backbone), ensemble=use)
         p = probs["ensemble" if use else "head"][0]

@@ -188,7 +188,7 @@ def read_jsonl(path: storage.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt_duration(s: float) -> str:
+def format_duration(s: float) -> str:
     if not math.isfinite(s):
         return "?"
     s = int(round(s))
@@ -263,7 +263,7 @@ class Progress:
         else:
             parts.append(f"{r['steps_per_sec']:.2f} steps/s")
         parts.append(f"data {100 * r['data_wait_frac']:.0f}%")
-        parts.append(f"ETA {_fmt_duration(r['eta_s'])}")
+        parts.append(f"ETA {format_duration(r['eta_s'])}")
         return " | ".join(parts)
 
 

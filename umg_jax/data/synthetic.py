@@ -53,7 +53,7 @@ _PLURAL = {"cross": "crosses"}
 # ------------------------------------------------------------------------------ render ---
 
 
-def _stuff_texture(name: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def stuff_texture(name: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """``[h, w, 3] float32`` in [0, 255] for a stuff class."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     noise = rng.normal(0, 1, (h, w)).astype(np.float32)
@@ -147,8 +147,8 @@ def generate_record(index: int, *, split: str = "train", seed: int = 0,
     top, bottom = rng.choice(TOP_STUFF), rng.choice(BOTTOM_STUFF)
     horizon = int(rng.uniform(0.3, 0.6) * h)
     image = np.empty((h, w, 3), np.float32)
-    image[:horizon] = _stuff_texture(top, horizon, w, rng)
-    image[horizon:] = _stuff_texture(bottom, h - horizon, w, rng)
+    image[:horizon] = stuff_texture(top, horizon, w, rng)
+    image[horizon:] = stuff_texture(bottom, h - horizon, w, rng)
     owner = np.full((h, w), -1, np.int32)  # which object is visible at each pixel
 
     objects = []

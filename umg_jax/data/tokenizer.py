@@ -240,7 +240,7 @@ def word_pattern() -> re.Pattern[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_tables(vocab_path: str) -> tuple[dict[str, int], dict[tuple[str, str], int], list[str]]:
+def load_tables(vocab_path: str) -> tuple[dict[str, int], dict[tuple[str, str], int], list[str]]:
     """Reads the merge file. Returns (symbol -> id, merge pair -> rank, id -> symbol)."""
     with gzip.open(vocab_path, "rb") as f:
         lines = f.read().decode("utf-8").split("\n")
@@ -280,7 +280,7 @@ class Tokenizer:
     def __init__(self, vocab_path: str | None = None, context_length: int = 77):
         self.vocab_path = os.path.abspath(vocab_path or DEFAULT_VOCAB_PATH)
         self.context_length = _check_context_length(context_length)
-        self._encoder, self._ranks, self._symbols = _load_tables(self.vocab_path)
+        self._encoder, self._ranks, self._symbols = load_tables(self.vocab_path)
         self._pattern = word_pattern()
         self._clean = clean_text
         byte_chars = bytes_to_unicode()

@@ -7,7 +7,6 @@ A task is a function ``run(model: BenchModel, opts: Options) -> TaskResult`` nam
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import importlib
 import os
@@ -19,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from umg_jax.concurrency import map_threaded
 
 
 class BenchmarkInputError(ValueError):
@@ -168,7 +169,7 @@ def progress(items: Iterable, total: int, desc: str, every_s: float = 5.0,
     """Yields ``items`` and prints ``desc: 120/5000 (2%) | 41.3 img/s | ETA 1m58s`` to stderr at
     most every ``every_s`` seconds and at the end; ``count(item)`` images per item (e.g. the
     batch size). Tasks time their whole loop themselves for ``TaskResult.images_per_s``."""
-    from umg_jax.metrics import _fmt_duration
+    from umg_jax.metrics import format_duration
 
     t0 = last = time.perf_counter()
     done = 0
@@ -180,7 +181,7 @@ def progress(items: Iterable, total: int, desc: str, every_s: float = 5.0,
             rate = done / max(now - t0, 1e-9)
             eta = (total - done) / rate if rate > 0 else float("inf")
             print(f"{desc}: {done}/{total} ({100 * done / max(total, 1):.0f}%) | "
-                  f"{rate:.1f} img/s | ETA {_fmt_duration(eta)}", file=sys.stderr, flush=True)
+                  f"{rate:.1f} img/s | ETA {format_duration(eta)}", file=sys.stderr, flush=True)
             last = now
 
 
@@ -265,20 +266,6 @@ def class_embeddings(backbone: Any, names: Sequence[str], templates: Sequence[st
         raise BenchmarkInputError("the class list holds an empty name")
     emb = encode_texts(backbone, [t.format(n) for n in names for t in templates], batch_size)
     return normalize(emb.reshape(len(names), len(templates), -1).mean(1))
-
-
-def map_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 4
-                 ) -> Iterator[Any]:
-    """``fn(item)`` for each item, in order, computed ``workers`` at a time ahead of the
-    consumer (a bounded window, so memory stays flat)."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        window = 4 * max(1, workers)
-        futures = [pool.submit(fn, x) for x in items[:window]]
-        for i in range(len(items)):
-            if i + window < len(items):
-                futures.append(pool.submit(fn, items[i + window]))
-            yield futures[i].result()
-            futures[i] = None
 
 
 def load_image(source: Any) -> np.ndarray:

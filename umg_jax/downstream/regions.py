@@ -28,6 +28,7 @@ from collections import Counter
 
 import numpy as np
 
+from umg_jax.concurrency import map_threaded
 from umg_jax.downstream import common
 from umg_jax.downstream.common import BenchmarkInputError, BenchModel, Options, TaskResult
 
@@ -139,7 +140,7 @@ def run(model: BenchModel, opts: Options) -> TaskResult:
     pool = _pool_fn()
     preds, gts, areas = [], [], []
     t0 = time.perf_counter()
-    decoded = common.progress(common.map_threaded(load, images, opts.workers), len(images),
+    decoded = common.progress(map_threaded(load, images, opts.workers), len(images),
                               "coco_boxes")
     for im, dense in zip(images, sliding.sliding_dense(bb, decoded, opts), strict=True):
         x, y, w, h = im["boxes"].T

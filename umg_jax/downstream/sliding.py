@@ -27,6 +27,7 @@ import numpy as np
 
 from umg_jax.downstream import common
 from umg_jax.downstream.common import BenchmarkInputError, Options
+from umg_jax.models import pos_embed
 
 
 def default_short_side(backbone: Any) -> int:
@@ -258,7 +259,7 @@ def sliding_head_scores(segmenter: Any, images: Iterable[np.ndarray], text: np.n
 
     def window_out(crops, dense):
         mask_prob, probs = se.head_predictions(
-            lambda *a: segmenter._decode(segmenter.seg_params, *a), crops, np.asarray(dense),
+            lambda *a: segmenter.decode(segmenter.seg_params, *a), crops, np.asarray(dense),
             text, (win, win), seen, segmenter.config.seg, scale, ensemble=ensemble)
         p = probs["ensemble" if ensemble else "head"]
         return np.einsum("bnc,bnhw->bhwc", p[..., :-1], mask_prob)
@@ -275,21 +276,6 @@ def sliding_labels(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray
 
 
 # ------------------------------------------------------------------ whole image, resized pos
-def resize_grid_embedding(pos: np.ndarray, grid: tuple[int, int], prefix: int) -> np.ndarray:
-    """``pos [prefix + g*g, D]`` -> ``[prefix + gh*gw, D]``: bicubic (PyTorch's
-    ``align_corners=False`` weights, as the import's ``--allow_resize``) on a rectangular patch
-    grid, the ``prefix`` class rows kept."""
-    from umg_jax.interop.import_torch import _cubic_matrix
-
-    g = int(round((pos.shape[0] - prefix) ** 0.5))
-    if g * g != pos.shape[0] - prefix:
-        raise ValueError(f"positional embedding with {pos.shape[0]} rows is not a square grid")
-    mh, mw = _cubic_matrix(g, grid[0]), _cubic_matrix(g, grid[1])
-    x = pos[prefix:].reshape(g, g, -1).astype(np.float64)
-    x = np.einsum("ij,jkd,lk->ild", mh, x, mw).reshape(grid[0] * grid[1], -1)
-    return np.concatenate([pos[:prefix], x.astype(pos.dtype)], axis=0)
-
-
 def whole_image_dense(backbone: Any, images: Iterable[np.ndarray], opts: Options
                       ) -> Iterator[np.ndarray]:
     """``float32 [gh, gw, E]`` L2-normalised dense map of each image encoded whole: sides
@@ -313,7 +299,7 @@ def whole_image_dense(backbone: Any, images: Iterable[np.ndarray], opts: Options
         grid = (max(1, round(h / p)), max(1, round(w / p)))
         x = prepare(image, (grid[0] * p, grid[1] * p), backbone)
         prm = dict(params, visual=dict(visual, positional_embedding=jnp.asarray(
-            resize_grid_embedding(pos, grid, prefix))))
+            pos_embed.resize(pos, grid, prefix))))
         dense = np.asarray(fn(prm, jnp.asarray(x[None])), np.float32)[0]
         yield dense / np.maximum(np.linalg.norm(dense, axis=-1, keepdims=True), 1e-8)
 

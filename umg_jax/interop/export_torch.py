@@ -479,7 +479,7 @@ def write_tokenizer_files(m: mlc.ConfigDict, out: pathlib.Path, arch: str) -> tu
                        else [])
     if arch != "hf_clip":
         return entry, []
-    encoder, ranks, _ = tk._load_tables(tk.DEFAULT_VOCAB_PATH)
+    encoder, ranks, _ = tk.load_tables(tk.DEFAULT_VOCAB_PATH)
     # HF / OpenAI spell the two special symbols <|startoftext|> / <|endoftext|>; same ids.
     names = {tk.SOT_TOKEN: "<|startoftext|>", tk.EOT_TOKEN: "<|endoftext|>"}
     vocab = {names.get(s, s): i for s, i in encoder.items()}

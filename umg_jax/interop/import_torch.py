@@ -60,6 +60,7 @@ from umg_jax.interop.mapping import (
     torch_to_flax,
     unflatten,
 )
+from umg_jax.models import pos_embed
 
 LOCAL_HINT = "copy it to local disk first (gcloud storage cp / aws s3 cp)"
 
@@ -221,39 +222,6 @@ def _first_file(d: pathlib.Path, names: tuple[str, ...]) -> pathlib.Path:
 
 
 # ------------------------------------------------------------------------------ resize
-def _cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
-    """``[n_out, n_in]`` weights of PyTorch's ``interpolate(mode="bicubic",
-    align_corners=False)`` (Keys cubic, a=-0.75, edge-clamped taps, no antialias); HF's
-    ``interpolate_pos_encoding`` uses exactly this."""
-    def k1(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def k2(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    m = np.zeros((n_out, n_in), np.float64)
-    scale = n_in / n_out
-    for j in range(n_out):
-        src = (j + 0.5) * scale - 0.5
-        i0 = math.floor(src)
-        t = src - i0
-        for off, w in zip((-1, 0, 1, 2), (k2(t + 1), k1(t), k1(1 - t), k2(2 - t)), strict=True):
-            m[j, min(max(i0 + off, 0), n_in - 1)] += w
-    return m
-
-
-def resize_pos_embed(pos: np.ndarray, grid: int, prefix: int = 1) -> np.ndarray:
-    """``[prefix + g*g, D]`` -> ``[prefix + grid*grid, D]``: bicubic on the patch grid, the
-    ``prefix`` leading rows (CLIP's class slot; none in SigLIP) kept."""
-    g = math.isqrt(pos.shape[0] - prefix)
-    if g * g != pos.shape[0] - prefix:
-        raise InteropError(f"positional embedding with {pos.shape[0]} rows is not a square grid")
-    m = _cubic_matrix(g, grid)
-    x = pos[prefix:].reshape(g, g, -1).astype(np.float64)
-    x = np.einsum("ij,jkd,lk->ild", m, x, m).reshape(grid * grid, -1)
-    return np.concatenate([pos[:prefix], x.astype(np.float32)], axis=0)
-
-
 def _resize_grid(pos: np.ndarray, want: tuple[int, ...], prefix: int, key: str,
                  model_cfg: mlc.ConfigDict, allow_resize: bool, report: dict) -> np.ndarray:
     """``pos [prefix + g*g, D]`` resized to ``want`` (with permission), else unchanged."""
@@ -267,7 +235,10 @@ def _resize_grid(pos: np.ndarray, want: tuple[int, ...], prefix: int, key: str,
             f"wants {g_dst}x{g_dst} ({model_cfg.vision.image_size} px); pass --allow_resize "
             "to resize it bicubically")
     report["resized"] = f"{g_src}x{g_src} -> {g_dst}x{g_dst}"
-    return resize_pos_embed(pos, g_dst, prefix)
+    try:
+        return pos_embed.resize(pos, (g_dst, g_dst), prefix)
+    except ValueError as e:
+        raise InteropError(f"{key}: {e}") from None
 
 
 # ------------------------------------------------------------------------------ import

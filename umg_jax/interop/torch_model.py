@@ -392,7 +392,7 @@ class UMGTorch:
         x = resize2d(x, (self.image_size, self.image_size), (0, 1))
         return ((x - self._mean) / self._std).permute(2, 0, 1).contiguous()
 
-    def _pixels(self, images: ImageInput) -> tuple[torch.Tensor, bool, tuple[int, int]]:
+    def pixel_values(self, images: ImageInput) -> tuple[torch.Tensor, bool, tuple[int, int]]:
         """``(pixel_values [B, 3, S, S], single image?, (H, W) of the pixel grid boxes and masks
         refer to)``."""
         if isinstance(images, torch.Tensor):
@@ -425,7 +425,7 @@ class UMGTorch:
 
     # ----------------------------------------------------------------- towers
     @torch.no_grad()
-    def _vision(self, pv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def vision_features(self, pv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``pixel_values [B, 3, S, S]`` -> ``(img [B, E], dense [B, g, g, E])`` unnormalised,
         as umg_jax's ``VisionTransformer``."""
         vm, heads = self.model.vision_model, self._heads
@@ -473,8 +473,8 @@ class UMGTorch:
     # ----------------------------------------------------------------- embeddings
     def encode_image(self, images: ImageInput, normalize: bool = True) -> torch.Tensor:
         """Global embeddings ``[B, E]`` (``[E]`` for one image) float32."""
-        pv, single, _ = self._pixels(images)
-        img = self._vision(pv)[0]
+        pv, single, _ = self.pixel_values(images)
+        img = self.vision_features(pv)[0]
         img = _normalize(img) if normalize else img
         return img[0] if single else img
 
@@ -491,8 +491,8 @@ class UMGTorch:
     def dense(self, images: ImageInput, normalize: bool = True) -> torch.Tensor:
         """Patch embeddings in the joint space ``[B, g, g, E]`` (``[g, g, E]`` for one image),
         float32, built as ``dense_mode`` says."""
-        pv, single, _ = self._pixels(images)
-        d = self._vision(pv)[1]
+        pv, single, _ = self.pixel_values(images)
+        d = self.vision_features(pv)[1]
         d = _normalize(d) if normalize else d
         return d[0] if single else d
 
@@ -505,7 +505,7 @@ class UMGTorch:
         umg_jax's ``roi_pool_embed``."""
         from torchvision.ops import roi_align
 
-        pv, single, (h, w) = self._pixels(images)
+        pv, single, (h, w) = self.pixel_values(images)
         b = pv.shape[0]
         bx = torch.as_tensor(np.asarray(boxes, np.float32)).to(self.device)
         if bx.ndim == 2 and bx.shape[-1] == 4:
@@ -513,7 +513,7 @@ class UMGTorch:
         if bx.ndim != 3 or bx.shape[0] != b or bx.shape[-1] != 4:
             raise ValueError(f"boxes must be [R, 4] or [{b}, R, 4], got {tuple(bx.shape)}")
         _check_boxes(bx.reshape(-1, 4), w, h)
-        dense = self._vision(pv)[1]  # unnormalised, as umg_jax pools it
+        dense = self.vision_features(pv)[1]  # unnormalised, as umg_jax pools it
         g = self.grid
         scale = torch.tensor([g / w, g / h, g / w, g / h], device=self.device)
         cfg = self.config["boxes"]
@@ -530,7 +530,7 @@ class UMGTorch:
         ``masks``: ``[M, H, W]`` (or ``[H, W]``) of the image; ``[B, M, S, S]`` with pixel
         values. Each mask is resized to the grid (bilinear, antialiased: the covered fraction of
         each cell) and the dense map averaged under it; an empty mask gives zeros."""
-        pv, single, (h, w) = self._pixels(images)
+        pv, single, (h, w) = self.pixel_values(images)
         m = torch.as_tensor(np.asarray(masks)).to(self.device, torch.float32)
         if m.ndim == 2:
             m = m[None]
@@ -539,7 +539,7 @@ class UMGTorch:
         if m.ndim != 4 or m.shape[0] != pv.shape[0] or tuple(m.shape[2:]) != (h, w):
             raise ValueError(f"masks are {tuple(m.shape)}, expected [M, {h}, {w}]"
                              + ("" if single else f" or [{pv.shape[0]}, M, {h}, {w}]"))
-        dense = self._vision(pv)[1]
+        dense = self.vision_features(pv)[1]
         area = resize2d(m, (self.grid, self.grid), (2, 3))  # [B, M, g, g]
         total = area.sum((2, 3))
         summed = torch.einsum("bmhw,bhwe->bme", area, dense)
@@ -573,8 +573,8 @@ class UMGTorch:
         """Cosine logits ``[B, H, W, C]`` (``[H, W, C]`` for one image, at its own size):
         normalised dense map against the label embeddings, bilinearly upsampled."""
         text = self.encode_text_labels(labels, templates)
-        pv, single, (h, w) = self._pixels(images)
-        logits = torch.einsum("bhwe,ce->bhwc", _normalize(self._vision(pv)[1]), text)
+        pv, single, (h, w) = self.pixel_values(images)
+        logits = torch.einsum("bhwe,ce->bhwc", _normalize(self.vision_features(pv)[1]), text)
         up = resize2d(logits, (h, w), (1, 2))
         return up[0] if single else up
 

@@ -280,10 +280,10 @@ class UMGTorchSegmenter:
         b = self.backbone
         labels = list(labels)
         text = b.encode_text_labels(labels, templates)
-        pv, _, size = b._pixels(image)
+        pv, _, size = b.pixel_values(image)
         if pv.shape[0] != 1:
             raise ValueError(f"the segmenter takes one image, got a batch of {pv.shape[0]}")
-        dense = _normalize(b._vision(pv)[1])  # [1, g, g, E]
+        dense = _normalize(b.vision_features(pv)[1])  # [1, g, g, E]
         out = self.decoder(pv.permute(0, 2, 3, 1), dense)
         logits = class_logits(out, text)[0]
         mask_prob = torch.sigmoid(resize2d(out["mask_logits"], size, (2, 3)))  # [1, N, H, W]

@@ -43,7 +43,7 @@ def _polygon_rle(seg: list, h: int, w: int) -> dict:
     return mask_utils.merge(rles)
 
 
-def _ann_mask(seg: Any, h: int, w: int) -> np.ndarray:
+def ann_mask(seg: Any, h: int, w: int) -> np.ndarray:
     """Instance segmentation (polygons, compressed or uncompressed RLE) -> ``[h, w] uint8``."""
     from pycocotools import mask as mask_utils
 
@@ -154,7 +154,7 @@ def _one_image(source, data, h, w, caps, anns, pan, panoptic_dir, index, categor
             report.drop(where, "bad_box", why)
             continue
         try:
-            mask = _ann_mask(a["segmentation"], h, w) if "segmentation" in a else None
+            mask = ann_mask(a["segmentation"], h, w) if "segmentation" in a else None
         except (ValueError, KeyError, TypeError) as e:
             report.drop(where, "bad_mask", str(e))
             continue

@@ -79,8 +79,8 @@ def _background(rng, size: int, backgrounds: list[pathlib.Path]) -> np.ndarray:
     top, bottom = rng.choice(synthetic.TOP_STUFF), rng.choice(synthetic.BOTTOM_STUFF)
     horizon = int(rng.uniform(0.3, 0.6) * size)
     img = np.empty((size, size, 3), np.float32)
-    img[:horizon] = synthetic._stuff_texture(top, horizon, size, rng)
-    img[horizon:] = synthetic._stuff_texture(bottom, size - horizon, size, rng)
+    img[:horizon] = synthetic.stuff_texture(top, horizon, size, rng)
+    img[horizon:] = synthetic.stuff_texture(bottom, size - horizon, size, rng)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -107,7 +107,7 @@ def _texts(values) -> list[str]:
 
 
 def _record(source, img, h, w, meta, index, report) -> dict:
-    from umg_jax.data.sources.coco import _ann_mask
+    from umg_jax.data.sources.coco import ann_mask
 
     caps = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
     regions, kept = [], {}  # kept: input region index -> output index
@@ -132,7 +132,7 @@ def _record(source, img, h, w, meta, index, report) -> dict:
     segments = []
     for i, s in enumerate(meta.get("segments", [])):
         try:
-            mask = _ann_mask(s["polygon"] if "polygon" in s else s["rle"], h, w)
+            mask = ann_mask(s["polygon"] if "polygon" in s else s["rle"], h, w)
         except (ValueError, KeyError, TypeError) as e:
             report.drop(f"{source}:segment{i}", "bad_mask", str(e))
             continue

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from umg_jax import storage
+from umg_jax.concurrency import map_threaded
 from umg_jax.data import records
-from umg_jax.downstream.common import map_threaded
 from umg_jax.labeling.annotate.recipe import Recipe
 from umg_jax.labeling.annotate.stage import new_state
 from umg_jax.labeling.pseudo_label import load_input, template_caption

@@ -191,9 +191,9 @@ def write_tiny(directory: str, kind: str = "clip", **kw: Any) -> None:
     layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     vision = dict(image_size=32, patch_size=8, **layers)
     if kind == "clip":
-        from umg_jax.labeling.annotate.families.owlv2 import _clip_tokenizer
+        from umg_jax.labeling.annotate.families.owlv2 import byte_clip_tokenizer
 
-        tokenizer = _clip_tokenizer(16)
+        tokenizer = byte_clip_tokenizer(16)
         eos = tokenizer.eos_token_id
         text = dict(vocab_size=len(tokenizer), max_position_embeddings=16,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=eos)

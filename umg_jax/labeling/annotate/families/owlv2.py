@@ -99,7 +99,7 @@ class Owlv2Detector(Detector):
         return out
 
 
-def _clip_tokenizer(max_length: int):
+def byte_clip_tokenizer(max_length: int):
     """A byte-level BPE ``CLIPTokenizer`` without merges: every byte is a token, so any text
     tokenizes, and ``bos``/``eos`` have the largest ids as in CLIP (OWLv2 masks queries whose
     first id is 0)."""
@@ -126,7 +126,7 @@ def write_tiny(directory: str, image_size: int = 32, patch_size: int = 8, **kw: 
         Owlv2Processor,
     )
 
-    tokenizer = _clip_tokenizer(16)
+    tokenizer = byte_clip_tokenizer(16)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     torch.manual_seed(0)
     layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
