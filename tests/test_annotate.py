@@ -141,18 +141,28 @@ def test_filter_by_hand():
     stage.add_tag(s2, "green", 1.0, "t")
     s2["regions"] = [_region([0, 0, 50, 50], "red", 0.9, "a green block")]
     pol = dict(filter_stage.POLICY, phrase_agreement="label")
-    assert not filter_stage.filter_state(s2, ctx, **pol)
-    assert s2["dropped"] == {"phrase_disagrees": 1, "empty_image": 1}
+    # its one region goes, but the image keeps a tag: it still trains the image level
+    assert filter_stage.filter_state(s2, ctx, **pol)
+    assert s2["dropped"] == {"phrase_disagrees": 1} and s2["regions"] == []
     pol["phrase_agreement"] = "tags"
     s2["regions"] = [_region([0, 0, 50, 50], "red", 0.9, "a green block")]
     assert filter_stage.filter_state(s2, ctx, **pol)  # "green" is one of the image's tags
+    assert len(s2["regions"]) == 1
+    # nothing left (no region, mask, caption or tag): the image goes
+    s3 = stage.new_state("c", "c", 100, 100, [])
+    s3["regions"] = [_region([0, 0, 1, 1], "red", 0.9)]
+    assert not filter_stage.filter_state(s3, ctx, **filter_stage.POLICY)
+    assert s3["dropped"] == {"small_box": 1, "empty_image": 1}
+    # a caption alone keeps it
+    s4 = stage.new_state("d", "d", 100, 100, ["a photo"])
+    assert filter_stage.filter_state(s4, ctx, **filter_stage.POLICY)
 
 
 def test_end_to_end_with_known_answer_backends(tmp_path):
     src = _images(tmp_path / "img")
     out = tmp_path / "out"
     c = _run(src, out, _recipe(tmp_path))
-    assert c == {"examples": 5, "regions": 7, "masks": 12, "unreadable": 1,
+    assert c == {"examples": 5, "caption_only": 0, "regions": 7, "masks": 12, "unreadable": 1,
                  "dropped_images": 0, "skipped_shards": 0, "meta_written": True}
     assert sorted(p.name for p in out.iterdir()) == [
         "annot-00000-of-00002.array_record", "annot-00000-of-00002.jsonl",
@@ -307,6 +317,54 @@ def test_filter_can_drop_images(tmp_path):
     assert c["examples"] == 0 and c["dropped_images"] == 2
     assert records.shard_paths(str(tmp_path / "out")) == []
     assert records.read_meta(str(tmp_path / "out"))["dropped"] == {"empty_image": 2}
+
+
+def test_caption_only_images_are_kept_and_counted(tmp_path, capsys):
+    """Record inputs with captions, and a detector that finds nothing: every image is kept as a
+    caption-only example (it trains the image level), counted in the run and in meta.json."""
+    src = tmp_path / "src"
+    src.mkdir()
+    recs = [{"image": records.encode_image(fk.scene(i)), "height": 100, "width": 100,
+             "captions": [f"scene {i}"], "tags": [], "regions": [], "segments": []}
+            for i in range(3)]
+    records.write_shard_file(recs, str(src / f"in-00000-of-00001{records.SHARD_SUFFIX}"))
+    stages = [{"stage": "tag", "backend": FAKE + "Tagger", "threshold": 2.0},
+              {"stage": "detect", "backend": FAKE + "Detector", "threshold": 2.0},
+              {"stage": "filter"}]
+    out = tmp_path / "out"
+    assert cli.main(["--images", str(src), "--out", str(out), "--recipe",
+                     _recipe(tmp_path, stages)]) == 0
+    assert "3 images (3 with captions or tags only)" in capsys.readouterr().out
+    got = list(records.iter_records(str(out)))
+    assert [r["captions"] for r in got] == [[f"scene {i}"] for i in range(3)]
+    assert records.read_meta(str(out))["counts"]["caption_only"] == 3
+
+
+def test_nothing_annotated_exits_1_and_a_bug_is_not_an_unreadable_image(tmp_path, capsys,
+                                                                        monkeypatch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        (bad / f"x{i}.png").write_bytes(b"not a png")
+    r = _recipe(tmp_path, [{"stage": "filter"}])
+    assert cli.main(["--images", str(bad), "--out", str(tmp_path / "o1"), "--recipe", r]) == 1
+    assert "nothing annotated: 2 inputs unreadable" in capsys.readouterr().err
+    # every image left with nothing (no tags, no detections, no captions): status 1 too
+    src = _images(tmp_path / "img", n=2, corrupt=False)
+    stages = [{"stage": "tag", "backend": FAKE + "Tagger", "threshold": 2.0},
+              {"stage": "detect", "backend": FAKE + "Detector"}, {"stage": "filter"}]
+    assert cli.main(["--images", str(src), "--out", str(tmp_path / "o2"), "--recipe",
+                     _recipe(tmp_path, stages)]) == 1
+    assert "2 left with nothing" in capsys.readouterr().err
+    # a programming error while reading inputs stops the run instead of skipping every image
+    from umg_jax.labeling.annotate import run as run_mod
+
+    def broken(item):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(run_mod, "load_input", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["--images", str(src), "--out", str(tmp_path / "o3"), "--recipe", r])
 
 
 @pytest.mark.parametrize("recipe, msg", [

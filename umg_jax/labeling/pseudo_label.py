@@ -385,8 +385,18 @@ def list_inputs(src: str) -> list[tuple[str, object]]:
     return [(str(f.relative_to(p) if p.is_dir() else f.name), ("file", f, None)) for f in files]
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What an unreadable input raises (a missing or truncated file, bytes that are no image, a
+    record that does not decode): such an input is skipped and counted. Anything else is a bug
+    and stops the run."""
+    from PIL import Image
+
+    return (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_input(item) -> tuple[np.ndarray, bytes, list[str], str | None]:
-    """``(image [H, W, 3] uint8, encoded bytes, captions, source)``."""
+    """``(image [H, W, 3] uint8, encoded bytes, captions, source)``; raises one of
+    :data:`INPUT_ERRORS` for an unreadable input."""
     kind, ref, rs = item
     if kind == "record":
         rec = records.decode_record(rs[ref])
@@ -397,6 +407,9 @@ def load_input(item) -> tuple[np.ndarray, bytes, list[str], str | None]:
 
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB")), data, [], None
+
+
+INPUT_ERRORS = _input_errors()
 
 
 # ------------------------------------------------------------------------------------- run ---
@@ -446,7 +459,7 @@ def _label_chunk(chunk, scorer, vocab, args, counts) -> Iterator[dict]:
         for sid, item in chunk[start:start + args.batch]:
             try:
                 img, data, caps, src = load_input(item)
-            except Exception as e:  # noqa: BLE001 - any unreadable input is skipped, reported
+            except INPUT_ERRORS as e:
                 print(f"skipping {sid}: {type(e).__name__}: {e}", file=sys.stderr)
                 counts["unreadable"] += 1
                 continue
@@ -540,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"labelled {counts['examples']} images: {counts['regions']} regions, "
           f"{counts['masks']} masks; {counts['skipped_shards']} finished shards skipped, "
           f"{counts['unreadable']} unreadable -> {args.out}")
+    if counts["examples"] == 0 and counts["unreadable"] > 0:
+        print(f"error: nothing labelled: all {counts['unreadable']} inputs were unreadable",
+              file=sys.stderr)
+        return 1
     return 0
 
 

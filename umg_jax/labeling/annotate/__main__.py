@@ -12,12 +12,16 @@ backend per stage (Hugging Face model directories, loaded offline):
   detect          owlv2, grounding_dino, proposals boxes for the thing tags, class-aware NMS
   region_caption  florence2, blip2                 a phrase per box
   segment         sam, sam2 (boxes), sam3 (stuff concepts), proposals (superpixels)
-  filter          small / duplicate boxes and masks, phrase-tag disagreement, empty images
+  filter          small / duplicate boxes and masks, phrase-tag disagreement; drops an image
+                  only when nothing is left (no region, mask, caption or tag)
 Output: ArrayRecord shards + meta.json that ``--config.data.path`` trains on, and one JSON line
 per image of what each stage produced (``annot-*.jsonl``). Resumable per batch; a job array
 splits the input deterministically with --num_workers / --worker_id. torch and transformers come
 from requirements-annotate.txt. See ``recipe.py`` for the recipe format and ``run.py`` for the
 output layout.
+
+Exit status: 0 done; 1 nothing annotated (every input unreadable or left with nothing), or a
+stage failed with an error that is not about its input (a traceback); 2 a bad request.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ def local_inputs(images: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     ap = argparse.ArgumentParser(prog="python -m umg_jax.labeling.annotate",
                                  description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -111,10 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     except (AnnotateError, FileNotFoundError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"annotated {c['examples']} images: {c['regions']} regions, {c['masks']} masks; "
-          f"{c['dropped_images']} left empty, {c['unreadable']} unreadable, "
-          f"{c['skipped_shards']} finished shards skipped -> {args.out}"
-          + ("" if c["meta_written"] else " (meta.json waits for the other workers)"))
+    print(f"annotated {c['examples']} images ({c['caption_only']} with captions or tags only): "
+          f"{c['regions']} regions, {c['masks']} masks; {c['dropped_images']} left with nothing, "
+          f"{c['unreadable']} unreadable, {c['skipped_shards']} finished shards skipped -> "
+          f"{args.out}" + ("" if c["meta_written"] else " (meta.json waits for the other workers)"))
+    if c["examples"] == 0 and c["unreadable"] + c["dropped_images"] > 0:
+        print(f"error: nothing annotated: {c['unreadable']} inputs unreadable, "
+              f"{c['dropped_images']} left with nothing to train on", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,7 +11,10 @@ In order, per image:
    higher-scoring kept one exceeds ``dup_mask_iou`` is dropped (the region keeps its box);
 5. phrase disagreement (``phrase_agreement``): "tags" drops a region whose phrase mentions
    neither its label nor any of the image's tags; "label" asks for its own label; "off";
-6. the image itself, when ``drop_empty`` and it is left with no region and no concept mask.
+6. the image itself, when ``drop_empty`` and it is left with nothing to train on: no region,
+   no concept mask, no caption and no tag. An image that keeps a caption or a tag still trains
+   the image level (its tags make a template caption); such caption-only images are counted
+   (``caption_only`` in the run's counts and ``meta.json``)
 
 Policy keys and defaults: see :data:`POLICY`. Every drop is counted in the state's ``dropped``.
 """
@@ -95,7 +98,7 @@ def filter_state(s: dict, ctx: Context, *, min_box_area: float, min_mask_area: f
                 drop(s, "phrase_disagrees")
         regs = ok
     s["regions"] = regs
-    if drop_empty and not regs and not s["concepts"]:
+    if drop_empty and not regs and not s["concepts"] and not s["captions"] and not s["tags"]:
         drop(s, "empty_image")
         return False
     return True

@@ -36,7 +36,7 @@ from umg_jax.concurrency import map_threaded
 from umg_jax.data import records
 from umg_jax.labeling.annotate.recipe import Recipe
 from umg_jax.labeling.annotate.stage import new_state
-from umg_jax.labeling.pseudo_label import load_input, template_caption
+from umg_jax.labeling.pseudo_label import INPUT_ERRORS, load_input, template_caption
 
 PREFIX = "annot"
 
@@ -146,7 +146,7 @@ def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
     def load(item):
         try:
             return load_input(item[1])
-        except Exception as e:  # noqa: BLE001 - a bad input is skipped and reported
+        except INPUT_ERRORS as e:  # an unreadable input is skipped and counted; a bug raises
             return e
 
     todo = [it for b in batches[len(done):] for it in b]
@@ -197,6 +197,7 @@ def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
         else:
             counts["dropped_images"] += 1
     counts["examples"] += len(recs)
+    counts["caption_only"] += sum(not r["regions"] and not r["segments"] for r in recs)
     counts["regions"] += sum(len(r["regions"]) for r in recs)
     counts["masks"] += sum(len(r["segments"]) for r in recs)
     if recs:
@@ -216,8 +217,8 @@ def annotate(items: list, recipe: Recipe, out: str, *, batch_size: int = 8,
     outp = storage.check_writable_dir(out)
     n_shards = max(1, -(-len(items) // shard_size))
     mine = worker_shards(n_shards, num_workers, worker_id)
-    counts = dict.fromkeys(("examples", "regions", "masks", "unreadable", "dropped_images",
-                            "skipped_shards"), 0)
+    counts = dict.fromkeys(("examples", "caption_only", "regions", "masks", "unreadable",
+                            "dropped_images", "skipped_shards"), 0)
     todo = [s for s in mine if not (outp / f"{shard_name(s, n_shards)}.jsonl").exists()]
     counts["skipped_shards"] = len(mine) - len(todo)
     total = sum(len(items[s * shard_size:(s + 1) * shard_size]) for s in todo)
@@ -241,7 +242,8 @@ def write_meta_if_complete(out, n_shards: int, recipe: Recipe) -> bool:
     names = [shard_name(s, n_shards) for s in range(n_shards)]
     if not all((out / f"{n}.jsonl").exists() for n in names):
         return False
-    totals = {"images": 0, "examples": 0, "unreadable": 0, "dropped_images": 0}
+    totals = {"images": 0, "examples": 0, "caption_only": 0, "unreadable": 0,
+              "dropped_images": 0}
     dropped: dict[str, int] = {}
     unreadable: list[str] = []
     for n in names:
@@ -256,6 +258,8 @@ def write_meta_if_complete(out, n_shards: int, recipe: Recipe) -> bool:
                 dropped[k] = dropped.get(k, 0) + v
             if s.get("kept", True):
                 totals["examples"] += 1
+                masked = any(r["mask"] is not None for r in s["regions"])
+                totals["caption_only"] += not s["regions"] and not s["concepts"] and not masked
             else:
                 totals["dropped_images"] += 1
     ctx = recipe.ctx
