@@ -112,6 +112,31 @@ def _shard_bytes(tree) -> int:
 SEG_CLASSES = 133  # a segmentation head's training vocabulary in a dry run: COCO panoptic's
 
 
+def text_profile(config, mesh) -> dict | None:
+    """The text profile a dry run compiles for, ``None`` on the every-slot path
+    (``loss.free_text_frac`` 1.0: every element text distinct, the worst case): the vocabulary
+    size (``data.text_vocab_size``, standing for the data's ``meta.json`` ``text_vocab``), the
+    step's budgets ``(K, Kf)`` and the element texts it encodes against its slots."""
+    from umg_jax import sharding
+    from umg_jax import step as step_lib
+
+    if (step_lib.seg_enabled(config) or not step_lib.text_ids_enabled(config.loss)
+            or not step_lib.element_text_fields(config.loss)):
+        return None
+    v = int(config.data.get("text_vocab_size", 0) or 0)
+    if v <= 0:
+        raise ValueError("loss.free_text_frac < 1 encodes the data's text vocabulary: give the "
+                         "dry run its size, data.text_vocab_size")
+    shards = sharding.batch_size_divisor(mesh)
+    k, kf = step_lib.text_budgets(config, v, shards)
+    slots = config.batch_size * sum(
+        {"tags": config.data.max_tags, "region_text": config.data.max_regions,
+         "mask_text": config.data.max_masks}[f] for f in step_lib.element_text_fields(config.loss))
+    return {"vocab_size": v, "vocab_rows": k, "free_rows_per_shard": kf, "shards": shards,
+            "element_rows": k + shards * kf, "element_slots": slots,
+            "free_text_frac": float(config.loss.free_text_frac)}
+
+
 def compile_step(config, devices, seg_classes: int = SEG_CLASSES):
     """Lowers and compiles the train step of ``config`` for ``devices`` (abstract or real). A
     segmentation-head config gets a vocabulary of ``seg_classes`` placeholder classes: the dry
@@ -120,6 +145,7 @@ def compile_step(config, devices, seg_classes: int = SEG_CLASSES):
     Returns ``(compiled, abstract_state, abstract_batch, mesh, compile_seconds)``.
     """
     import jax
+    import numpy as np
 
     from umg_jax import accelerators, config_checks, optim, sharding
     from umg_jax import step as step_lib
@@ -137,7 +163,12 @@ def compile_step(config, devices, seg_classes: int = SEG_CLASSES):
     shapes = schema.batch_shapes_from_config(config)
     vocab = (step_lib.vocabulary_shapes(config, seg_classes) if step_lib.seg_enabled(config)
              else None)
-    step_fn = step_lib.make_train_step(model, tx, config, mesh, state_sh, shapes, vocab)
+    profile = text_profile(config, mesh)
+    text_vocab = None
+    if profile:  # placeholder tokens: the step's shapes depend on the vocabulary's size alone
+        text_vocab = np.zeros((profile["vocab_size"], shapes["tags"][0][-1]), np.int32)
+    step_fn = step_lib.make_train_step(model, tx, config, mesh, state_sh, shapes, vocab,
+                                       text_vocab)
     batch_sh = sharding.batch_sharding(mesh)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract, state_sh)
@@ -239,7 +270,8 @@ def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False
     total = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                 + mem.temp_size_in_bytes + code)
     params_b = _shard_bytes(a_state.params)
-    analytic = step_lib.step_flops(config)
+    profile = text_profile(config, mesh)
+    analytic = step_lib.step_flops(config, element_rows=profile and profile["element_rows"])
     roof = roofline(costs, chip)
     row = {
         "compiler": compiler, "chip": chip.name, "devices": n,
@@ -249,6 +281,9 @@ def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False
                                                           for a in ("data", "fsdp")),
         "remat": bool(config.model.remat), "scan": bool(config.model.scan),
         "dtype": config.model.dtype, "compile_s": seconds,
+        "text_profile": profile or {"element_rows": "every slot",
+                                    "free_text_frac": float(config.loss.get("free_text_frac",
+                                                                            1.0))},
         "bytes_per_device": {
             "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
             "aliased": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
@@ -483,6 +518,16 @@ def format_rows(rows: list[dict], where: str, compiler: str) -> str:
             f"{sum(r['collective_bytes_per_device'].values()) / 1e9:>7.2f} "
             f"{r['roofline']['bound']:>8} {r['est_images_per_s']:>8.0f} "
             f"{100 * r['est_mfu']:>3.0f}% {r.get('fused_attention_calls', 0):>5}")
+        tp = r.get("text_profile") or {}
+        if tp.get("vocab_size"):
+            lines.append(f"{tag}   texts: {tp['element_rows']:,} element rows encoded for "
+                         f"{tp['element_slots']:,} slots (vocabulary {tp['vocab_size']:,} -> "
+                         f"{tp['vocab_rows']:,} rows; free-form {tp['free_rows_per_shard']} "
+                         f"rows x {tp['shards']} shards, free_text_frac "
+                         f"{tp['free_text_frac']:g})")
+        elif tp:
+            lines.append(f"{tag}   texts: every element slot encoded (free_text_frac 1: the "
+                         "worst case, every text distinct)")
         if r.get("umg_over_clip_flops"):
             lines.append(f"{tag}   UMG / CLIP-only step, compiled FLOPs: "
                          f"{r['umg_over_clip_flops']:.2f}x")
@@ -524,6 +569,9 @@ def _fail(msg: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from umg_jax import accelerators

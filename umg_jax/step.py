@@ -51,11 +51,14 @@ def needed_text_fields(loss_cfg: mlc.ConfigDict) -> list[tuple[str, str]]:
             if f == "text" or any(loss_cfg.get(w, 0.0) for w in ws)]
 
 
-def texts_per_example(config: mlc.ConfigDict, lengths: tuple[int, int] | None = None) -> float:
+def texts_per_example(config: mlc.ConfigDict, lengths: tuple[int, int] | None = None,
+                      element_rows: int | None = None) -> float:
     """Full-context text-tower passes per example: the caption, plus the weighted tag / region /
     mask texts scaled by their shorter context ``Le / L`` (for FLOP counts; a last-token text
     tower pads every text to ``L``). ``lengths``: the ``(caption, element)`` token lengths of a
-    trimmed batch (:func:`trim_text`) instead of the configured ones."""
+    trimmed batch (:func:`trim_text`) instead of the configured ones. ``element_rows``: the
+    element texts the step encodes in all (the id path: ``K + shards * Kf``), instead of one per
+    slot, so that FLOPs count the texts the step needs."""
     length = config.model.text.context_length
     cap, short = 1.0, min(config.data.get("element_context_length") or length, length) / length
     if lengths is not None:
@@ -65,6 +68,8 @@ def texts_per_example(config: mlc.ConfigDict, lengths: tuple[int, int] | None = 
     sizes = {"text": cap, "tags": config.data.max_tags * short,
              "region_text": config.data.max_regions * short,
              "mask_text": config.data.max_masks * short}
+    if element_rows is not None and element_text_fields(config.loss):
+        return cap + element_rows / config.batch_size * short
     return sum(sizes[f] for f, _ in needed_text_fields(config.loss))
 
 
@@ -103,7 +108,8 @@ def trim_text(batch: dict[str, np.ndarray], lengths: tuple[int, int]) -> dict[st
     return out
 
 
-def step_flops(config: mlc.ConfigDict, lengths: tuple[int, int] | None = None) -> float:
+def step_flops(config: mlc.ConfigDict, lengths: tuple[int, int] | None = None,
+               element_rows: int | None = None) -> float:
     """Analytic model FLOPs of one train step (for MFU and the dry run). UMG training: 3 x the
     forward of both towers (``metrics.clip_train_flops``). Segmentation head: the backbone's
     image forward once (3x with LoRA / adapters, whose backward runs through it); the decoder's
@@ -114,16 +120,73 @@ def step_flops(config: mlc.ConfigDict, lengths: tuple[int, int] | None = None) -
         fwd = metrics.clip_forward_flops(config.model, 0.0) * config.batch_size
         return fwd * (3.0 if peft_enabled(config) else 1.0)
     return metrics.clip_train_flops(config.model, config.batch_size,
-                                    texts_per_example(config, lengths))
+                                    texts_per_example(config, lengths, element_rows))
 
 
-def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDict) -> dict:
+# The id and valid keys of each element text field (schema.py).
+TEXT_IDS = {"tags": ("tags_id", "tags_valid"), "region_text": ("region_text_id", "region_valid"),
+            "mask_text": ("mask_text_id", "mask_valid")}
+
+
+def text_ids_enabled(loss_cfg: mlc.ConfigDict) -> bool:
+    """Element texts are encoded per distinct text (``models.text_slots``) when the step has
+    the data set's vocabulary: free-form texts have a budget below every slot."""
+    return float(loss_cfg.get("free_text_frac", 1.0)) < 1.0
+
+
+def element_text_fields(loss_cfg: mlc.ConfigDict) -> list[str]:
+    """The tag / region / mask token fields the text tower encodes (in their concatenation
+    order)."""
+    return [f for f, _ in needed_text_fields(loss_cfg) if f != "text"]
+
+
+def text_needs(batch: dict[str, np.ndarray], loss_cfg: mlc.ConfigDict, vocab_size: int,
+               shards: int) -> tuple[int, ...]:
+    """A host batch's text needs as one int tuple, ``(free_max, *present)``, for an
+    element-wise max over hosts (``models.text_slots.needs``); ``shards``: the batch shards
+    this host's rows make."""
+    from umg_jax.models import text_slots
+
+    fields = element_text_fields(loss_cfg)
+    ids = np.concatenate([batch[TEXT_IDS[f][0]] for f in fields], axis=1)
+    valid = np.concatenate([batch[TEXT_IDS[f][1]] for f in fields], axis=1)
+    present, free_max = text_slots.needs(ids, valid, vocab_size, shards)
+    return (free_max, *present.astype(int).tolist())
+
+
+def text_budgets(config: mlc.ConfigDict, vocab_size: int, shards: int,
+                 needs: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """``(K, Kf)`` for the step: the configured budgets (``loss.text_vocab_budget``,
+    ``loss.free_text_frac``), or with ``needs`` (:func:`text_needs`, agreed over hosts) the
+    smallest ones that hold the batch."""
+    from umg_jax.models import text_slots
+
+    slots = config.batch_size // shards * sum(
+        {"tags": config.data.max_tags, "region_text": config.data.max_regions,
+         "mask_text": config.data.max_masks}[f] for f in element_text_fields(config.loss))
+    configured = text_slots.budgets(slots, vocab_size, shards,
+                                    int(config.loss.get("text_vocab_budget", 0)),
+                                    float(config.loss.free_text_frac))
+    if needs is None:
+        return configured
+    return text_slots.fit(sum(needs[1:]), needs[0], configured, vocab_size, slots, shards)
+
+
+def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDict,
+                  text_vocab: jax.Array | None = None, shards: int = 1,
+                  text_budgets: tuple[int, int] | None = None) -> dict:
     """Runs both towers on a batch: the captions in one text-tower call, every other text field
-    (tags / region / mask texts, shorter context ``Le``) in a second one.
+    (tags / region / mask texts, shorter context ``Le``) in a second one, which encodes each
+    distinct vocabulary text once when ``text_vocab`` (``[V, Le] int32``, the data set's; see
+    :func:`text_ids_enabled`) and ``text_budgets`` (:func:`text_budgets`) are given, over
+    ``shards`` batch shards.
 
     Returns ``img [B, E]``, ``dense [B, gh, gw, E]``, ``txt [B, E]``, ``tags_txt [B, T, E]``,
-    ``region_txt [B, R, E]``, ``mask_txt [B, M, E]`` (those with a weight), ``scales``, ``biases``.
+    ``region_txt [B, R, E]``, ``mask_txt [B, M, E]`` (those with a weight), ``scales``, ``biases``,
+    and ``text_stats`` (``models.text_slots.encode_slots``'s) on the id path.
     """
+    from umg_jax.models import text_slots
+
     v = {"params": params}
     out = dict(model.apply(v, batch["image"], method=clip.CLIP.encode_image))
     out["txt"] = model.apply(v, batch["text"], method=clip.CLIP.encode_text)
@@ -132,8 +195,16 @@ def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDic
         toks = [batch[f] for f, _ in fields]  # each [B, n, Le]
         sizes = [t.shape[1] for t in toks]
         encode = lambda t: model.apply(v, t, method=clip.CLIP.encode_text)  # noqa: E731
-        emb = encode_deduplicated(encode, jnp.concatenate(toks, axis=1),
-                                  float(loss_cfg.get("text_dedup_frac", 0.0) or 0.0))
+        tokens = jnp.concatenate(toks, axis=1)
+        if text_vocab is not None and text_budgets is not None:
+            ids = jnp.concatenate([batch[TEXT_IDS[f][0]] for f, _ in fields], axis=1)
+            valid = jnp.concatenate([batch[TEXT_IDS[f][1]] for f, _ in fields], axis=1)
+            emb, out["text_stats"] = text_slots.encode_slots(
+                encode, tokens, ids, valid, jnp.asarray(text_vocab), shards=shards,
+                k=text_budgets[0], kf=text_budgets[1])
+        else:
+            emb = encode_deduplicated(encode, tokens,
+                                      float(loss_cfg.get("text_dedup_frac", 0.0) or 0.0))
         start = 0
         for (_, name), n in zip(fields, sizes, strict=True):
             out[name] = emb[:, start:start + n]
@@ -260,18 +331,27 @@ def frozen_regexes(config: mlc.ConfigDict) -> tuple[str, ...]:
 
 
 def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh,
-                 seg_vocab: dict | None = None):
+                 seg_vocab: dict | None = None, text_vocab: np.ndarray | None = None):
     """``loss_fn(params, batch) -> (total, metrics)``; ``seg_vocab`` (:func:`train_vocabulary`)
-    is required by segmentation-head configs and unused otherwise."""
+    is required by segmentation-head configs and unused otherwise; ``text_vocab`` ``[V, Le]``
+    int32: the tokens of the data set's text vocabulary (:func:`model_outputs`)."""
     if seg_enabled(config):
         if seg_vocab is None:
             raise ValueError("a segmentation-head config needs its training vocabulary: pass "
                              "seg_vocab=train_vocabulary(config, categories)")
         return make_seg_loss_fn(model, config, seg_vocab)
+    shards = sharding.batch_size_divisor(mesh)
+    if text_vocab is not None and not text_ids_enabled(config.loss):
+        text_vocab = None
 
-    def loss_fn(params, batch):
-        outputs = model_outputs(model, effective_params(params, config), batch, config.loss)
-        return umg_losses.umg_loss(outputs, batch, config.loss, mesh)
+    def loss_fn(params, batch, budgets: tuple[int, int] | None = None):
+        """``budgets``: static ``(K, Kf)`` of the id path (default: as configured)."""
+        if text_vocab is not None and budgets is None:
+            budgets = text_budgets(config, len(text_vocab), shards)
+        outputs = model_outputs(model, effective_params(params, config), batch, config.loss,
+                                text_vocab, shards, budgets)
+        total, metrics = umg_losses.umg_loss(outputs, batch, config.loss, mesh)
+        return total, {**metrics, **outputs.get("text_stats", {})}
 
     return loss_fn
 
@@ -360,23 +440,25 @@ def state_shardings(abstract: TrainState, mesh: Mesh, rules=None) -> TrainState:
 
 def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: mlc.ConfigDict,
                     mesh: Mesh, state_sharding: TrainState, batch_shapes: dict,
-                    seg_vocab: dict | None = None):
+                    seg_vocab: dict | None = None, text_vocab: np.ndarray | None = None):
     """Jitted ``train_step(state, batch) -> (state, metrics)`` with the state donated.
-    ``seg_vocab``: the head's :func:`train_vocabulary` (segmentation-head configs only).
+    ``seg_vocab``: the head's :func:`train_vocabulary` (segmentation-head configs only);
+    ``text_vocab``: ``[V, Le] int32`` tokens of the data set's text vocabulary
+    (``data.pipeline.text_vocab_tokens``), for :func:`model_outputs`.
 
     A non-finite loss or gradient norm skips the update (params and optimizer state unchanged),
     increments ``nonfinite`` (reset to 0 by the next good step) and ``skipped``; the host loop
     stops the run after ``config.train.max_nonfinite`` consecutive skips.
     """
-    loss_fn = make_loss_fn(model, config, mesh, seg_vocab)
+    loss_fn = make_loss_fn(model, config, mesh, seg_vocab, text_vocab)
     cap = config.model.logit_scale_max
 
-    def step_fn(state: TrainState, batch: dict):
+    def step_fn(state: TrainState, batch: dict, text_budgets: tuple[int, int] | None = None):
         # The abstract mesh lets the model pin its activations to the batch axes
         # (sharding.constrain_batch); the shard_map losses name the mesh explicitly.
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params,
-                                                                               batch)
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, batch, **({"budgets": text_budgets} if text_budgets else {}))
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -396,9 +478,11 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: 
         return new_state, metrics
 
     batch_sharding = {k: NamedSharding(mesh, P(sharding.BATCH_AXES)) for k in batch_shapes}
+    # ``text_budgets`` (static): a batch whose texts need larger budgets than configured gets
+    # its own compile (step.text_budgets); seg-head loss functions take no budgets.
     return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, NamedSharding(mesh, P())),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), static_argnums=(2,))
 
 
 def clamp_logit_scales(params, cap: float):

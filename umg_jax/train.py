@@ -169,8 +169,20 @@ def train(config: mlc.ConfigDict, workdir: storage.PathLike) -> dict:
                                         freeze=step_lib.frozen_regexes(config))
     abstract = step_lib.abstract_state(config, tx)
     state_sh = step_lib.state_shardings(abstract, mesh)
+    text_vocab = None
+    if step_lib.text_ids_enabled(config.loss) and not step_lib.seg_enabled(config):
+        # Tag prompts of the data set's vocabulary travel as ids; the step encodes each
+        # distinct one once (models/text_slots.py).
+        names = pipeline.text_vocabulary(pipeline.ensure_data(config.data, "train"))
+        text_vocab = pipeline.text_vocab_tokens(config.data, config.model, names)
+        logging.info("text vocabulary: %d texts", len(names))
     train_step = step_lib.make_train_step(model, tx, config, mesh, state_sh, batch_shapes,
-                                          seg_vocab)
+                                          seg_vocab, text_vocab)
+    shards = sharding.batch_size_divisor(mesh)
+    local_shards = max(1, shards // nproc)
+    configured = (step_lib.text_budgets(config, len(text_vocab), shards)
+                  if text_vocab is not None else None)
+    text_warned = False
 
     # ---------------------------------------------------------------- state: resume / import / init
     abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -234,17 +246,40 @@ def train(config: mlc.ConfigDict, workdir: storage.PathLike) -> dict:
             for step in range(start + 1, config.total_steps + 1):
                 with progress.timer("data"):
                     local = next(data_iter)
+                    # One agreement over hosts per step: trimmed lengths and text needs.
+                    own = step_lib.text_lengths(local) if trim else ()
+                    if text_vocab is not None:
+                        own += step_lib.text_needs(local, config.loss, len(text_vocab),
+                                                   local_shards)
+                    agreed = _agree_max(own) if own else ()
+                    budgets = None
                     if trim:  # exact: only columns that are padding in the global batch
-                        lengths = _agree_max(step_lib.text_lengths(local))
+                        lengths = agreed[:2]
                         local = step_lib.trim_text(local, lengths)
+                    if text_vocab is not None:
+                        needs = agreed[2:] if trim else agreed
+                        budgets = step_lib.text_budgets(config, len(text_vocab), shards, needs)
+                        if budgets != configured and not text_warned and is_main:
+                            text_warned = True  # once: such steps are slower, never wrong
+                            print(f"step {step}: the batch holds {sum(needs[1:])} distinct "
+                                  f"vocabulary texts and {needs[0]} free-form texts on one "
+                                  f"shard, over the budgets {configured} "
+                                  "(loss.text_vocab_budget, loss.free_text_frac): such batches "
+                                  f"run with budgets {budgets} (another compile)", flush=True)
                     batch = sharding.put_batch(local, mesh)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, batch, budgets)
                 if step == start + 1:
                     jax.block_until_ready(metrics)  # compile time stays out of the rates
                     progress.reset(step)
                 log_now = step % config.log.every_steps == 0 or step == config.total_steps
                 if step % sync_every == 0 or log_now or stop.received is not None:
                     metrics = jax.device_get(metrics)
+                    if int(metrics.get("text/overflow", 0)):
+                        ckpt.wait()
+                        raise TrainingError(
+                            f"step {step}: a batch's texts overflowed the step's text budgets "
+                            "although the host sized them (a bug; the update was skipped). "
+                            "Set loss.free_text_frac=1.0 to encode every slot.")
                     if int(metrics["nonfinite"]) >= config.train.max_nonfinite:
                         ckpt.wait()
                         raise TrainingError(
@@ -259,7 +294,8 @@ def train(config: mlc.ConfigDict, workdir: storage.PathLike) -> dict:
                         scalars.update(progress.last)
                         if peak:
                             scalars["mfu"] = metrics_lib.mfu(
-                                step_lib.step_flops(config, lengths),
+                                step_lib.step_flops(config, lengths, None if budgets is None
+                                                    else budgets[0] + shards * budgets[1]),
                                 1.0 / max(progress.last["steps_per_sec"], 1e-9), peak)
                         dropped = pipeline.drop_counts(data_iter)
                         scalars["dropped_records"] = float(sum(dropped.values()))
@@ -403,6 +439,9 @@ def _make_evaluators(config) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _SHOW_CONFIG.value and _CONFIG.value is not None:

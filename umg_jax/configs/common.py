@@ -125,6 +125,7 @@ def data_config() -> mlc.ConfigDict:
     # 8, 12, 16, 24, 32, 48, ...: a handful of compiled shapes): exact for the causal CLIP tower.
     d.trim_text = True
     d.max_tags = 4  # T: image tags per example (padded)
+    d.text_vocab_size = 0  # dry run only: size of the text vocabulary the data would carry
     d.max_regions = 8  # R: regions per example (padded)
     d.max_masks = 8  # M: masks per example (padded)
     d.min_region_frac = 0.02  # train: drop regions whose box covers less of the final image
@@ -164,6 +165,12 @@ def loss_config() -> mlc.ConfigDict:
     # them (0 = off); a batch with more distinct texts falls back to encoding all (exact either
     # way, step.encode_deduplicated). Pays off when texts repeat (tag prompts, small vocabularies).
     lo.text_dedup_frac = 0.0
+    # Tag prompts of the data set's vocabulary (meta.json text_vocab) travel as ids; with a budget
+    # for free-form texts below 1, the step encodes each distinct vocabulary text once and each
+    # batch shard packs its free-form texts (models/text_slots.py; exact, no global sort; a batch
+    # over a budget encodes every slot and is reported once).
+    lo.free_text_frac = 1.0  # free-form element texts per batch shard / its slots (1.0 = off)
+    lo.text_vocab_budget = 0  # distinct vocabulary texts encoded per step (0 = whole vocabulary)
     lo.roi_size = 2  # RoIAlign output bins per side (averaged to one embedding)
     lo.roi_sampling_ratio = 2  # bilinear samples per bin per side
     return lo

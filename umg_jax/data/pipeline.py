@@ -240,7 +240,8 @@ def make_dataset(
     path = path or ensure_data(data_cfg, "train" if train else "eval")
     seed = (int(seed) + int(data_cfg.get("shuffle_seed", 0))) % 2**32
 
-    cfg = transforms.TransformConfig.from_configs(data_cfg, model_cfg, train=train)
+    cfg = transforms.TransformConfig.from_configs(data_cfg, model_cfg, train=train,
+                                                  text_vocab=text_vocabulary(path))
     source = records.RecordSource(records.shard_paths(path))
     if len(source) < process_count:
         raise ValueError(f"{path} has {len(source)} records, fewer than {process_count} processes")
@@ -272,6 +273,30 @@ def make_dataset(
         )
     it = _DropBadIterDataset(it)
     return it.batch(batch_size, drop_remainder=True)
+
+
+def text_vocabulary(path: str) -> list[str]:
+    """The tag names of the data set in ``path`` whose prompts travel as ids: ``meta.json``'s
+    ``text_vocab``, else its category names; duplicates dropped (first kept)."""
+    from umg_jax.data import records
+
+    meta = records.read_meta(path)
+    names = meta.get("text_vocab") or [c["name"] for c in meta.get("categories") or []]
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{path}/meta.json: text_vocab / category names must be non-empty "
+                         "strings")
+    return list(dict.fromkeys(names))
+
+
+def text_vocab_tokens(data_cfg, model_cfg, names: list[str]) -> np.ndarray:
+    """``int32 [V, Le]``: the tokens of each vocabulary id's text (its name in the prompt
+    template), exactly as the examples tokenise it; the train step encodes these rows."""
+    cfg = transforms.TransformConfig.from_configs(data_cfg, model_cfg, train=False,
+                                                  text_vocab=names)
+    if not names:
+        return np.zeros((0, cfg.element_length), np.int32)
+    tokens = transforms.ExampleTransform(cfg).tokenize(cfg.vocab_texts(), cfg.element_length)
+    return np.asarray(tokens, np.int32)
 
 
 def make_iterator(data_cfg, model_cfg, **kwargs) -> grain.DatasetIterator:

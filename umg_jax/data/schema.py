@@ -26,7 +26,10 @@ Every module that produces or consumes data speaks these three forms; nothing el
     confidence  float  1.0 for human / procedural labels; a pseudo-labeller's score otherwise
 
    Data-set metadata lives beside the shards in ``meta.json``:
-   ``{"name", "categories": [{"id": int, "name": str, "isthing": bool}], "num_examples", ...}``.
+   ``{"name", "categories": [{"id": int, "name": str, "isthing": bool}], "num_examples", ...}``,
+   optionally ``"text_vocab": [str]``: the tag names the data set draws from (a tagger's tag
+   list; default: the category names). A tag prompt of a vocabulary name travels as an id
+   (``*_id`` below), so the train step encodes each distinct vocabulary text once, not per slot.
 
 2. Decoded example (after decode + augmentation, per example, numpy, static shapes)
 ------------------------------------------------------------------------------------
@@ -43,12 +46,17 @@ Every module that produces or consumes data speaks these three forms; nothing el
     text_valid     [B]             bool     False when the example has no caption
     tags           [B, T, Le]      int32    image tags, each tokenised as a prompt
     tags_valid     [B, T]          bool
+    tags_id        [B, T]          int32    index of the tag in the data set's text vocabulary,
+                                            -1 = not in it, or an empty slot (see below)
     region_boxes   [B, R, 4]       float32  normalised (x0, y0, x1, y1) in [0, 1] of the final image
     region_text    [B, R, Le]      int32    region caption, else a prompt from its tags
     region_valid   [B, R]          bool
+    region_text_id [B, R]          int32    vocabulary index of a region text that is a tag
+                                            prompt, -1 = a free-form phrase or an empty slot
     mask_area      [B, M, gh, gw]  float32  fraction of each feature cell covered by the mask
     mask_text      [B, M, Le]      int32    mask caption, else a prompt from its tags
     mask_valid     [B, M]          bool
+    mask_text_id   [B, M]          int32    as region_text_id, for mask texts
     pixel_target   [B, gh, gw]     int32    index into the image's masks of the dominant segment in
                                             each cell, -1 = unlabeled / ignore
    Evaluation fields (always present, cheap; used by evaluators, ignored by the losses):
@@ -81,12 +89,15 @@ BATCH_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
     "text_valid": (("B",), np.bool_),
     "tags": (("B", "T", "Le"), np.int32),
     "tags_valid": (("B", "T"), np.bool_),
+    "tags_id": (("B", "T"), np.int32),
     "region_boxes": (("B", "R", "4"), np.float32),
     "region_text": (("B", "R", "Le"), np.int32),
     "region_valid": (("B", "R"), np.bool_),
+    "region_text_id": (("B", "R"), np.int32),
     "mask_area": (("B", "M", "gh", "gw"), np.float32),
     "mask_text": (("B", "M", "Le"), np.int32),
     "mask_valid": (("B", "M"), np.bool_),
+    "mask_text_id": (("B", "M"), np.int32),
     "pixel_target": (("B", "gh", "gw"), np.int32),
     "region_class": (("B", "R"), np.int32),
     "mask_class": (("B", "M"), np.int32),

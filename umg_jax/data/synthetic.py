@@ -31,7 +31,7 @@ import numpy as np
 
 from umg_jax.data import records
 
-VERSION = 1  # bump when the rendering changes (invalidates cached data sets)
+VERSION = 2  # bump when the rendering or meta.json changes (invalidates cached data sets)
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 STUFF = ("sky", "wall", "grass", "water", "sand")
@@ -230,7 +230,9 @@ def generate(num: int, *, split: str = "train", seed: int = 0, start: int = 0,
 
 def meta(split: str, seed: int, image_size: int) -> dict[str, Any]:
     return {"name": f"synthetic-{split}", "categories": CATEGORIES, "generator_version": VERSION,
-            "seed": seed, "image_size": image_size}
+            "seed": seed, "image_size": image_size,
+            # every tag the world draws: shapes, stuff and colours (tag prompts travel as ids)
+            "text_vocab": [*SHAPES, *STUFF, *COLOURS]}
 
 
 def write_synthetic(out_dir: str, num: int, *, split: str = "train", seed: int = 0,

@@ -32,6 +32,7 @@ left out because no loss or evaluator can use it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any
@@ -96,6 +97,7 @@ class TransformConfig:
     strict: bool = False  # raise at the first bad input of any kind
     tokenizer: str = "clip"  # "clip" BPE or a SentencePiece .model (tokenizer.tokenizer_for)
     pad_id: int = 0  # token padding id
+    text_vocab: tuple[str, ...] = ()  # tag names whose prompts travel as ids (meta text_vocab)
 
     @property
     def element_length(self) -> int:
@@ -110,8 +112,10 @@ class TransformConfig:
             raise ValueError(f"prompt_template {self.prompt_template!r} has no '{{}}'")
 
     @classmethod
-    def from_configs(cls, data_cfg, model_cfg, *, train: bool) -> TransformConfig:
-        """From ``config.data`` and ``config.model`` (configs/common.py)."""
+    def from_configs(cls, data_cfg, model_cfg, *, train: bool,
+                     text_vocab: tuple[str, ...] | list[str] = ()) -> TransformConfig:
+        """From ``config.data`` and ``config.model`` (configs/common.py); ``text_vocab``: the
+        data set's (:func:`umg_jax.data.pipeline.text_vocabulary`)."""
         return cls(
             image_size=int(model_cfg.vision.image_size),
             patch_size=int(model_cfg.vision.patch_size),
@@ -133,7 +137,12 @@ class TransformConfig:
             std=tuple(float(x) for x in model_cfg.vision.get("pixel_std", CLIP_STD)),
             tokenizer=str(model_cfg.text.get("tokenizer", "clip")),
             pad_id=int(model_cfg.text.get("pad_id", 0)),
+            text_vocab=tuple(text_vocab),
         )
+
+    def vocab_texts(self) -> list[str]:
+        """The text of each vocabulary id: its name in the prompt template."""
+        return [self.prompt_template.format(n) for n in self.text_vocab]
 
 
 # ----------------------------------------------------------------------------------- decode ---
@@ -473,9 +482,17 @@ def pixel_target(segmap: np.ndarray, num_masks: int, patch: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ example ---
 
 
-def _prompt(tags: list[str], template: str, rng: np.random.Generator | None) -> str:
-    tag = tags[0] if rng is None or len(tags) == 1 else tags[int(rng.integers(len(tags)))]
-    return template.format(tag)
+def _pick_tag(tags: list[str], rng: np.random.Generator | None) -> str:
+    return tags[0] if rng is None or len(tags) == 1 else tags[int(rng.integers(len(tags)))]
+
+
+@functools.lru_cache(maxsize=8)
+def _vocab_index(vocab: tuple[str, ...]) -> dict[str, int]:
+    return {name: i for i, name in enumerate(vocab)}
+
+
+def _unzip(pairs: list[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    return [t for t, _ in pairs], [i for _, i in pairs]
 
 
 def example_keys() -> tuple[str, ...]:
@@ -537,15 +554,23 @@ def make_example(
         tags = [tags[i] for i in np.sort(rng.permutation(len(tags))[: cfg.max_tags])] if train \
             else tags[: cfg.max_tags]
     tag_texts = [cfg.prompt_template.format(t) for t in tags]
-    def element_text(caption: str | None, tags: list[str]) -> str:
+    vocab = _vocab_index(cfg.text_vocab)
+    tag_ids = [vocab.get(t, -1) for t in tags]
+
+    def element_text(caption: str | None, tags: list[str]) -> tuple[str, int]:
         # UMG-CLIP aligns regions / masks with both their captions and their tags: in training
         # either may be drawn, so that both phrase- and category-style queries work at test time.
         use_tag = caption is None or (
             trng is not None and tags and trng.random() < cfg.tag_text_prob)
-        return _prompt(tags, cfg.prompt_template, trng) if use_tag else caption
+        if not use_tag:
+            return caption, -1
+        tag = _pick_tag(tags, trng)
+        return cfg.prompt_template.format(tag), vocab.get(tag, -1)
 
-    region_texts = [element_text(d["region_text"][i], d["region_tags"][i]) for i in ridx]
-    mask_texts = [element_text(d["mask_text"][i], d["mask_tags"][i]) for i in midx]
+    region_texts, region_ids = _unzip([element_text(d["region_text"][i], d["region_tags"][i])
+                                       for i in ridx])
+    mask_texts, mask_ids = _unzip([element_text(d["mask_text"][i], d["mask_tags"][i])
+                                   for i in midx])
     # The caption at the full context L; tags / region / mask texts (short phrases) at Le <= L.
     # The text tower is causal, so a text that fits in Le embeds exactly as it would at L.
     L, Le = cfg.context_length, cfg.element_length
@@ -561,6 +586,11 @@ def make_example(
     def padded(rows: np.ndarray, n: int) -> np.ndarray:
         out = np.broadcast_to(empty, (n, Le)).copy()
         out[: len(rows)] = rows
+        return out
+
+    def padded_ids(ids: list[int], n: int) -> np.ndarray:
+        out = np.full((n,), -1, np.int32)
+        out[: len(ids)] = ids
         return out
 
     T, R, M = cfg.max_tags, cfg.max_regions, cfg.max_masks
@@ -585,12 +615,15 @@ def make_example(
         "text_valid": np.bool_(caption is not None),
         "tags": padded(tokens[:nt], T),
         "tags_valid": np.arange(T) < nt,
+        "tags_id": padded_ids(tag_ids, T),
         "region_boxes": region_boxes,
         "region_text": padded(tokens[nt : nt + nr], R),
         "region_valid": np.arange(R) < nr,
+        "region_text_id": padded_ids(region_ids, R),
         "mask_area": mask_area,
         "mask_text": padded(tokens[nt + nr : nt + nr + nm], M),
         "mask_valid": np.arange(M) < nm,
+        "mask_text_id": padded_ids(mask_ids, M),
         "pixel_target": pixel_target(segmap, nm, p),
         "region_class": region_class,
         "mask_class": mask_class,
