@@ -3,9 +3,8 @@
 - 8 fake CPU devices, so that mesh / shard_map code runs on the CPU (set before jax is imported);
   the local backend pinned to the CPU although libtpu is installed (TPU-compiler tests).
 - absl flags marked parsed (Grain workers read absl flags; pytest never calls absl.app.run).
-- The torchvision op-schema shim: PyPI's torchvision 0.28 beside the local CPU torch 2.13 fails at
-  import with "operator torchvision::nms does not exist"; defining the two schemas first fixes it.
-  Applied lazily, only if torch is importable, so the JAX-only tests never import torch.
+- ``torch_peers()`` / the ``torch_mod`` fixture: torch with this environment's torchvision shim
+  (``tests/torch_shim.py``), applied lazily, so the JAX-only tests never import torch.
 """
 
 import os
@@ -30,13 +29,11 @@ if not flags.FLAGS.is_parsed():
 
 
 def torch_peers():
-    """Imports torch with the torchvision shim applied once; returns the torch module.
-
-    Skips the calling test when torch is not installed. The shim is the annotation families'
-    (one place: ``umg_jax/labeling/annotate/families/hf.py``).
-    """
+    """Imports torch with this environment's torchvision shim applied once
+    (``tests/torch_shim.py``); returns the torch module. Skips the calling test when torch is not
+    installed."""
     pytest.importorskip("torch")
-    from umg_jax.labeling.annotate.families.hf import import_torch
+    from torch_shim import import_torch
 
     return import_torch()
 

@@ -387,7 +387,7 @@ def test_recipe_errors(tmp_path, recipe, msg):
     assert msg in str(e.value)
 
 
-def test_cli_bad_input(tmp_path, capsys):
+def test_cli_bad_input(tmp_path, capsys, torch_mod):  # owlv2 imports transformers
     src = _images(tmp_path / "img", n=1, corrupt=False)
 
     def err(*argv):

@@ -11,10 +11,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from umg_jax.labeling.annotate.backend import AnnotateError, backend_class  # noqa: E402
-from umg_jax.labeling.annotate.families import blip2, florence2, hf  # noqa: E402
+from conftest import torch_peers  # noqa: E402
 
-torch = hf.import_torch()  # before transformers: the torchvision fix
+from umg_jax.labeling.annotate.backend import AnnotateError, backend_class  # noqa: E402
+from umg_jax.labeling.annotate.families import blip2, florence2  # noqa: E402
+
+torch = torch_peers()  # before transformers: this environment's torchvision fix
 from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
     Blip2ForConditionalGeneration,

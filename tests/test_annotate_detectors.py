@@ -12,15 +12,15 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from umg_jax.labeling.annotate.backend import AnnotateError, backend_class  # noqa: E402
-from umg_jax.labeling.annotate.families import clip_tagger, grounding_dino, hf, owlv2  # noqa: E402
+from umg_jax.labeling.annotate.families import clip_tagger, grounding_dino, owlv2  # noqa: E402
 
 SIZES = [(40, 56), (64, 64), (30, 90)]
 QUERIES = [["cat", "dog"], [], ["car", "red tree", "person"]]
 
 
 @pytest.fixture(scope="module")
-def torch():
-    return hf.import_torch()
+def torch(torch_mod):
+    return torch_mod
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, torch_mod):
     """One tiny model directory per family, written once for the module."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}

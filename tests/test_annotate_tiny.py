@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
+def teachers(tmp_path_factory, torch_mod):
     d = tmp_path_factory.mktemp("tiny")
     assert cli.main(["--write_tiny_teachers", str(d / "teachers")]) == 0
     write_synthetic(str(d / "images"), 5, split="eval", num_shards=1, image_size=64)

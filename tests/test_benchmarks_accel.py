@@ -5,19 +5,16 @@ compiled."""
 
 import json
 import pathlib
-import sys
 from types import SimpleNamespace
 
+import accelerator_check as ac  # benchmarks/ is on sys.path ([tool.pytest.ini_options])
+import pod_recipes
 import pytest
+import vit_l_smoke
+
+from umg_jax import config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import accelerator_check as ac  # noqa: E402
-import pod_recipes  # noqa: E402
-import vit_l_smoke  # noqa: E402
-
-from umg_jax import config_lib  # noqa: E402
 
 
 def test_parse_models():
@@ -276,12 +273,11 @@ def test_gpu_recipes_table(tmp_path, monkeypatch):
 def test_gpu_slice_arguments_follow_the_recipes(config):
     """``configs/<config>.py:h100-8`` caps the batch at the per-GPU maximum the GPU recipes
     measured (the smaller of one and two hosts) times the GPUs."""
-    sys.path.insert(0, str(ROOT / "configs"))
     import importlib
 
-    import common
+    from umg_jax.configs import common
 
-    mod = importlib.import_module(config)
+    mod = importlib.import_module(f"umg_jax.configs.{config}")
     for card in ("h100", "h200"):
         cells = [json.loads(pod_recipes.cell_path(config, f"{card}:1x{h}x8").read_text())
                  for h in (1, 2)]

@@ -4,7 +4,6 @@ every bad-input kind reported, the output read back by the Grain pipeline."""
 
 import io
 import json
-import pathlib
 import tarfile
 
 import numpy as np
@@ -126,11 +125,9 @@ def test_coco_panoptic_segments_and_pipeline(coco, tmp_path):
     report = json.loads((out / "build_report.json").read_text())
     assert report["dropped_by_kind"]["size_mismatch"] == 1
     # the pipeline reads the built data set
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
-    import common
     import ml_collections as mlc
+
+    from umg_jax.configs import common
 
     d = common.data_config()
     m = mlc.ConfigDict({"vision": {"image_size": 32, "patch_size": 8},

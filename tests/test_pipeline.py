@@ -22,11 +22,7 @@ def _model_cfg():
 
 
 def _data_cfg(**kw):
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "configs"))
-    import common
+    from umg_jax.configs import common
 
     d = common.data_config()
     d.max_tags, d.max_regions, d.max_masks = 2, 3, 3

@@ -100,6 +100,9 @@ def render(image: np.ndarray, labels: list[str], result: dict, path: str) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     ap = argparse.ArgumentParser(prog="python -m umg_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True,
                     help="training workdir or import directory (umg_jax.load)")

@@ -203,6 +203,9 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
 
 
 def main(argv: list[str] | None = None) -> int:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     import argparse
 
     from umg_jax import config_lib, storage

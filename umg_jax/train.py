@@ -14,7 +14,6 @@ import or resume) -> compile -> loop (metrics, checkpoints, evals).
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import os
@@ -37,6 +36,7 @@ from umg_jax import config_checks, config_lib, optim, sharding, storage
 from umg_jax import metrics as metrics_lib
 from umg_jax import step as step_lib
 from umg_jax.data import pipeline, records, schema
+from umg_jax.host_platforms import tpu_chips_attached
 from umg_jax.models import clip
 
 
@@ -61,21 +61,6 @@ def _define_flags() -> None:
 
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message is the one line the user sees."""
-
-
-GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips on a TPU VM's PCI bus
-
-
-def tpu_chips_attached(pci_root: str = "/sys/bus/pci/devices") -> bool:
-    """Whether this host has Cloud TPU chips (a TPU VM): a PCI device of Google's vendor id.
-    A TPU VM sets no environment variable that says so; every host of a slice has its chips."""
-    for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
-        try:
-            if pathlib.Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR:
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _maybe_init_distributed() -> None:

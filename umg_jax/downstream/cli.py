@@ -258,6 +258,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     from umg_jax.inference import InputError
 
     args = _parser().parse_args(argv)

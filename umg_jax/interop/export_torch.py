@@ -628,6 +628,9 @@ def read_seg_head(ckpt, config: mlc.ConfigDict, workdir) -> SegHead:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     ap = argparse.ArgumentParser(
         prog="python -m umg_jax.interop.export_torch",
         description="Export umg-jax params to open_clip or Hugging Face CLIPModel.")

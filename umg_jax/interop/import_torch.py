@@ -455,6 +455,9 @@ def load_model_config(path: str) -> mlc.ConfigDict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     ap = argparse.ArgumentParser(
         prog="python -m umg_jax.interop.import_torch",
         description="Import a PyTorch CLIP (OpenAI / open_clip / HF) or a big_vision SigLIP "

@@ -496,6 +496,9 @@ def _label_chunk(chunk, scorer, vocab, args, counts) -> Iterator[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     ap = argparse.ArgumentParser(prog="python -m umg_jax.labeling.pseudo_label",
                                  description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,

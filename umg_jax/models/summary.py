@@ -51,6 +51,9 @@ def format_table(rows: list[tuple[str, int, int]]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    from umg_jax import host_platforms
+
+    host_platforms.pin()  # the platforms this host has, before JAX's backends start
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     config = _CONFIG.value

@@ -1,44 +1,20 @@
-"""What every Hugging Face family shares: importing torch (with this environment's torchvision
-fix), choosing the device, and refusing a model directory of the wrong architecture before any
-weight is read."""
+"""What every Hugging Face family shares: importing torch, choosing the device, and refusing a
+model directory of the wrong architecture before any weight is read."""
 
 from __future__ import annotations
 
 import json
 import pathlib
-import sys
 from typing import Any
 
 from umg_jax.labeling.annotate.backend import AnnotateError
 
-_SHIM: list[Any] = []
-
 
 def import_torch():
-    """``torch`` with ``transformers`` importable.
-
-    PyPI's torchvision wheels beside a local CPU torch build fail at import with ``operator
-    torchvision::nms does not exist`` (their compiled ops need the CUDA torch). transformers
-    imports torchvision for its image processors; defining the two op schemas lets it import
-    (only torchvision's compiled ops stay unavailable, and no backend here uses them)."""
+    """``torch``, imported on first use (the core package imports without it); the families'
+    one entry point to it."""
     import torch
 
-    if not _SHIM and "torchvision" not in sys.modules:
-        try:
-            import torchvision  # noqa: F401
-        except RuntimeError as e:
-            if "torchvision::nms does not exist" not in str(e):
-                raise
-            for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-                del sys.modules[name]
-            lib = torch.library.Library("torchvision", "DEF")
-            for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-                           "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
-                lib.define(schema)
-            _SHIM.append(lib)  # the library object must stay alive
-            import torchvision  # noqa: F401
-        except ImportError:
-            pass  # no torchvision: transformers works without it
     return torch
 
 
