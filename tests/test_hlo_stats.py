@@ -278,3 +278,27 @@ def test_cudnn_convolutions_equal_the_cpu_count(gpu_mesh, cpu_mesh):
         "__cudnn$convBackwardFilter": 1}
     fwd = 2 * (2 * 16 * 16 * 32) * (3 * 3 * 16)  # 2 local images, 16x16 outputs
     assert g["flops"] == cpu["flops"] == 3 * fwd
+
+
+def test_breakdown_by_named_scope_adds_up_and_weights_loops(cpu_mesh):
+    """Each op goes to the first named scope in its metadata; the parts add up to the program's
+    totals; a scanned part counts every iteration (hand count: 2 * 64^3 per matmul)."""
+    def f(x, w, ws):
+        with jax.named_scope("image_tower"):
+            x = x @ w
+        with jax.named_scope("element_text"):
+            x = jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, ws)[0]
+        return x
+
+    c = _compile(f, cpu_mesh, ((64, 64), P()), ((64, 64), P()), ((3, 64, 64), P()))
+    text = c.as_text()
+    b = hlo_stats.breakdown(text, ("image_tower", "element_text", "loss"))
+    totals = hlo_stats.program_costs(text)
+    parts = b["parts"]
+    assert parts["image_tower"]["flops"] == 2 * 64 ** 3
+    assert parts["element_text"]["flops"] == 3 * 2 * 64 ** 3
+    assert parts["loss"]["flops"] == parts["loss"]["bytes"] == 0
+    assert sum(p["flops"] for p in parts.values()) == totals["flops"]
+    assert sum(p["bytes"] for p in parts.values()) == pytest.approx(totals["bytes_accessed"])
+    assert b["top_flops"][0]["part"] == "element_text"
+    assert sorted(r["flops"] for r in b["top_flops"])[::-1] == [r["flops"] for r in b["top_flops"]]

@@ -71,6 +71,7 @@ GiB = 1024 ** 3
 # other tools) never clashes with another module's absl flags of the same name.
 def _define_flags() -> None:
     global _CONFIG, _TOPOLOGY, _DEVICES, _TARGET, _SWEEP, _JSON, _MAX_BATCH, _CLIP, _HLO_DIR
+    global _BREAKDOWN
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_l.py.",
                                               lock_config=True)
     _TOPOLOGY = flags.DEFINE_string(
@@ -96,6 +97,10 @@ def _define_flags() -> None:
     _MAX_BATCH = flags.DEFINE_bool(
         "max_batch", False, "Search the largest global batch that fits (a few compiles: two "
         "probes fit a line to memory vs batch, then the prediction is checked).")
+    _BREAKDOWN = flags.DEFINE_bool(
+        "breakdown", False, "Also group each row's compiled FLOPs and HBM bytes by model part "
+        "(image tower, caption text, element text, loss, optimizer, other: from the ops' "
+        "metadata) and list the top fusions by bytes and by FLOPs.")
     _CLIP = flags.DEFINE_bool(
         "clip_baseline", False, "Also compile the CLIP-only step (image <-> caption loss) of each "
         "row and report the UMG / CLIP ratio of compiled FLOPs (doubles the compile time).")
@@ -237,7 +242,7 @@ def oom_row(config, chip, e: CompileOOM) -> dict:
 
 
 def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False,
-            hlo_path: str | None = None) -> dict:
+            hlo_path: str | None = None, breakdown: bool = False) -> dict:
     """Compiles the train step of ``config`` for ``devices`` and measures it against ``chip``.
 
     ``compiler``: ``"tpu"`` (libtpu, abstract TPU devices), ``"gpu"`` (XLA:GPU, abstract GPU
@@ -264,6 +269,7 @@ def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False
     if hlo_path:
         write_hlo(hlo_path, text)
     costs = hlo_stats.program_costs(text)
+    parts = hlo_stats.breakdown(text, step_lib.PARTS) if breakdown else None
     del text
     n = len(devices)
     code = int(getattr(mem, "generated_code_size_in_bytes", 0) or 0) if compiler == "tpu" else 0
@@ -308,6 +314,8 @@ def analyse(config, *, chip, devices, compiler: str, clip_baseline: bool = False
         "est_images_per_s": config.batch_size / roof["step_s"] if roof["step_s"] else 0.0,
         "est_mfu": analytic / n / roof["step_s"] / chip.peak_flops if roof["step_s"] else 0.0,
     }
+    if parts:
+        row["breakdown"] = parts
     del compiled
     jax.clear_caches()  # one compiled ViT-L step holds GBs of host memory; rows add up
     if clip_baseline:
@@ -531,10 +539,28 @@ def format_rows(rows: list[dict], where: str, compiler: str) -> str:
         if r.get("umg_over_clip_flops"):
             lines.append(f"{tag}   UMG / CLIP-only step, compiled FLOPs: "
                          f"{r['umg_over_clip_flops']:.2f}x")
+        if r.get("breakdown"):
+            lines += format_breakdown(r["breakdown"], tag)
         if r["compiled"]["unknown_trip_counts"]:
             lines.append(f"{tag}   {r['compiled']['unknown_trip_counts']} loop(s) with an "
                          "unreadable trip count were counted once")
     return "\n".join(lines)
+
+
+def format_breakdown(b: dict, tag: str, top: int = 5) -> list[str]:
+    """Lines of a row's ``--breakdown``: per model part, then the top fusions."""
+    lines = [f"{tag}   {'part':<14} {'TFLOP/dev':>9} {'GB acc':>8} {'bytes':>6} {'FLOP/B':>7}"]
+    for part, v in b["parts"].items():
+        if v["flops"] or v["bytes"]:
+            lines.append(f"{tag}   {part:<14} {v['flops'] / 1e12:>9.3f} {v['bytes'] / 1e9:>8.2f} "
+                         f"{100 * v['bytes_frac']:>5.1f}% "
+                         f"{v['flops'] / v['bytes'] if v['bytes'] else 0:>7.0f}")
+    for key, label in (("top_bytes", "by HBM bytes"), ("top_flops", "by FLOPs")):
+        lines.append(f"{tag}   top ops {label}:")
+        for r in b[key][:top]:
+            lines.append(f"{tag}     {r['bytes'] / 1e9:>7.2f} GB {r['flops'] / 1e12:>7.3f} TF "
+                         f"{r['part']:<13} {r['op']:<12} {r['op_name'][-70:]}")
+    return lines
 
 
 def write_hlo(path: str, text: str) -> None:
@@ -650,7 +676,8 @@ def main(argv: list[str]) -> None:
                 hlo = (os.path.join(_HLO_DIR.value, f"{name.replace('/', '_')}.hlo.txt")
                        if _HLO_DIR.value else None)
                 r = analyse(cfg, chip=chip, devices=devices, compiler=compiler,
-                            clip_baseline=_CLIP.value, hlo_path=hlo)
+                            clip_baseline=_CLIP.value, hlo_path=hlo,
+                            breakdown=_BREAKDOWN.value)
         except CompileOOM as e:  # does not fit (exit 1), with the compiler's own words
             r = {"error": f"does not fit: the compiler refused it ({e})"}
         except (config_checks.ConfigError, ValueError) as e:

@@ -435,17 +435,20 @@ def _traffic(kind: str, instr: Instr, types: dict[str, str]) -> int:
     return shape_bytes(instr.type) * (2 if kind == "all-reduce" else 1)
 
 
-def program_costs(hlo_text: str) -> dict:
+def program_costs(hlo_text: str, attribute=None) -> dict:
     """Per-device costs of one execution of the module (loops weighted by their trip counts).
 
     Returns ``{"flops": float, "bytes_accessed": float, "collective_bytes": {kind: bytes},
     "ici_traffic_bytes": float, "custom_calls": {target: count}, "unknown_trip_counts": int,
-    "while_loops": int}``.
+    "while_loops": int}``. ``attribute(instr, flops, bytes)``, when given, is called with each
+    instruction's own share (loop-weighted; a loop's body instructions each get theirs), so the
+    shares add up to the totals.
     """
     comps, entry = parse_module(hlo_text)
     types = {name: {i.name: i.type for i in instrs} for name, instrs in comps.items()}
     unknown = [0]
     loops = [0]
+    muted = [0]
 
     def flops_of(name: str, seen: tuple = ()) -> float:
         """FLOPs inside a fused computation (recursively through nested fusions)."""
@@ -493,6 +496,7 @@ def program_costs(hlo_text: str) -> dict:
             base = i.op[:-6] if i.op.endswith("-start") else i.op
             if i.op.endswith("-done"):
                 continue
+            before = (acc["flops"], acc["bytes"])
             if base in COLLECTIVES:
                 coll[base] += mult * shape_bytes(i.type)
                 acc["ici"] += mult * _traffic(base, i, t)
@@ -527,6 +531,8 @@ def program_costs(hlo_text: str) -> dict:
             elif i.op not in _FREE:
                 acc["bytes"] += mult * (shape_bytes(i.type, True)
                                         + sum(shape_bytes(t.get(o, ""), True) for o in i.operands))
+            if attribute is not None and not muted[0]:
+                attribute(i, acc["flops"] - before[0], acc["bytes"] - before[1])
             if i.op == "while":
                 loops[0] += 1
                 n = trip_count(i, comps)
@@ -548,6 +554,8 @@ def program_costs(hlo_text: str) -> dict:
                 if best:
                     acc["flops"] += mult * best["flops"]
                     acc["bytes"] += mult * best["bytes"]
+                    if attribute is not None and not muted[0]:
+                        attribute(i, mult * best["flops"], mult * best["bytes"])
                     acc["ici"] += mult * best["ici"]
                     for k, v in best["coll"].items():
                         coll[k] += mult * v
@@ -560,7 +568,9 @@ def program_costs(hlo_text: str) -> dict:
         saved = (acc.copy(), coll.copy())
         acc.clear()
         coll.clear()
+        muted[0] += 1  # a branch's instructions are attributed to its conditional, once
         visit(name, 1.0, 1)
+        muted[0] -= 1
         out = {"flops": acc["flops"], "bytes": acc["bytes"], "ici": acc["ici"],
                "coll": dict(coll)}
         acc.clear()
@@ -575,6 +585,38 @@ def program_costs(hlo_text: str) -> dict:
             "collective_bytes": {k: int(v) for k, v in coll.items()},
             "ici_traffic_bytes": float(acc["ici"]), "custom_calls": dict(custom),
             "unknown_trip_counts": unknown[0], "while_loops": loops[0]}
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def breakdown(hlo_text: str, parts: tuple[str, ...], top: int = 10) -> dict:
+    """Where a program's FLOPs and HBM bytes go, by model part: an instruction belongs to the
+    first of ``parts`` (``jax.named_scope`` names) in its ``op_name`` metadata, else to
+    ``"other"`` (copies and layout changes XLA adds, which carry no metadata). Returns
+    ``{"parts": {part: {"flops", "bytes", "bytes_frac"}}, "top_bytes": [...], "top_flops":
+    [...]}``; each top row: ``{"name", "op", "part", "flops", "bytes", "op_name"}`` (loop-weighted,
+    per device, one execution)."""
+    rows = []
+
+    def attribute(instr: Instr, flops: float, nbytes: float) -> None:
+        if flops or nbytes:
+            m = _OP_NAME.search(instr.attrs)
+            op_name = m.group(1) if m else ""
+            part = next((p for p in parts if p in op_name), "other")
+            rows.append({"name": instr.name, "op": instr.op, "part": part, "flops": flops,
+                         "bytes": nbytes, "op_name": op_name[:160]})
+
+    totals = program_costs(hlo_text, attribute)
+    out: dict[str, dict[str, float]] = {p: {"flops": 0.0, "bytes": 0.0} for p in (*parts, "other")}
+    for r in rows:
+        out[r["part"]]["flops"] += r["flops"]
+        out[r["part"]]["bytes"] += r["bytes"]
+    for v in out.values():
+        v["bytes_frac"] = v["bytes"] / totals["bytes_accessed"] if totals["bytes_accessed"] else 0
+    return {"parts": out,
+            "top_bytes": sorted(rows, key=lambda r: -r["bytes"])[:top],
+            "top_flops": sorted(rows, key=lambda r: -r["flops"])[:top]}
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:

@@ -172,6 +172,10 @@ def text_budgets(config: mlc.ConfigDict, vocab_size: int, shards: int,
     return text_slots.fit(sum(needs[1:]), needs[0], configured, vocab_size, slots, shards)
 
 
+# Model parts as ``jax.named_scope`` names in the step's ops (``hlo_stats.breakdown``).
+PARTS = ("image_tower", "caption_text", "element_text", "loss", "optimizer")
+
+
 def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDict,
                   text_vocab: jax.Array | None = None, shards: int = 1,
                   text_budgets: tuple[int, int] | None = None) -> dict:
@@ -185,31 +189,45 @@ def model_outputs(model: clip.CLIP, params, batch: dict, loss_cfg: mlc.ConfigDic
     ``region_txt [B, R, E]``, ``mask_txt [B, M, E]`` (those with a weight), ``scales``, ``biases``,
     and ``text_stats`` (``models.text_slots.encode_slots``'s) on the id path.
     """
-    from umg_jax.models import text_slots
-
     v = {"params": params}
-    out = dict(model.apply(v, batch["image"], method=clip.CLIP.encode_image))
-    out["txt"] = model.apply(v, batch["text"], method=clip.CLIP.encode_text)
+    # Named scopes label the compiled program's ops by model part (``dryrun --breakdown``).
+    with jax.named_scope(PARTS[0]):
+        out = dict(model.apply(v, batch["image"], method=clip.CLIP.encode_image))
+    with jax.named_scope(PARTS[1]):
+        out["txt"] = model.apply(v, batch["text"], method=clip.CLIP.encode_text)
     fields = [(f, o) for f, o in needed_text_fields(loss_cfg) if f != "text"]
     if fields:
-        toks = [batch[f] for f, _ in fields]  # each [B, n, Le]
-        sizes = [t.shape[1] for t in toks]
-        encode = lambda t: model.apply(v, t, method=clip.CLIP.encode_text)  # noqa: E731
-        tokens = jnp.concatenate(toks, axis=1)
-        if text_vocab is not None and text_budgets is not None:
-            ids = jnp.concatenate([batch[TEXT_IDS[f][0]] for f, _ in fields], axis=1)
-            valid = jnp.concatenate([batch[TEXT_IDS[f][1]] for f, _ in fields], axis=1)
-            emb, out["text_stats"] = text_slots.encode_slots(
-                encode, tokens, ids, valid, jnp.asarray(text_vocab), shards=shards,
-                k=text_budgets[0], kf=text_budgets[1])
-        else:
-            emb = encode_deduplicated(encode, tokens,
-                                      float(loss_cfg.get("text_dedup_frac", 0.0) or 0.0))
-        start = 0
-        for (_, name), n in zip(fields, sizes, strict=True):
-            out[name] = emb[:, start:start + n]
-            start += n
+        with jax.named_scope(PARTS[2]):
+            out.update(_element_outputs(model, v, batch, loss_cfg, fields, text_vocab, shards,
+                                        text_budgets))
     out.update(model.apply(v, method=clip.CLIP.temperatures))
+    return out
+
+
+def _element_outputs(model, v, batch, loss_cfg, fields, text_vocab, shards, text_budgets
+                     ) -> dict:
+    """``{output key: [B, n, E]}`` of the tag / region / mask ``fields`` of
+    :func:`model_outputs` (plus ``text_stats`` on the id path)."""
+    from umg_jax.models import text_slots
+
+    out = {}
+    toks = [batch[f] for f, _ in fields]  # each [B, n, Le]
+    sizes = [t.shape[1] for t in toks]
+    encode = lambda t: model.apply(v, t, method=clip.CLIP.encode_text)  # noqa: E731
+    tokens = jnp.concatenate(toks, axis=1)
+    if text_vocab is not None and text_budgets is not None:
+        ids = jnp.concatenate([batch[TEXT_IDS[f][0]] for f, _ in fields], axis=1)
+        valid = jnp.concatenate([batch[TEXT_IDS[f][1]] for f, _ in fields], axis=1)
+        emb, out["text_stats"] = text_slots.encode_slots(
+            encode, tokens, ids, valid, jnp.asarray(text_vocab), shards=shards,
+            k=text_budgets[0], kf=text_budgets[1])
+    else:
+        emb = encode_deduplicated(encode, tokens,
+                                  float(loss_cfg.get("text_dedup_frac", 0.0) or 0.0))
+    start = 0
+    for (_, name), n in zip(fields, sizes, strict=True):
+        out[name] = emb[:, start:start + n]
+        start += n
     return out
 
 
@@ -350,7 +368,8 @@ def make_loss_fn(model: clip.CLIP, config: mlc.ConfigDict, mesh: Mesh,
             budgets = text_budgets(config, len(text_vocab), shards)
         outputs = model_outputs(model, effective_params(params, config), batch, config.loss,
                                 text_vocab, shards, budgets)
-        total, metrics = umg_losses.umg_loss(outputs, batch, config.loss, mesh)
+        with jax.named_scope("loss"):
+            total, metrics = umg_losses.umg_loss(outputs, batch, config.loss, mesh)
         return total, {**metrics, **outputs.get("text_stats", {})}
 
     return loss_fn
@@ -461,18 +480,19 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, config: 
                 state.params, batch, **({"budgets": text_budgets} if text_budgets else {}))
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        # CLIP clamps the learned temperature to <= ln(100) after each step.
-        new_params = clamp_logit_scales(new_params, cap)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
-            nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
-            skipped=state.skipped + (~ok).astype(jnp.int32),
-        )
+        with jax.named_scope("optimizer"):
+            updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+            # CLIP clamps the learned temperature to <= ln(100) after each step.
+            new_params = clamp_logit_scales(new_params, cap)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            new_state = TrainState(
+                step=state.step + 1,
+                params=keep(new_params, state.params),
+                opt_state=keep(new_opt, state.opt_state),
+                nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
+                skipped=state.skipped + (~ok).astype(jnp.int32),
+            )
         metrics = dict(metrics, loss=loss, grad_norm=gnorm, skipped=new_state.skipped,
                        nonfinite=new_state.nonfinite)
         return new_state, metrics

@@ -48,7 +48,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.data = common.data_config()
     config.data.max_regions = 16  # UMG-41M has a handful of regions per image
     config.data.max_masks = 16
+    # The text profile of the dry run (README "Pods"): tags from a 4,585-tag list (RAM's, as
+    # UMG-41M's); free-form region / mask phrases fill at most free_text_frac of the element
+    # slots of a batch shard, the rest are tag prompts of that list or empty.
+    config.data.text_vocab_size = 4585  # dry run only: the data's meta.json text_vocab is read
     config.loss = common.loss_config()
+    config.loss.free_text_frac = 0.2  # free-form texts per batch shard / its element slots
     config.optim = common.optim_config()
     config.optim.lr = 2e-5  # small peak lr for continued training
     config.optim.weight_decay = 0.05  # EVA-CLIP
