@@ -7,7 +7,10 @@ Trains the tiny model for the same number of steps with
   (b) (a) + region loss (RoIAlign embeddings <-> region phrases),
   (c) (b) + pixel losses (mask-pooled embeddings <-> mask texts, per-patch term),
 evaluates all five tasks on the held-out synthetic split and prints the table; writes
-``granularity_ablation.json`` and a bar chart ``granularity_ablation.png`` to ``--out``.
+``granularity_ablation.json`` (with provenance: command, commit, date, machine) and a bar chart
+``granularity_ablation.png`` to ``--out``. With ``--workdir``, runs that finished there before
+(a checkpoint at ``--steps``) are evaluated again without retraining (their training time is read
+back from ``train_seconds.json``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import pathlib
 import sys
 import tempfile
 import time
+
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -42,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=400, help="training steps per variant")
     ap.add_argument("--num_examples", type=int, default=256, help="held-out examples")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir)")
+    ap.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir); "
+                    "finished runs are reused")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     from umg_jax import config_lib, evaluate, train
 
     root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="umg_ablation-"))
@@ -59,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in over.items():
             _set(config, k, v)
         wd = root / name
-        t0 = time.perf_counter()
-        train.train(config, str(wd))
-        t_train = time.perf_counter() - t0
+        timing = wd / "train_seconds.json"
+        if not ((wd / "checkpoints" / str(args.steps)).is_dir() and timing.is_file()):
+            t0 = time.perf_counter()
+            train.train(config, str(wd))
+            timing.write_text(json.dumps(time.perf_counter() - t0))
         res = evaluate.run(str(wd), config=config, num_examples=args.num_examples)
-        res["train_seconds"] = t_train
+        res["train_seconds"] = json.loads(timing.read_text())
         rows[name] = res
         print(f"{name}: " + " ".join(f"{k}={res.get(k, float('nan')):.3f}" for k in SHOWN),
               flush=True)
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"steps": args.steps, "num_examples": args.num_examples, "config": "configs/tiny.py",
                "variants": VARIANTS, "results": rows}
-    (out / "granularity_ablation.json").write_text(json.dumps(payload, indent=1))
+    write_result(out / "granularity_ablation.json", payload)
     _bar_chart(rows, keys, out / "granularity_ablation.png")
     print(f"\nwrote {out / 'granularity_ablation.json'} and .png (runs in {root})")
     return 0

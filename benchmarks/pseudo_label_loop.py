@@ -14,7 +14,8 @@ trained or fitted here: the image-only run (a), exported to a Hugging Face ``CLI
 directory, is the ``clip`` tagger; tags the captions mention are added (``noun_phrases``); (a)
 labels the ``proposals`` boxes and each tag picks its proposal masks (``proposals`` backends,
 crop scoring, concept assignment, ``"prompts": "tags"``); the filter runs with its defaults. Writes
-``benchmarks/results/annotate_loop.json``.
+``benchmarks/results/annotate_loop.json``. Both JSONs carry their provenance (command, commit,
+date, machine).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import pathlib
 import sys
 import tempfile
 import time
+
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEYS = ("zeroshot/top1", "retrieval/i2t_r1", "region/box_acc", "region/mask_acc", "semseg/miou",
@@ -104,6 +107,9 @@ ANNOTATE_STAGES = [
 def _annotate(wd_a: pathlib.Path, train_dir: str, vocab: list[str], root: pathlib.Path,
               out: pathlib.Path) -> dict:
     """Exports (a) to HF, writes the recipe, runs the annotate command line; returns counts."""
+    import peers
+
+    peers.torch()  # this environment's torchvision shim, before transformers imports it
     from umg_jax.interop.export_torch import main as export_main
     from umg_jax.labeling.annotate.__main__ import main as annotate_main
 
@@ -145,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out = args.out or str(ROOT / "benchmarks/results" / (
         "annotate_loop.json" if args.labeller == "annotate" else "pseudo_label_loop.json"))
-    sys.path.insert(0, str(ROOT))
     from umg_jax import evaluate, train
     from umg_jax.data import pipeline, synthetic
     from umg_jax.inference import load
@@ -200,14 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     gap = {k: (runs["p_pseudo_labels"][k] - runs["a_image_only"][k])
            / max(runs["b_ground_truth"][k] - runs["a_image_only"][k], 1e-9) for k in KEYS}
     print(f"{'gap recovered':<18}" + "".join(f"{100 * gap[k]:>17.0f}%" for k in KEYS))
-    pathlib.Path(args.out).write_text(json.dumps(
-        {"steps": args.steps, "labeller": args.labeller,
-         **({"recipe": ANNOTATE_STAGES} if args.labeller == "annotate" else {}),
-         "threshold": args.threshold, "score": args.score,
-         "assign": args.assign,
-         "caption_vocab": args.caption_vocab, "label_quality": quality,
-         "pseudo_label_counts": counts,
-         "pseudo_label_seconds": label_s, "runs": runs, "gap_recovered": gap}, indent=1))
+    write_result(args.out, {
+        "steps": args.steps, "labeller": args.labeller,
+        **({"recipe": ANNOTATE_STAGES} if args.labeller == "annotate" else {}),
+        "threshold": args.threshold, "score": args.score, "assign": args.assign,
+        "caption_vocab": args.caption_vocab, "label_quality": quality,
+        "pseudo_label_counts": counts, "pseudo_label_seconds": label_s, "runs": runs,
+        "gap_recovered": gap})
     print(f"wrote {args.out} (runs in {root})")
     return 0
 

@@ -29,6 +29,105 @@ def test_topk_and_retrieval_by_hand():
     assert r["t2i_r1"] == 0.5 and r["t2i_r2"] == 1.0
 
 
+def test_retrieval_ties_and_duplicate_captions_by_hand():
+    """Exact ties have one answer. Texts 0 and 1 are one caption written for images 0 and 1 (a
+    synthetic-world duplicate): a ranking by argsort puts text 0 first for image 1 too, so the
+    old metric scored image 1 a miss or a hit depending on the texts' index order (or, when the
+    copies differed by float noise, on that noise); as one gallery item it is correct for both."""
+    img = np.array([[1.0, 0, 0], [1.0, 0, 0], [0, 1, 0], [0, 0.6, 0.8]])
+    cap = np.array([0.8, 0.6, 0])
+    txt = np.array([cap, cap, [0, 1, 0], [0, 1, 0], [0, 0, 1]])
+    owner = np.array([0, 1, 2, 3, 3])
+    tid = np.array([7, 7, 1, 2, 3])  # texts 2 and 3 are different captions embedded alike
+    r = metrics.retrieval_recall(img, txt, owner, ks=(1, 2), txt_id=tid)
+    # i2t over the distinct texts {cap, t2, t3, t4}: images 0, 1 find cap first (hits); image 2
+    # ties t2 (its own) with t3 (image 3's): 1/2 at k=1, 1 at k=2; image 3 finds t4 (0.8) first
+    assert r["i2t_r1"] == (1 + 1 + 0.5 + 1) / 4 and r["i2t_r2"] == 1.0
+    # t2i: each copy of cap scores images 0 and 1 alike (0.8): a tie of its image with a wrong
+    # one (1/2 at k=1); t2 finds image 2; t3 finds image 2 (1) before its image 3 (0.6): k=2;
+    # t4 finds image 3
+    assert r["t2i_r1"] == (0.5 + 0.5 + 1 + 0 + 1) / 5 and r["t2i_r2"] == 1.0
+    # the answer does not depend on the order of the texts nor of the images
+    perm = np.array([4, 1, 3, 0, 2])
+    assert metrics.retrieval_recall(img, txt[perm], owner[perm], (1, 2), tid[perm]) == r
+    ip = np.array([3, 1, 0, 2])
+    assert metrics.retrieval_recall(img[ip], txt, np.argsort(ip)[owner], (1, 2), tid) == r
+    # without txt_id the copies of cap are two texts: images 0 and 1 each tie their own copy
+    # with the other's
+    plain = metrics.retrieval_recall(img, txt, owner, ks=(1, 2))
+    assert plain["i2t_r1"] == (0.5 + 0.5 + 0.5 + 1) / 4 and plain["i2t_r2"] == 1.0
+    # image 0: one better wrong text, then a tie of w=3 wrong and c=2 correct ones. k=1: miss;
+    # k=2: 1 - C(3,1)/C(5,1) = 2/5; k=3: 1 - C(3,2)/C(5,2) = 7/10; k=4: 1 - C(3,3)/C(5,3) = 9/10;
+    # k=5: 1. Image 1 finds its text [0, 1] first.
+    img2 = np.array([[1.0, 0], [0, 1.0]])
+    txt2 = np.array([[0.9, 0], [0.5, 0], [0.5, 0], [0.5, 0], [0.5, 0], [0.5, 0], [0, 1]])
+    own2 = np.array([1, 0, 0, 1, 1, 1, 1])
+    two = metrics.retrieval_recall(img2, txt2, own2, ks=(1, 2, 3, 4, 5))
+    assert [two[f"i2t_r{k}"] for k in (1, 2, 3, 4, 5)] == pytest.approx(
+        [(0 + 1) / 2, (0.4 + 1) / 2, (0.7 + 1) / 2, (0.9 + 1) / 2, 1.0], abs=1e-15)
+    # a constant model is at chance, neither 0 (pessimistic) nor 1 (optimistic)
+    flat = metrics.retrieval_recall(np.ones((8, 2)), np.ones((8, 2)), np.arange(8), ks=(1, 4))
+    assert flat == pytest.approx({"i2t_r1": 1 / 8, "t2i_r1": 1 / 8, "i2t_r4": 0.5,
+                                  "t2i_r4": 0.5}, abs=1e-15)
+
+
+def _expected_hits_by_enumeration(sim, correct, k):
+    """Mean over every order of the gallery consistent with ``sim`` (ties permuted) of
+    'a correct item in the first k': the definition, computed the slow way."""
+    import itertools
+
+    hits = []
+    for order in itertools.permutations(range(len(sim))):
+        ranked = sorted(range(len(sim)), key=lambda g: (-sim[g], order.index(g)))
+        hits.append(any(correct[g] for g in ranked[:k]))
+    return float(np.mean(hits))
+
+
+def test_retrieval_tie_rule_matches_enumeration():
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        img = np.eye(3)[rng.integers(0, 3, 4)].astype(np.float64)  # few values: many ties
+        txt = np.eye(3)[rng.integers(0, 3, 6)].astype(np.float64)
+        owner = rng.integers(0, 4, 6)
+        got = metrics.retrieval_recall(img, txt, owner, ks=(1, 2, 3))
+        sim = img @ txt.T
+        for k in (1, 2, 3):
+            i2t = [_expected_hits_by_enumeration(sim[i], owner == i, k)
+                   for i in range(4) if (owner == i).any()]
+            t2i = [_expected_hits_by_enumeration(sim[:, j], np.arange(4) == owner[j], k)
+                   for j in range(6)]
+            assert got[f"i2t_r{k}"] == pytest.approx(np.mean(i2t), abs=1e-12)
+            assert got[f"t2i_r{k}"] == pytest.approx(np.mean(t2i), abs=1e-12)
+
+
+def test_retrieval_matches_torchmetrics_hit_rate_without_ties(torch_mod):
+    from torchmetrics.functional.retrieval import retrieval_hit_rate
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(12, 6)).astype(np.float32)
+    owner = np.concatenate([np.arange(12), rng.integers(0, 12, 14)])  # several captions each
+    txt = (img[owner] + rng.normal(size=(26, 6))).astype(np.float32)
+    got = metrics.retrieval_recall(img, txt, owner)
+    sim = torch_mod.as_tensor(img.astype(np.float64) @ txt.T.astype(np.float64))
+    own = torch_mod.as_tensor(owner)
+    for k in (1, 5, 10):
+        i2t = np.mean([float(retrieval_hit_rate(sim[i], own == i, top_k=k)) for i in range(12)])
+        t2i = np.mean([float(retrieval_hit_rate(sim[:, j], torch_mod.arange(12) == owner[j],
+                                                top_k=k)) for j in range(26)])
+        assert got[f"i2t_r{k}"] == pytest.approx(i2t, abs=1e-12)
+        assert got[f"t2i_r{k}"] == pytest.approx(t2i, abs=1e-12)
+
+
+def test_retrieval_bad_input():
+    txt = np.array([[1.0, 0], [0, 1]])
+    with pytest.raises(ValueError, match="different embeddings"):
+        metrics.retrieval_recall(txt, txt, np.array([0, 1]), txt_id=np.array([5, 5]))
+    with pytest.raises(ValueError, match="outside"):
+        metrics.retrieval_recall(txt, txt, np.array([0, 2]))
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.retrieval_recall(txt * np.nan, txt, np.array([0, 1]))
+
+
 def test_miou_matches_torchmetrics(torch_mod):
     from torchmetrics.classification import MulticlassJaccardIndex
 
@@ -192,6 +291,40 @@ def test_evaluators_degrade_with_wrong_features():
     assert out["semseg/pixel_acc"] == 0.0 and out["semseg/miou"] == 0.0
     assert out["region/mask_acc"] == 0.0 and out["panoptic/pq"] == 0.0
     assert out["zeroshot/top1"] == 0.0 and out["zeroshot/top5"] == 1.0  # 2 thing classes
+
+
+class NoisyTextEncoder:
+    """Token 5 -> e0, token 7 -> e2, plus 1e-6 * (row position in the call) on e1: copies of one
+    caption encoded at different positions differ, as float rounding makes them differ when a
+    batch's shape or composition changes."""
+
+    def encode_text(self, tokens):
+        tokens = np.asarray(tokens)
+        emb = np.where(tokens[:, :1] == 5, np.eye(3)[0], np.eye(3)[2])
+        return emb + 1e-6 * np.arange(len(tokens))[:, None] * np.eye(3)[1]
+
+
+def test_retrieval_duplicate_captions_independent_of_batches():
+    """Images 0 and 1 carry the same caption (tokens [5, 5]). Encoded per row, the copy at the
+    later position scored higher for image 0 (a miss: it is image 1's); encoded once, the
+    caption is one text that both images retrieve first, whatever the batches."""
+    enc = NoisyTextEncoder()
+    assert not np.array_equal(*enc.encode_text([[5, 5], [5, 5]]))  # the noise is there
+    s = 1 / np.sqrt(1.01)
+    img = np.array([[s, 0.1 * s, 0], [s, 0, 0.1 * s], [0, 0, 1.0]])
+    toks = np.array([[5, 5], [5, 5], [7, 7]])
+
+    def batch(rows):
+        return {"img_emb": img[rows], "text": toks[rows], "text_valid": np.ones(len(rows), bool)}
+
+    ev = evaluators.make_evaluators(["retrieval"], CATS)["retrieval"]
+    one = ev.run(enc, [batch([0, 1, 2])])
+    # i2t: every image finds its caption first; t2i: the caption scores images 0 and 1 alike
+    # (a tie: 1/2 each), the other caption finds image 2
+    assert one["retrieval/i2t_r1"] == 1.0
+    assert one["retrieval/t2i_r1"] == pytest.approx((0.5 + 0.5 + 1) / 3, abs=1e-15)
+    assert ev.run(enc, [batch([0]), batch([1, 2])]) == one
+    assert ev.run(enc, [batch([0, 1]), batch([2])]) == one
 
 
 def test_bad_input():

@@ -99,11 +99,11 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, m
     def crashing(*a, **k):  # the process "dies" in the middle of step 5 (after the save at 3)
         fn = real(*a, **k)
 
-        def wrapped(state, batch):
+        def wrapped(state, batch, *budgets):
             calls["n"] += 1
             if calls["n"] == 5:
                 raise RuntimeError("simulated crash")
-            return fn(state, batch)
+            return fn(state, batch, *budgets)
 
         return wrapped
 

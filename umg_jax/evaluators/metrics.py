@@ -14,6 +14,8 @@ Conventions (documented because references differ):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -27,21 +29,96 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int
 
 
 def retrieval_recall(img: np.ndarray, txt: np.ndarray, txt_to_img: np.ndarray,
-                     ks=(1, 5, 10)) -> dict[str, float]:
-    """Image <-> text recall@k with several captions per image.
+                     ks=(1, 5, 10), txt_id: np.ndarray | None = None) -> dict[str, float]:
+    """Image <-> text recall@k with several captions per image, defined for ties.
 
-    ``img [N, E]``, ``txt [M, E]`` (L2-normalised), ``txt_to_img [M]`` int: the image of each text.
-    i2t: an image is a hit when any of its texts is among its k most similar texts; t2i: a text
-    is a hit when its image is among its k most similar images.
+    ``img [N, E]``, ``txt [M, E]`` (L2-normalised), ``txt_to_img [M]`` int: the image of each
+    text; ``txt_id [M]`` int (optional): texts with the same id are the same text (e.g. the same
+    caption written for two images), which must have bit-identical embeddings (encode each
+    distinct text once); default: every text is its own.
+
+    i2t: the queries are the images that own a text; the gallery the distinct texts (a text
+    written for several images is one gallery item, correct for each of them); a query is a hit
+    when a correct text is among its k most similar. t2i: the queries are the M texts; the
+    gallery the N images (images without a text are distractors); a hit when the text's image is
+    among its k most similar.
+
+    Ties: a query scores the expected hit over all orders of the items tied with its best correct
+    item (McSherry & Najork, ECIR 2008): with ``a`` items strictly more similar than it and
+    ``w`` wrong and ``c`` correct items at exactly its similarity, the hit at k is 0 if
+    ``a >= k``, else ``1 - C(w, r) / C(w + c, r)`` with ``r = k - a``. A ranking by sort order
+    (``topk`` / ``argsort``, as CLIP_benchmark does) resolves such ties by index or by float noise
+    instead; the optimistic rule (a tie counts as a hit) scores a constant model 1, the
+    pessimistic one 0: the expectation scores it at chance. Similarities are float64 dot products
+    of the embeddings, in fixed chunks of queries against the whole gallery.
     """
-    sim = img @ txt.T  # [N, M]
+    img = np.asarray(img)
+    txt = np.asarray(txt)
+    txt_to_img = np.asarray(txt_to_img)
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+        raise ValueError(f"img {img.shape} and txt {txt.shape} must be [N, E] and [M, E]")
+    if txt_to_img.shape != (len(txt),) or not np.issubdtype(txt_to_img.dtype, np.integer):
+        raise ValueError(f"txt_to_img must be [M={len(txt)}] int, got {txt_to_img.shape} "
+                         f"{txt_to_img.dtype}")
+    if len(txt) == 0 or len(img) == 0:
+        raise ValueError("retrieval needs at least one image and one text")
+    if txt_to_img.min() < 0 or txt_to_img.max() >= len(img):
+        raise ValueError(f"txt_to_img holds image indices outside [0, {len(img)})")
+    if not (np.isfinite(img).all() and np.isfinite(txt).all()):
+        raise ValueError("retrieval embeddings hold NaN or inf")
+    if txt_id is None:
+        txt_id = np.arange(len(txt))
+    txt_id = np.asarray(txt_id)
+    if txt_id.shape != (len(txt),):
+        raise ValueError(f"txt_id must be [M={len(txt)}], got {txt_id.shape}")
+    _, first, group = np.unique(txt_id, return_index=True, return_inverse=True)
+    group = group.reshape(-1)
+    gallery = txt[first]  # [U, E] one row per distinct text
+    if not np.array_equal(gallery[group], txt):
+        raise ValueError("texts with the same txt_id have different embeddings: encode each "
+                         "distinct text once")
+    img64, gal64 = img.astype(np.float64), gallery.astype(np.float64)
+    # i2t: image q's correct gallery items are the distinct texts written for it
+    owner = np.zeros((len(img), len(gallery)), bool)
+    owner[txt_to_img, group] = True
+    queries = np.nonzero(owner.any(1))[0]
+    i2t = np.concatenate([_tie_hits(img64[q] @ gal64.T, owner[q], ks)
+                          for q in np.array_split(queries, _chunks(len(queries)))])
+    # t2i, per distinct text (a text's similarities do not depend on its duplicates)
+    t2i = np.zeros((len(txt), len(ks)))
+    for u in np.array_split(np.arange(len(gallery)), _chunks(len(gallery))):
+        rows = np.nonzero(np.isin(group, u))[0]
+        correct = np.zeros((len(rows), len(img)), bool)
+        correct[np.arange(len(rows)), txt_to_img[rows]] = True
+        sim = (gal64[u] @ img64.T)[np.searchsorted(u, group[rows])]
+        t2i[rows] = _tie_hits(sim, correct, ks)
     out = {}
-    rank_t = np.argsort(-sim, axis=1)  # texts by similarity, per image
-    rank_i = np.argsort(-sim.T, axis=1)  # images by similarity, per text
-    for k in ks:
-        owner = txt_to_img[rank_t[:, :k]]
-        out[f"i2t_r{k}"] = float(np.mean((owner == np.arange(len(img))[:, None]).any(1)))
-        out[f"t2i_r{k}"] = float(np.mean((rank_i[:, :k] == txt_to_img[:, None]).any(1)))
+    for n, k in enumerate(ks):
+        out[f"i2t_r{k}"] = float(i2t[:, n].mean())
+        out[f"t2i_r{k}"] = float(t2i[:, n].mean())
+    return out
+
+
+def _chunks(n: int, size: int = 512) -> int:
+    """How many query chunks of at most ``size`` (bounds the ``[chunk, gallery]`` matrices)."""
+    return max(1, -(-n // size))
+
+
+def _tie_hits(sim: np.ndarray, correct: np.ndarray, ks) -> np.ndarray:
+    """``[Q, len(ks)]`` expected hits of ``Q`` queries (``sim [Q, G]``, ``correct [Q, G]`` bool,
+    one correct item at least per query) over the orders of the items tied with each query's
+    best correct item (see :func:`retrieval_recall`)."""
+    best = np.where(correct, sim, -np.inf).max(1, keepdims=True)
+    above = (sim > best).sum(1)  # all wrong: best is the highest correct similarity
+    tied = sim == best
+    wrong, right = (tied & ~correct).sum(1), (tied & correct).sum(1)
+    out = np.zeros((len(sim), len(ks)))
+    for n, k in enumerate(ks):
+        r = k - above
+        out[:, n] = (r > wrong).astype(np.float64)  # every tied order puts a correct one in
+        for q in np.nonzero((r > 0) & (r <= wrong))[0]:  # some orders do not
+            total = math.comb(int(wrong[q] + right[q]), int(r[q]))
+            out[q, n] = (total - math.comb(int(wrong[q]), int(r[q]))) / total
     return out
 
 
