@@ -78,6 +78,20 @@ def test_two_evaluations_of_one_checkpoint_are_equal(setup, tmp_path_factory):
     assert runs[2] == runs[0]
 
 
+def test_the_examples_evaluated_do_not_depend_on_the_batch_size(setup):
+    """12 examples at eval batch 8: one whole batch and 4 of the second, not 16."""
+    import ml_collections as mlc
+
+    wd, data = setup
+    config = mlc.ConfigDict(json.loads((wd / "config.json").read_text()))
+    config.data.eval_path = str(data)
+    seen = [len(b["image"]) for b in evaluate.eval_batches(config, str(data), 12, 8)]
+    assert seen == [8, 4]
+    config.eval.update(num_examples=12, batch_size=8)
+    res = evaluate.run(str(wd), config=config, data=str(data))
+    assert res["num_examples"] == 12
+
+
 def test_bad_input_exit_2(setup, tmp_path, capsys):
     wd, data = setup
     assert evaluate.main(["--workdir", str(tmp_path / "nope")]) == 2

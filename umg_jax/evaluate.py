@@ -41,8 +41,9 @@ class EvalError(ValueError):
 
 def eval_batches(config: mlc.ConfigDict, data_dir: str, num_examples: int, batch_size: int
                  ) -> Iterator[dict[str, np.ndarray]]:
-    """Up to ``num_examples`` held-out examples (whole batches, in order, no augmentation) as
-    numpy batches of the schema contract, read by this process alone."""
+    """Up to ``num_examples`` held-out examples (in order, no augmentation) as numpy batches of
+    the schema contract, read by this process alone. The last batch is cut to what is left, so
+    the examples evaluated do not depend on ``batch_size``."""
     from umg_jax.data import pipeline
 
     it = pipeline.make_iterator(config.data, config.model, batch_size=batch_size, train=False,
@@ -52,8 +53,9 @@ def eval_batches(config: mlc.ConfigDict, data_dir: str, num_examples: int, batch
         for batch in it:
             if seen >= num_examples:
                 break
-            yield batch
-            seen += batch_size
+            take = min(batch_size, num_examples - seen)
+            yield batch if take == batch_size else {k: v[:take] for k, v in batch.items()}
+            seen += take
     finally:
         if hasattr(it, "close"):
             it.close()
@@ -85,7 +87,7 @@ def evaluate_model(model, config: mlc.ConfigDict, data_dir: str, names=ALL,
     results: dict[str, float] = {}
     for ev in evs.values():
         results.update(ev.run(model, batches))
-    results["num_examples"] = float(len(batches) * bs)
+    results["num_examples"] = float(min(n, len(batches) * bs))
     return results
 
 
