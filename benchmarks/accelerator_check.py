@@ -35,7 +35,6 @@ device kind, CPU model, load average and every row.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -44,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "configs/tiny.py", "b16": "configs/vit_b16.py"}
@@ -411,7 +412,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     if args.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
-    sys.path.insert(0, str(ROOT))
     if args.row_out:  # child process: exactly one model
         row = run_model(models[0], batches.get(models[0]), args.steps, args.warmup)
         with open(args.row_out, "w") as f:
@@ -421,22 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [_run_child(m, args, batches.get(m)) for m in models]
     print("\n" + format_table(rows))
     ok = [r for r in rows if "error" not in r]
-    import jax
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import cpu_model
-
     payload = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax": jax.__version__, "platform": ok[0]["platform"] if ok else None,
+        "platform": ok[0]["platform"] if ok else None,
         "device_kind": ok[0]["device_kind"] if ok else None,
-        "num_devices": ok[0]["num_devices"] if ok else None,
-        "cpu": cpu_model(), "load": os.getloadavg(), "argv": sys.argv[1:], "rows": rows,
+        "num_devices": ok[0]["num_devices"] if ok else None, "rows": rows,
     }
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result(args.out, payload)}")
     return 0 if ok and len(ok) == len(rows) else 1
 
 

@@ -1,15 +1,16 @@
 """Images/s of each annotation stage with the tiny random teachers, on this machine.
 
-    python benchmarks/annotate.py [--num 64] [--batch_size 8] [--device cpu]
+    python benchmarks/annotate.py [--num 64] [--image_size 80] [--batch_size 8] [--device cpu]
 
 Writes the tiny teachers (``--write_tiny_teachers``), renders ``--num`` scenes of the synthetic
-world at 80 px, and runs ``recipe.json`` (Florence-2, CLIP + noun phrases, OWLv2, SAM, SAM 3
-stuff) and ``recipe_alt.json`` (BLIP-2, SigLIP, Grounding DINO, BLIP-2 crops, SAM 2) over them
-with ``umg_jax.labeling.annotate``. Per stage: images/s counting only the time inside that stage
-(``stats-worker-0.json``), and the whole run's images/s. Tiny models measure the tool's
+world at ``--image_size`` px, and runs ``recipe.json`` (Florence-2, CLIP + noun phrases, OWLv2,
+SAM, SAM 3 stuff) and ``recipe_alt.json`` (BLIP-2, SigLIP, Grounding DINO, BLIP-2 crops, SAM 2)
+over them with ``umg_jax.labeling.annotate``. Per stage: images/s counting only the time inside
+that stage (``stats-worker-0.json``), and the whole run's images/s. Tiny models measure the tool's
 overhead (decoding, batching, pre/post-processing, RLE, filter), not a real teacher's speed: the
 real-size stages need a GPU. Prints a markdown table, writes
-``benchmarks/results/annotate.json``.
+``benchmarks/results/annotate.json`` (``provenance.write_result``: command line, commit, date,
+machine).
 """
 
 from __future__ import annotations
@@ -21,16 +22,21 @@ import sys
 import tempfile
 import time
 
+import peers
+from provenance import write_result
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num", type=int, default=64, help="synthetic images")
+    ap.add_argument("--image_size", type=int, default=80, help="synthetic scenes' side, px")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/annotate.json"))
     args = ap.parse_args(argv)
+    peers.torch()  # this environment's torchvision shim, before the families import it
     from umg_jax.data.synthetic import write_synthetic
     from umg_jax.labeling.annotate.__main__ import main as annotate_main
     from umg_jax.labeling.annotate.tiny import write_tiny_teachers
@@ -39,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = pathlib.Path(tmp)
         took = write_tiny_teachers(str(t / "teachers"), log=lambda s: None)
-        write_synthetic(str(t / "images"), args.num, split="eval", num_shards=1)
+        write_synthetic(str(t / "images"), args.num, split="eval", num_shards=1,
+                        image_size=args.image_size)
+        image_size = json.loads((t / "images" / "meta.json").read_text())["image_size"]
         for recipe in ("recipe.json", "recipe_alt.json"):
             out = t / recipe.replace(".json", "")
             t0 = time.perf_counter()
@@ -59,11 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     md = ["| recipe | stage:backend | images/s |", "|---|---|---|"]
     md += [f"| {r['recipe']} | {r['stage']} | {r['images_per_s']:.1f} |" for r in rows]
     print("\n".join(md))
-    res = {"date": time.strftime("%Y-%m-%d"), "num_images": args.num, "image_size": 80,
-           "batch_size": args.batch_size, "device": args.device, "machine": "2-core CPU",
-           "write_tiny_seconds": took, "rows": rows, "table": "\n".join(md)}
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(res, indent=1))
+    res = {"num_images": args.num, "image_size": image_size, "batch_size": args.batch_size,
+           "device": args.device, "write_tiny_seconds": took, "rows": rows,
+           "table": "\n".join(md)}
+    print(f"wrote {write_result(args.out, res)}")
     return 0
 
 

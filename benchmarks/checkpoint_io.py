@@ -19,23 +19,24 @@ restored state is compared with the saved one. Backends:
 * ``s3``: ``s3://`` on moto's S3 server, when the Checkpointer accepts it (orbax-checkpoint
   0.12.8 does not write arrays to S3; the row then records the refusal).
 
-Writes ``benchmarks/results/checkpoint_io.json`` (command line, git commit, date, CPU) and prints
-a table (median over ``--reps``).
+Writes ``benchmarks/results/checkpoint_io.json`` (through ``provenance.write_result``: command
+line, git commit, date, machine) and prints a table (median over ``--reps``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+import peers
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GCS_BUCKET = "umg-bench"
@@ -53,10 +54,7 @@ def start_gcs_emulator(data_dir: str):
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_force_host_platform_device_count" not in flags:  # keep 1 CPU device here
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1".strip()
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest
-
-    conftest._emulator_sends_generations()
+    peers.emulator_sends_generations()
     port = portpicker.pick_unused_port()
     url = f"http://127.0.0.1:{port}"
     server = create_server("127.0.0.1", port, in_memory=False, default_bucket=GCS_BUCKET,
@@ -90,16 +88,15 @@ def start_moto():
 def make_state(config_name: str, seed: int):
     """(state, abstract state with this host's device as sharding, bytes): the trainer's train
     state for ``configs/<config_name>.py``, every float leaf random normal."""
+    import importlib
+
     import jax
     import numpy as np
-
-    sys.path.insert(0, str(ROOT / "configs"))
-    import importlib
 
     from umg_jax import optim
     from umg_jax import step as step_lib
 
-    config = importlib.import_module(config_name).get_config()
+    config = importlib.import_module(f"umg_jax.configs.{config_name}").get_config()
     abstract_params = jax.eval_shape(lambda: step_lib.init_params(config, jax.random.key(0)))
     tx, _ = optim.make_optimizer(config.optim, abstract_params, config.total_steps,
                                  freeze=step_lib.frozen_regexes(config))
@@ -169,14 +166,6 @@ def time_backend(root: str, state, target, reps: int) -> dict:
             "largest_file_mib": max(p.stat().length for p in files) / 2**20}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="vit_b16", help="configs/<name>.py")
@@ -190,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or args.reps < 1:
         ap.error(f"unknown backends {sorted(bad)}" if bad else "--reps must be >= 1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import cpu_model
-
+    load_before = os.getloadavg()
     import umg_jax.storage  # noqa: F401 - its fsspec settings before any bucket filesystem
 
     state, target, nbytes = make_state(args.config, seed=0)
@@ -242,17 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['save_mib_s']:>12.0f}{r['restore_mib_s']:>15.0f}"
                   f"{r['files_per_checkpoint']:>7}{r['largest_file_mib']:>13.0f}")
     print(f"note: {note}")
-    record = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "load": os.getloadavg(),
-        "config": args.config, "state_bytes": nbytes, "reps": args.reps, "rows": rows,
-        "note": note,
-    }
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    record = {"config": args.config, "state_bytes": nbytes, "reps": args.reps,
+              "load_avg_before": load_before, "rows": rows, "note": note}
+    print(f"wrote {write_result(args.out, record)}")
     return 0
 
 

@@ -6,40 +6,33 @@ Settings: "tiny" (configs/tiny.py: 64 px, patch 8, L = 32) and "224" (configs/vi
 224 px, patch 16, L = 77), both on the embedded synthetic world (boxes and masks), train mode
 (random resized crop + flip). For each worker count the first batches (worker start-up, warm
 caches) are excluded from the timing. Writes a table to stdout and JSON to
-benchmarks/results/data_pipeline.json.
+benchmarks/results/data_pipeline.json (``provenance.write_result``: command line, commit, date,
+machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 
+from provenance import write_result
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "configs"))
 
 
 def _settings():
-    import common  # configs/common.py
+    """The shipped configs' model sections (image size, patch, context length)."""
+    from umg_jax.configs import tiny, vit_b16
 
-    tiny = common.model_config(
-        image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-        text_width=128, text_layers=3, text_heads=4, embed_dim=128, context_length=32)
-    b16 = common.model_config(
-        image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
-        text_width=512, text_layers=12, text_heads=8, embed_dim=512)
-    return {"tiny": tiny, "224": b16}
+    return {"tiny": tiny.get_config().model, "224": vit_b16.get_config().model}
 
 
 def run(batches: int, warmup: int, batch_size: int, workers: list[int], num: int) -> list[dict]:
-    import common
-
+    from umg_jax.configs import common
     from umg_jax.data import pipeline
 
     rows = []
@@ -98,6 +91,7 @@ def main() -> None:
     flags.FLAGS(sys.argv[:1])  # Grain workers read absl flags
     os.environ.setdefault("UMG_JAX_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "umg_bench"))
 
+    load_before = os.getloadavg()
     rows = run(args.batches, args.warmup, args.batch_size,
                [int(w) for w in args.workers.split(",")], args.num)
     print(f"\n{'setting':8s} {'px':>4s} {'workers':>7s} {'ex/s':>8s} {'ms/ex':>7s} "
@@ -107,12 +101,8 @@ def main() -> None:
               f"{r['examples_per_s']:8.1f} {r['ms_per_example']:7.2f} "
               f"{r['regions_per_example']:7.2f} {r['masks_per_example']:6.2f} "
               f"{r['startup_s']:9.2f}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "note": "2 shared cores; other jobs may have been running", "results": rows}
-    out.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {out}")
+    meta = {"load_avg_before": load_before, "results": rows}
+    print(f"wrote {write_result(args.out, meta)}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ with ``benchmarks/train_step.py``'s ``time_ours`` on one device, (i) with every 
 no text de-duplication, (ii) as the trainer runs it: texts of real lengths trimmed
 (``data.trim_text``; ``--lengths`` caption,element tokens) and element texts drawn from
 ``--phrases`` distinct phrases de-duplicated (``loss.text_dedup_frac=--dedup``).
-Writes benchmarks/results/loss_memory.json.
+Writes benchmarks/results/loss_memory.json (``provenance.write_result``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import ml_collections as mlc  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from provenance import write_result  # noqa: E402
 
 from umg_jax import sharding  # noqa: E402
 from umg_jax.losses.contrastive import contrastive_loss  # noqa: E402
@@ -136,14 +137,14 @@ def step_ratio(batch: int, steps: int, phrases: int, dedup: float,
     out = []
     for label, lens, dd in (("every column, no de-dup", None, 0.0),
                             ("trimmed + de-dup", lengths, dedup)):
-        code = (f"import json, sys; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]\n"
+        code = ("import json\n"  # run in benchmarks/ (cwd): train_step imports by name
                 "from train_step import time_ours\n"
                 f"c = time_ours('tiny', {batch}, {steps}, umg=False, lengths={lens!r})\n"
                 f"u = time_ours('tiny', {batch}, {steps}, umg=True, phrases={phrases}, "
                 f"lengths={lens!r}, overrides={{'loss.text_dedup_frac': {dd}}})\n"
                 "print(json.dumps([c['step_s'], u['step_s']]))")
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={**os.environ, "XLA_FLAGS": USER_XLA_FLAGS}, check=True)
+                             cwd=here, env={**os.environ, "XLA_FLAGS": USER_XLA_FLAGS}, check=True)
         clip_s, umg_s = json.loads(res.stdout.strip().splitlines()[-1])
         out.append({"variant": label, "batch": batch, "lengths": lens, "text_dedup_frac": dd,
                     "phrases": phrases, "clip_step_s": clip_s, "umg_step_s": umg_s,
@@ -208,9 +209,7 @@ def main():
                                        args.dedup, tuple(int(x) for x in
                                                          args.lengths.split(",")))
               if args.step_batch else []}
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
-    print("wrote", args.out)
+    print("wrote", write_result(args.out, result))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ table, writes ``benchmarks/results/peak_flops.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
 import time
 
 import numpy as np
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,11 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     f32_ratio = ours["float32"] / ref
     print(f"float32 within 3x of numpy: {'yes' if 1 / 3 < f32_ratio < 3 else 'NO'} "
           f"(OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')!r} slows numpy here)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"n": args.n, "devices": jax.device_count(), "load": os.getloadavg(),
-                   "numpy_float32": ref, "measured": ours, "float32_over_numpy": f32_ratio},
-                  f, indent=2)
+    write_result(args.out, {"n": args.n, "devices": jax.device_count(), "numpy_float32": ref,
+                            "measured": ours, "float32_over_numpy": f32_ratio})
     return 0
 
 

@@ -13,11 +13,12 @@ Prints a table (mIoU / PQ on all, seen and held-out classes; trainable parameter
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile
 import time
+
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = {  # name -> config overrides of configs/seg_tiny.py
@@ -46,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=",".join(RUNS), help="subset of " + ",".join(RUNS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir)")
+    ap.add_argument("--png", default=str(ROOT / "docs" / "seg_head.png"),
+                    help="picture of the head's predictions ('' = none)")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     import jax
 
     from umg_jax import config_lib, evaluate, optim, train
@@ -98,16 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<26}{r['trainable']:>11,}"
               + "".join(f"{r.get(c, float('nan')):>12.3f}" for c in COLS))
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"steps": args.steps, "num_examples": args.num_examples, "backbone": backbone,
                "holdout": list(base_cfg.seg.holdout), "config": "configs/seg_tiny.py",
                "runs": RUNS, "results": rows}
-    (out / "seg_head.json").write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out / 'seg_head.json'}")
-    if "head" in rows_runs(args.runs):
-        png = ROOT / "docs" / "seg_head.png"
-        render(str(root / "head"), base_cfg, data_dir, str(png))
-        print(f"wrote {png}")
+    print(f"wrote {write_result(out / 'seg_head.json', payload)}")
+    if "head" in rows_runs(args.runs) and args.png:
+        render(str(root / "head"), base_cfg, data_dir, args.png)
+        print(f"wrote {args.png}")
     return 0
 
 

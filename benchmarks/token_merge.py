@@ -8,19 +8,24 @@ For each model: XLA cost-analysis FLOPs and the median time of one image-tower f
 after the last block). With
 ``--quality_steps N`` it also trains the tiny model N steps at 0 % and 50 % and evaluates both on
 held-out synthetic data (the five tasks); add ``--wallclock_s S`` to give both runs the same
-training time instead (the schedule is still that of N steps). Prints a table, writes
-``benchmarks/results/token_merge.json``.
+training time instead (the schedule is still that of N steps); ``--models ''`` skips the tower
+timings (quality only). Prints a table, writes ``--out`` (default
+``benchmarks/results/token_merge.json``) through ``provenance.write_result``: everything in it
+comes from this one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import sys
 import tempfile
 import time
+
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {"tiny": ("configs/tiny.py", 32), "b16": ("configs/vit_b16.py", 8)}
@@ -115,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="merge after block int(layers * this) (0 = after the first block)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/token_merge.json"))
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
+    models = [m for m in args.models.split(",") if m]
+    load_before = os.getloadavg()
     rows = []
-    for name in args.models.split(","):
+    for name in models:
         base = None
         for r in RATIOS:
             c = tower_cost(name, r, args.steps, args.merge_at)
@@ -130,21 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['model']:<6}{100 * r['ratio']:>8.0f}%{r['flops'] / 1e9:>10.1f}"
               f"{r['flops_ratio']:>12.2f}{r['step_s']:>9.3f}{r['speedup']:>9.2f}")
-    out = pathlib.Path(args.out)
-    # Sections not re-run (e.g. quality) are kept from the previous result file.
-    payload = json.loads(out.read_text()) if out.exists() else {}
-    payload["rows"] = rows
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import cpu_model
-
-    payload["cpu"] = cpu_model()
+    payload = {"merge_at": args.merge_at, "load_avg_before": load_before, "rows": rows}
     if args.train_step:
         # the whole UMG train step (both towers, all losses, AdamW), 0 % vs 50 % merged
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         from train_step import time_ours
 
         steps_rows = []
-        for name in args.models.split(","):
+        for name in models:
             b = MODELS[name][1]
             layers = _model_cfg(name, 0.0, args.merge_at).model.vision.layers
             dd = {"loss.text_dedup_frac": args.dedup}
@@ -171,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nquality after", args.quality_steps, "steps (tiny):")
         for ratio, res in q.items():
             print(f"  {float(ratio):.0%} removed: " + " ".join(f"{k}={res[k]:.3f}" for k in keys))
-    pathlib.Path(args.out).write_text(json.dumps(payload, indent=1))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result(args.out, payload)}")
     return 0
 
 

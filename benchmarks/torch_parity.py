@@ -16,13 +16,13 @@ keeps segments). Prints a markdown table, writes ``benchmarks/results/torch_pari
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
+import peers
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "configs/tiny.py", "tiny_adapter": "configs/tiny_adapter.py",
@@ -187,10 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/torch_parity.json"))
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import torch_peers  # this environment's torchvision shim
-
-    torch = torch_peers()
+    torch = peers.torch()  # this environment's torchvision shim first
     # torchvision without its C++ ops runs roi_align's Python reference through torch.compile
     # (~20 s of compiling); eager gives the same numbers.
     torch._dynamo.config.disable = True
@@ -201,9 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     worst = max(v for r in results.values() for k, v in r.items() if k in ROWS)
     print(table(results))
     print(f"worst max abs difference {worst:.1e} (tolerance {TOL:.0e})")
-    pathlib.Path(args.out).write_text(json.dumps(
-        {"tolerance": TOL, "image": list(scene().shape), "labels": LABELS, "worst": worst,
-         "models": results}, indent=2) + "\n")
+    print("wrote", write_result(args.out, {"tolerance": TOL, "image": list(scene().shape),
+                                           "labels": LABELS, "worst": worst,
+                                           "models": results}))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import statistics
 import sys
 import time
 
+import peers
+from provenance import write_result
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {
     "tiny": ("configs/tiny.py", {}),
@@ -131,10 +134,7 @@ def time_ours(name: str, batch: int, steps: int, umg: bool, overrides: dict | No
 
 def time_open_clip(name: str, batch: int, steps: int, bf16: bool) -> dict | None:
     try:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import torch_peers
-
-        torch = torch_peers()
+        torch = peers.torch()  # this environment's torchvision shim first
         import open_clip
     except Exception as e:  # noqa: BLE001 - optional peer
         return {"error": f"open_clip unavailable: {e}"}
@@ -165,21 +165,6 @@ def time_open_clip(name: str, batch: int, steps: int, bf16: bool) -> dict | None
     return {"step_s": t, "img_s": batch / t}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (results differ a lot between machines: record which one)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                flags = open("/proc/cpuinfo").read()
-                extra = " avx512_bf16" if "avx512_bf16" in flags else ""
-                return line.split(":", 1)[1].strip() + extra
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="tiny,b16")
@@ -196,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                     "captions ~10-20, tag prompts / region phrases <= 8); '' = skip them")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_step.json"))
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     from umg_jax import metrics
+
+    load_before = os.getloadavg()
 
     if args.peak < 0:
         args.peak = metrics.measure_peak_flops()
@@ -268,11 +254,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['umg_dedup_over_clip_step'] or float('nan'):>8.2f}"
               f"{r.get('umg_trim_over_clip_trim_step', float('nan')):>9.2f}"
               f"{r.get('umg_trim_dedup_over_clip_trim_step', float('nan')):>8.2f}")
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"peak_flops": args.peak, "load": os.getloadavg(), "cpu": cpu_model(),
-                   "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    print("wrote", write_result(args.out, {"peak_flops": args.peak,
+                                           "load_avg_before": load_before, "rows": rows}))
     return 0
 
 

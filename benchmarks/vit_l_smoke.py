@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
 import pathlib
 import resource
 import sys
 import time
+
+from provenance import write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/vit_l.py"
@@ -110,17 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import cpu_model
-
     record = smoke(args.batch)
-    record.update(cpu=cpu_model(), load=os.getloadavg())
     print(summary_line(record), flush=True)
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result(args.out, record)}")
     return 0 if record["finite"] and record["skipped"] == 0 else 1
 
 
