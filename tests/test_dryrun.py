@@ -237,6 +237,9 @@ def test_cli_compiles_the_step_with_the_tpu_compiler(tmp_path):
     assert lines and all(x.startswith("[TPU compiler]") for x in lines)
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["compiler"] == "tpu" and d["topology"] == "v5e:2x2" and d["chip"] == "tpu_v5e"
+    prov = d["provenance"]  # how it was made, read at run time
+    assert prov["command"].startswith("python -m umg_jax.dryrun --config configs/tiny.py")
+    assert prov["machine"]["cores"] == os.cpu_count() and prov["date"][:4].isdigit()
     r = d["rows"][0]
     assert r["device_kind"] == "TPU v5 lite" and r["devices"] == 4
     b = r["bytes_per_device"]

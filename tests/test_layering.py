@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         "accelerators": "chip table, TPU topologies, GPU nodes (accelerators.toml, gpu_targets/)",
         "hlo_stats": "loop-aware costs of compiled HLO (dots, Pallas, cuBLAS / cuDNN calls)",
         "deprecated": "old python -m names forwarding to new ones for one release",
+        "provenance": "how a recorded result was made: command, commit, date, load, machine",
         "host_platforms": "the JAX platforms this host has, pinned before a command starts JAX",
     }),
     ("device", {

@@ -713,6 +713,10 @@ def main(argv: list[str]) -> None:
                         "cudnn": version("nvidia-cudnn-cu12"),
                         "cuda_runtime": version("nvidia-cuda-runtime-cu12"),
                         "compile_options": accelerators.GPU_COMPILE_OPTIONS})
+        from umg_jax import provenance
+
+        # under ``python -m`` argv[0] is this file's path: the command as the user typed it
+        out["provenance"] = provenance.provenance(["-m", "umg_jax.dryrun", *sys.argv[1:]])
         write_json(_JSON.value, out)
     ok = [r for r in rows if "error" not in r]
     if not ok or not all(r["fits"] for r in ok):
