@@ -9,8 +9,9 @@ Continued multi-granularity training from a pretrained CLIP imported from PyTorc
 The paper's hyper-parameters are not public; these follow EVA-CLIP-style continued training.
 
 Pod slices (the TPU compiler's verdict, ``benchmarks/pod_recipes.py``, README "Pods"): the global
-batch of 32,768 fits v4 and v6e slices of 256 chips and v5p from 64 chips, not a v5e slice (it
-needs 19.9 GiB of a v5e chip's 16 at 128 per chip). Name the slice as the config argument and the
+batch of 32,768 fits v4 and v6e slices of 256 chips (v5p: 632 per chip on 256 chips, so 64 chips
+by that per-chip batch, not compiled), not a v5e slice (19.9 GiB of a v5e chip's 16 at 128 per
+chip with every text slot encoded; 17.2 under this config's text profile). Name the slice as the config argument and the
 batch becomes the largest that fits it when 32,768 does not:
 
     python -m umg_jax.train --config configs/vit_l.py:v5e-256 ...    # batch 22,528 (88 per chip)
