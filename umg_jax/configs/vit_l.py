@@ -11,8 +11,8 @@ The paper's hyper-parameters are not public; these follow EVA-CLIP-style continu
 Pod slices (the TPU compiler's verdict, ``benchmarks/pod_recipes.py``, README "Pods"): the global
 batch of 32,768 fits v4 and v6e slices of 256 chips (v5p: 632 per chip on 256 chips, so 64 chips
 by that per-chip batch, not compiled), not a v5e slice (19.9 GiB of a v5e chip's 16 at 128 per
-chip with every text slot encoded; 17.2 under this config's text profile). Name the slice as the config argument and the
-batch becomes the largest that fits it when 32,768 does not:
+chip with every text slot encoded; 17.2 under this config's text profile). Name the slice as the
+config argument and the batch becomes the largest that fits it when 32,768 does not:
 
     python -m umg_jax.train --config configs/vit_l.py:v5e-256 ...    # batch 22,528 (88 per chip)
 
