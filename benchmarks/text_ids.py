@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                                        f"--config.loss.free_text_frac={args.frac}",
                                        "--config.seed=0"], args.steps),
     }
-    keys = sorted(set.intersection(*(set(r["eval"]) for r in runs.values())))
+    evals = {n: r["eval"].get("results", r["eval"]) for n, r in runs.items()}
+    keys = sorted(set.intersection(*(set(e) for e in evals.values())))
     print(f"{'metric':<28} {'every slot s0':>14} {'every slot s1':>14} {'ids s0':>10}")
     for k in keys:
-        vals = [runs[n]["eval"][k] for n in ("every_slot_seed0", "every_slot_seed1", "ids_seed0")]
+        vals = [evals[n][k] for n in ("every_slot_seed0", "every_slot_seed1", "ids_seed0")]
         if all(isinstance(v, int | float) for v in vals):
             print(f"{k:<28} {vals[0]:>14.4f} {vals[1]:>14.4f} {vals[2]:>10.4f}")
     for n, r in runs.items():
