@@ -65,7 +65,7 @@ def one_batch(frac: float) -> dict:
                for a, b in zip(g1, g0, strict=True) if np.linalg.norm(b) > 1e-4 * norm)
     c.loss.free_text_frac = frac
     k, kf = step_lib.text_budgets(c, len(vocab), 1)
-    slots = c.batch_size * (c.data.max_tags + c.data.max_regions + c.data.max_masks)
+    slots = c.batch_size * step_lib.element_slots(c)
     return {"loss_every_slot": l0, "loss_ids": l1, "loss_rel_diff": abs(l1 - l0) / abs(l0),
             "grad_rel_diff": diff / norm, "grad_worst_leaf_rel_diff": leaf,
             "element_slots": slots, "element_rows_ids": k + kf, "vocab_size": int(len(vocab))}

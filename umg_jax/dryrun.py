@@ -134,9 +134,7 @@ def text_profile(config, mesh) -> dict | None:
                          "dry run its size, data.text_vocab_size")
     shards = sharding.batch_size_divisor(mesh)
     k, kf = step_lib.text_budgets(config, v, shards)
-    slots = config.batch_size * sum(
-        {"tags": config.data.max_tags, "region_text": config.data.max_regions,
-         "mask_text": config.data.max_masks}[f] for f in step_lib.element_text_fields(config.loss))
+    slots = config.batch_size * step_lib.element_slots(config)
     return {"vocab_size": v, "vocab_rows": k, "free_rows_per_shard": kf, "shards": shards,
             "element_rows": k + shards * kf, "element_slots": slots,
             "free_text_frac": float(config.loss.free_text_frac)}

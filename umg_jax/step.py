@@ -140,6 +140,13 @@ def element_text_fields(loss_cfg: mlc.ConfigDict) -> list[str]:
     return [f for f, _ in needed_text_fields(loss_cfg) if f != "text"]
 
 
+def element_slots(config: mlc.ConfigDict) -> int:
+    """Tag / region / mask text slots per example that go through the text tower."""
+    per_field = {"tags": config.data.max_tags, "region_text": config.data.max_regions,
+                 "mask_text": config.data.max_masks}
+    return sum(per_field[f] for f in element_text_fields(config.loss))
+
+
 def text_needs(batch: dict[str, np.ndarray], loss_cfg: mlc.ConfigDict, vocab_size: int,
                shards: int) -> tuple[int, ...]:
     """A host batch's text needs as one int tuple, ``(free_max, *present)``, for an
@@ -161,9 +168,7 @@ def text_budgets(config: mlc.ConfigDict, vocab_size: int, shards: int,
     smallest ones that hold the batch."""
     from umg_jax.models import text_slots
 
-    slots = config.batch_size // shards * sum(
-        {"tags": config.data.max_tags, "region_text": config.data.max_regions,
-         "mask_text": config.data.max_masks}[f] for f in element_text_fields(config.loss))
+    slots = config.batch_size // shards * element_slots(config)
     configured = text_slots.budgets(slots, vocab_size, shards,
                                     int(config.loss.get("text_vocab_budget", 0)),
                                     float(config.loss.free_text_frac))
