@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         "losses": "contrastive cores (softmax / sigmoid, chunked under shard_map), image, "
                   "region, pixel, UMG total, the seg head's loss",
         "evaluators": "numpy metric cores, zero-shot, retrieval, region, semantic, panoptic, "
+                      "seg thresholds chosen on a validation split, "
                       "head / training-free / ensemble segmentation",
     }),
     ("state", {

@@ -154,3 +154,27 @@ def test_segmenter_api(seg_run):
         s.predict(img, labels, isthing=[True])
     with pytest.raises(umg_jax.inference.InputError, match="not a segmentation-head run"):
         umg_jax.load_segmenter(str(wd.parent / "backbone"))
+
+
+def test_thresholds_are_chosen_on_the_validation_split(seg_run):
+    """The finished run chose its panoptic thresholds on the synthetic validation split (not
+    the evaluation split); every later load of the run uses them."""
+    from umg_jax.evaluators import seg_calibration
+
+    wd, c, _, r = seg_run
+    cal = json.loads((wd / checkpoint.SEG_CALIBRATION).read_text())
+    assert cal["split"].endswith("/val") and cal["num_images"] == c.eval.num_examples
+    assert cal["object_threshold"] in seg_calibration.OBJECT_GRID
+    assert cal["overlap_threshold"] in seg_calibration.OVERLAP_GRID
+    best = max(row[2] for row in cal["grid"])
+    assert cal["score"] == best
+    s = umg_jax.load_segmenter(str(wd))
+    assert (s.config.seg.object_threshold, s.config.seg.overlap_threshold) == (
+        cal["object_threshold"], cal["overlap_threshold"])
+    # a file without the thresholds is refused, not silently ignored
+    (wd / checkpoint.SEG_CALIBRATION).write_text("{}")
+    try:
+        with pytest.raises(ValueError, match="lacks"):
+            checkpoint.read_seg_calibration(wd)
+    finally:
+        (wd / checkpoint.SEG_CALIBRATION).write_text(json.dumps(cal))

@@ -223,7 +223,11 @@ def test_ensure_data(tmp_path, monkeypatch):
     mtime = max(p.stat().st_mtime_ns for p in __import__("pathlib").Path(path).iterdir())
     assert pipeline.ensure_data(cfg, "train") == path  # reused, not regenerated
     assert max(p.stat().st_mtime_ns for p in __import__("pathlib").Path(path).iterdir()) == mtime
-    assert pipeline.ensure_data(cfg, "eval") != path
+    eval_path = pipeline.ensure_data(cfg, "eval")
+    val_path = pipeline.ensure_data(cfg, "val")  # thresholds are chosen here, never on eval
+    assert len({path, eval_path, val_path}) == 3
+    srcs = [{r["source"] for r in records.iter_records(p)} for p in (eval_path, val_path)]
+    assert srcs[0].isdisjoint(srcs[1]) and all(len(x) == 2 for x in srcs)
 
     cfg.path = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -232,3 +236,7 @@ def test_ensure_data(tmp_path, monkeypatch):
     cfg.path = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no ArrayRecord shards"):
         pipeline.ensure_data(cfg, "train")
+    # real training data and no validation shards: no split to choose thresholds on
+    cfg.path = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="data.val_path"):
+        pipeline.ensure_data(cfg, "val")

@@ -141,3 +141,27 @@ def test_empty_images_give_zero_mask_gradients_and_push_queries_to_void():
     assert gc[:, :2].max() > 10 * gc[:, 2:].max()
     step = jax.tree.map(lambda x, d: x - 1e-2 * d, dict(out), g)
     assert float(loss(step)) < float(loss(dict(out)))
+
+
+def test_a_query_on_unlabeled_pixels_is_not_taught_void():
+    """Image 1's class-2 segment is held out. Query 3 covers it and says class 0; query 2 is
+    empty and also says class 0. Plain recipe: both are pushed to void. With
+    ``unlabeled_not_void`` query 3 gets no class gradient at all (it may have found a class
+    the head was not trained on), query 2 is still pushed to void."""
+    out, text, batch, cmap = _batch_and_perfect_outputs(holdout_class=2)
+    text = jnp.delete(text, 2, axis=0)
+    logits = np.asarray(out["mask_logits"]).copy()
+    tgt = np.asarray(seg.targets_at(batch["segmap"], 2))
+    logits[1, 3] = np.where(tgt[1] == 0, 20.0, -20.0)  # the held-out segment's pixels
+    cls = np.asarray(out["class_emb"]).copy()
+    cls[1, 2:] = [1.0, 0.0, 0.0, 0.0]  # both unmatched queries say class 0
+    out = dict(out, mask_logits=jnp.asarray(logits), class_emb=jnp.asarray(cls))
+
+    def grads(**over):
+        g = jax.grad(lambda o: seg.seg_loss(o, text, batch, cmap, _cfg(**over))[0])(out)
+        return np.abs(np.asarray(g["class_emb"]))[1]
+
+    plain, aware = grads(), grads(unlabeled_not_void=True)
+    assert plain[3].max() > 1e-3 and plain[2].max() > 1e-3
+    np.testing.assert_array_equal(aware[3], 0.0)
+    assert aware[2].max() > 1e-3

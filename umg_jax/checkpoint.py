@@ -401,16 +401,47 @@ def read_model_config(path: storage.PathLike):
     return mlc.ConfigDict(resolve_model_paths(model, path.parent))
 
 
+SEG_CALIBRATION = "seg_calibration.json"  # a head run's thresholds, chosen on a validation split
+CALIBRATED_KEYS = ("object_threshold", "overlap_threshold")  # what that file may override
+
+
+def read_seg_calibration(workdir: storage.PathLike) -> dict | None:
+    """``workdir/seg_calibration.json`` (written by ``python -m umg_jax.evaluate --calibrate``
+    or at the end of a head run), or None. ``ValueError`` for a file without the thresholds."""
+    p = storage.path(workdir) / SEG_CALIBRATION
+    if not p.exists():
+        return None
+    d = _read_json_dict(p)
+    missing = [k for k in CALIBRATED_KEYS if not isinstance(d.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"{p} lacks {missing}: delete it or rerun the calibration")
+    return d
+
+
+def apply_seg_calibration(config, workdir: storage.PathLike) -> dict | None:
+    """Sets ``config.seg``'s panoptic thresholds from the workdir's calibration file, when there
+    is one (the config's own values otherwise); returns the file's content."""
+    d = read_seg_calibration(workdir)
+    if d is not None:
+        for k in CALIBRATED_KEYS:
+            config.seg[k] = float(d[k])
+    return d
+
+
 def read_run_config(path: storage.PathLike):
     """A workdir's full ``config.json`` with the files its model names resolved against the
-    workdir (:func:`resolve_stored_path`)."""
+    workdir (:func:`resolve_stored_path`), and a head run's calibrated thresholds
+    (:func:`apply_seg_calibration`)."""
     import ml_collections as mlc
 
     path = storage.path(path)
     d = _read_config_file(path)
     if isinstance(d.get("model"), dict):
         resolve_model_paths(d["model"], path.parent)
-    return mlc.ConfigDict(d)
+    config = mlc.ConfigDict(d)
+    if (d.get("seg") or {}).get("enabled"):
+        apply_seg_calibration(config, path.parent)
+    return config
 
 
 def _read_json_dict(path: storage.PathLike | None) -> dict:
@@ -435,7 +466,8 @@ def read_peft_config(path: storage.PathLike | None):
 
 def read_seg_config(path: storage.PathLike | None):
     """The full config of a workdir ``config.json`` whose run trained the segmentation head
-    (params ``{"base", "seg", ...}``), else None."""
+    (params ``{"base", "seg", ...}``), with its calibrated thresholds
+    (:func:`apply_seg_calibration`), else None."""
     import ml_collections as mlc
 
     d = _read_json_dict(path)
@@ -444,7 +476,9 @@ def read_seg_config(path: storage.PathLike | None):
         return None
     if isinstance(d.get("model"), dict):
         resolve_model_paths(d["model"], storage.path(path).parent)
-    return mlc.ConfigDict(d)
+    config = mlc.ConfigDict(d)
+    apply_seg_calibration(config, storage.path(path).parent)
+    return config
 
 
 def _restore_cpu(path: storage.PathLike, abstract: PyTree) -> PyTree:

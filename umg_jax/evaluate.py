@@ -13,7 +13,9 @@ disk (Grain reads ArrayRecord through local paths: mount a bucket with Cloud Sto
 The model config comes from the workdir (``config.json``), the data / eval settings from
 ``--config`` when given, else from the workdir's config too. A segmentation-head run
 (``configs/seg_*.py``) is evaluated with ``evaluators/segmentation.py`` instead: mIoU and PQ of the
-training-free baseline, the head, and the head + ensemble, on all / seen / held-out classes.
+training-free baseline, the head, and the head + ensemble, on all / seen / held-out classes,
+at the panoptic thresholds the run chose on its validation split (``--calibrate``, also run at
+the end of a head's training: ``seg_calibration.json``), else at its config's.
 Exit status 2 on bad input.
 
 Inside training, ``make_hooks(config)`` returns the same evaluation as a function of the params
@@ -116,6 +118,54 @@ def evaluate_seg_head(model, seg_params, config: mlc.ConfigDict, data_dir: str,
     return {f"seg/{k}": v for k, v in results.items()}
 
 
+def calibrate_seg(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
+                  step: int | None = None, num_examples: int | None = None, log=print) -> dict:
+    """Chooses a segmentation-head run's panoptic thresholds on the validation split
+    (``data`` or ``config.data.val_path``, default the synthetic validation split; never the
+    evaluation split) and writes them to ``workdir/seg_calibration.json``, which every later
+    load of the run applies (``checkpoint.apply_seg_calibration``). Returns the file's content
+    (``evaluators/seg_calibration.py``)."""
+    import functools
+
+    from umg_jax import checkpoint, storage
+    from umg_jax.data import pipeline
+    from umg_jax.evaluators import seg_calibration
+    from umg_jax.evaluators import segmentation as seg_eval
+    from umg_jax.inference import InputError, load
+    from umg_jax.step import seg_enabled
+
+    ckpt_dir, cfg_file = checkpoint.locate(workdir, step)
+    if config is None:
+        if cfg_file is None or cfg_file.name != "config.json":
+            raise EvalError(f"{workdir} has no training config.json: pass --config")
+        config = checkpoint.read_run_config(cfg_file)
+    if not seg_enabled(config):
+        raise EvalError(f"{workdir}: --calibrate applies to segmentation-head runs "
+                        "(configs/seg_*.py) only")
+    try:
+        data_dir = data or pipeline.ensure_data(config.data, "val")
+        model = load(workdir, step)
+        seg_params = checkpoint.load_seg_params(ckpt_dir, config)
+    except (FileNotFoundError, InputError) as e:
+        raise EvalError(str(e)) from None
+    n = int(num_examples or config.eval.num_examples)
+    bs = min(int(config.eval.batch_size), n)
+    names, isthing = categories(data_dir)
+    holdout = set(config.seg.holdout)
+    decode = functools.partial(seg_eval.make_decode(config), seg_params)
+    res = seg_calibration.calibrate_thresholds(
+        model, decode, eval_batches(config, data_dir, n, bs), names, isthing,
+        [c not in holdout for c in names], config.seg)
+    res.update(split=str(data_dir), step=ckpt_dir.name,
+               config_thresholds=[float(config.seg.object_threshold),
+                                  float(config.seg.overlap_threshold)])
+    storage.write_json(storage.path(workdir) / checkpoint.SEG_CALIBRATION, res, indent=1)
+    log(f"seg thresholds from the validation split ({res['num_images']} images, PQ on seen "
+        f"classes {res['score']:.3f}): object {res['object_threshold']}, overlap "
+        f"{res['overlap_threshold']} -> {storage.path(workdir) / checkpoint.SEG_CALIBRATION}")
+    return res
+
+
 def make_hooks(config: mlc.ConfigDict) -> dict[str, Callable]:
     """``{"umg" or "seg": fn(params) -> metrics}`` for the trainer (held-out split of
     ``config.data``)."""
@@ -192,6 +242,9 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
 
     if seg_enabled(config):  # a segmentation-head run
         try:
+            # the run's thresholds as calibrated on its validation split, when they were
+            config = config.copy_and_resolve_references()  # the caller's stays as it was
+            checkpoint.apply_seg_calibration(config, workdir)
             seg_params = checkpoint.load_seg_params(ckpt_dir, config)
         except (FileNotFoundError, ValueError) as e:
             raise EvalError(str(e)) from None
@@ -227,9 +280,17 @@ def main(argv: list[str] | None = None) -> int:
                     + ",".join(ALL))
     ap.add_argument("--num_examples", type=int, default=None,
                     help="examples to evaluate (default: config.eval.num_examples)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="segmentation-head runs: first choose the panoptic thresholds on the "
+                    "validation split (data.val_path, default synthetic; --data is then that "
+                    "split) and store them in the workdir (seg_calibration.json)")
     args = ap.parse_args(argv)
     try:
         config = config_lib.load_config(args.config) if args.config else None
+        if args.calibrate:
+            calibrate_seg(args.workdir, config=config, data=args.data, step=args.step,
+                          num_examples=args.num_examples)
+            args.data = ""
         names = [s.strip() for s in args.evaluators.split(",") if s.strip()]
         results = run(args.workdir, config=config, data=args.data, step=args.step, names=names,
                       num_examples=args.num_examples)

@@ -313,6 +313,9 @@ def train(config: mlc.ConfigDict, workdir: storage.PathLike) -> dict:
         writer.close()
     if is_main:
         storage.write_json(workdir / "final_metrics.json", {"step": step, **last})
+        if (step_lib.seg_enabled(config) and config.seg.get("calibrate", False)
+                and step == config.total_steps):
+            _calibrate_seg(config, workdir)
         if out_of_time:
             print(f"time budget of {budget:.0f}s used up at step {step}", flush=True)
         if stop.received is not None:
@@ -412,6 +415,18 @@ def _run_hooks(hooks: dict, params, step: int) -> dict:
         print(f"eval @ {step}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())),
               flush=True)
     return results
+
+
+def _calibrate_seg(config: mlc.ConfigDict, workdir: storage.PathLike) -> None:
+    """The finished head's panoptic thresholds, chosen on the validation split; a run whose
+    data has no validation split keeps its config's thresholds (said once)."""
+    from umg_jax import evaluate  # noqa: PLC0415  (heavy; only for head runs)
+
+    try:
+        evaluate.calibrate_seg(str(workdir), config=config,
+                               log=lambda s: print(s, flush=True))
+    except evaluate.EvalError as e:
+        print(f"seg thresholds not calibrated ({e}); the config's are used", flush=True)
 
 
 def _make_evaluators(config) -> dict:

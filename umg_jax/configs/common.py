@@ -112,6 +112,7 @@ def data_config() -> mlc.ConfigDict:
     d = mlc.ConfigDict()
     d.path = ""  # directory of ArrayRecord shards + meta.json; "" -> embedded synthetic world
     d.eval_path = ""  # held-out shards for evaluation; "" -> synthetic held-out split
+    d.val_path = ""  # validation shards (inference thresholds are chosen here); "" -> synthetic
     d.synthetic_num_train = 2048  # examples generated on first use when path == ""
     d.synthetic_num_eval = 256  # held-out synthetic examples
     d.synthetic_seed = 0  # seed of the generated world
@@ -277,11 +278,13 @@ def seg_config() -> mlc.ConfigDict:
     s.w_bce = 5.0  # mask sigmoid-BCE weight
     s.w_dice = 5.0  # mask dice weight
     s.void_weight = 0.1  # class-loss weight of unmatched queries (target "void")
+    s.unlabeled_not_void = True  # no "void" target for unmatched queries on unlabeled pixels
     s.ensemble = True  # classify masks with the head x frozen mask-pooled geometric ensemble
     s.ensemble_alpha = 0.4  # frozen-backbone exponent on seen classes (FC-CLIP)
     s.ensemble_beta = 0.8  # frozen-backbone exponent on unseen classes (FC-CLIP)
     s.object_threshold = 0.8  # panoptic: min class probability of a kept query (Mask2Former)
     s.overlap_threshold = 0.8  # panoptic: min fraction of its own mask a query must keep
+    s.calibrate = True  # at the end of training, choose both thresholds on data.val_path
     return s
 
 

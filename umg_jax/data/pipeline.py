@@ -60,19 +60,24 @@ def _synthetic_settings(data_cfg, split: str) -> dict[str, Any]:
 
 
 def ensure_data(data_cfg, split: str) -> str:
-    """Directory of ArrayRecord shards for ``split`` ("train" or "eval").
+    """Directory of ArrayRecord shards for ``split`` ("train", "eval" or "val").
 
-    ``data_cfg.path`` / ``data_cfg.eval_path`` when set (checked: it must hold shards, else
-    ``FileNotFoundError``). When empty, the embedded synthetic world is generated on first use
-    into ``$UMG_JAX_CACHE/synthetic/<hash of the synthetic_* settings>/<split>`` (default root
+    ``data_cfg.path`` / ``eval_path`` / ``val_path`` when set (checked: it must hold shards, else
+    ``FileNotFoundError``; a run on real training data with no ``val_path`` has no validation
+    split: ``FileNotFoundError``). When empty, the embedded synthetic world is generated on first
+    use into ``$UMG_JAX_CACHE/synthetic/<hash of the synthetic_* settings>/<split>`` (default root
     ``~/.cache/umg_jax``) and reused afterwards. Generation writes to a temporary directory and
     renames it, so concurrent processes never see a half-written data set.
     """
     from umg_jax.data import records
 
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    path = data_cfg.path if split == "train" else data_cfg.eval_path
+    if split not in ("train", "eval", "val"):
+        raise ValueError(f"split must be 'train', 'eval' or 'val', got {split!r}")
+    path = {"train": data_cfg.path, "eval": data_cfg.eval_path,
+            "val": data_cfg.get("val_path", "")}[split]
+    if split == "val" and not path and data_cfg.path:
+        raise FileNotFoundError("no validation split for this data set: set data.val_path "
+                                "(shards disjoint from data.eval_path)")
     if path:
         p = pathlib.Path(path).expanduser()
         if not p.is_dir():

@@ -45,7 +45,7 @@ CATEGORIES = [{"id": i, "name": n, "isthing": True} for i, n in enumerate(SHAPES
     {"id": len(SHAPES) + i, "name": n, "isthing": False} for i, n in enumerate(STUFF)
 ]
 _CAT = {c["name"]: c["id"] for c in CATEGORIES}
-_SPLIT_OFFSET = {"train": 0, "eval": 1_000_003, "test": 2_000_029}
+_SPLIT_OFFSET = {"train": 0, "eval": 1_000_003, "test": 2_000_029, "val": 3_000_017}
 _NUMBERS = ("no", "one", "two", "three", "four", "five")
 _PLURAL = {"cross": "crosses"}
 

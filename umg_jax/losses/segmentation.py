@@ -3,7 +3,8 @@
 Per image: the ground-truth segments (``segmap`` at the decoder's resolution) are matched
 one-to-one to queries by the cost ``w_class * -p(class) + w_bce * BCE + w_dice * dice``; matched
 queries learn their segment's mask (sigmoid BCE + dice) and class, unmatched queries learn
-"void" (class loss weighted by ``void_weight``).
+"void" (class loss weighted by ``void_weight``), except, with ``seg.unlabeled_not_void``, those
+whose mask lies mostly on unlabeled pixels: they get no class loss.
 
 Matching is greedy (repeatedly take the cheapest remaining query/segment pair), in jnp with
 static shapes, so it runs inside the jitted, sharded step on any accelerator with no host
@@ -12,7 +13,8 @@ test suite measures how often it does on random costs (scipy's ``linear_sum_assi
 
 Segments of classes outside the training vocabulary (``class_map == -1``, the held-out
 categories of a zero-shot protocol) are not targets and their pixels are ignored in the mask
-terms: the head is neither taught them nor penalised for finding them.
+terms: the head is neither taught them nor penalised for finding them (nor, with
+``seg.unlabeled_not_void``, taught to call what it finds there "void").
 """
 
 from __future__ import annotations
@@ -110,7 +112,16 @@ def seg_loss(out: dict[str, jax.Array], text: jax.Array, batch: dict[str, jax.Ar
     n_match = jnp.maximum(n_match.sum(), 1)
     ce = -jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]  # [B, N]
     cw = jnp.where(tgt == c, cfg.void_weight, 1.0)
-    loss_class = (ce * cw).sum() / cw.sum()
+    if cfg.get("unlabeled_not_void", False):
+        # An unmatched query whose mask lies mostly on pixels without a training label (a
+        # held-out class, an unannotated object) may have found something real: teaching it
+        # "void" would teach the head to reject every class it was not trained on.
+        prob = jax.nn.sigmoid(jax.lax.stop_gradient(flat))  # [B, N, P]
+        area = prob.sum(-1)  # [B, N] soft mask area, pixels
+        frac = jnp.einsum("bnp,bp->bn", prob, 1.0 - weight) / jnp.maximum(area, 1e-6)
+        # (an empty mask, under one pixel of area, finds nothing: it stays "void")
+        cw = jnp.where((tgt == c) & (frac > 0.5) & (area >= 1.0), 0.0, cw)
+    loss_class = (ce * cw).sum() / jnp.maximum(cw.sum(), 1e-6)
     loss_bce = bce_s.sum() / n_match
     loss_dice = dice_s.sum() / n_match
     total = cfg.w_class * loss_class + cfg.w_bce * loss_bce + cfg.w_dice * loss_dice
