@@ -561,6 +561,27 @@ def test_seg_head_beside_open_clip_state_dict(seg_run, tmp_path):
     assert (tmp_path / cfg["file"]).read_bytes() == (out / "umg_seg_head.safetensors").read_bytes()
 
 
+def test_calibrated_thresholds_travel_to_the_torch_side(seg_run, tmp_path):
+    """A run's ``seg_calibration.json`` (thresholds chosen on its validation split) sets the
+    thresholds of both ``load_segmenter`` and the export's ``UMGTorchSegmenter``."""
+    import shutil
+
+    import umg_jax
+    from umg_jax import checkpoint
+    from umg_jax.interop import torch_seg
+
+    wd = tmp_path / "wd"
+    shutil.copytree(seg_run[3], wd)
+    (wd / checkpoint.SEG_CALIBRATION).write_text(json.dumps(
+        {"object_threshold": 0.3, "overlap_threshold": 0.65}))
+    export_torch.main([str(wd), "--format", "hf", "--out", str(tmp_path / "hf")])
+    ts = torch_seg.UMGTorchSegmenter.from_export(tmp_path / "hf")
+    js = umg_jax.load_segmenter(str(wd))
+    for c in (ts.config, js.config.seg):
+        assert (c["object_threshold"], c["overlap_threshold"]) == (0.3, 0.65)
+    assert seg_run[0].config.seg.object_threshold == 0.0  # the uncalibrated run's own
+
+
 def test_seg_head_logits_match(seg_run, seg_jax, scene):
     _, ts, _, _ = seg_run
     mask_logits, cls_logits, mask_prob, probs = seg_jax
