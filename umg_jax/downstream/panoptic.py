@@ -14,8 +14,9 @@ Layouts read (``--data DIR``):
 
 PNG segment id = R + 256 G + 256^2 B, 0 = void; categories, ``isthing`` and ``iscrowd`` from the
 JSON. Segments are *predicted*, never taken from the ground truth: the segmentation head
-(``model.segmenter.predict``, Mask2Former's panoptic merge at the run's thresholds) when the run
-has one, else the training-free backbone segments (``segmentation.free_panoptic``: 8-connected
+(``sliding.sliding_head_panoptic``: the head's queries on sliding windows at the benchmark
+resolution, one Mask2Former panoptic merge per image at the run's thresholds) when the run has
+one, else the training-free backbone segments (``segmentation.free_panoptic``: 8-connected
 components of each thing class, one segment per stuff class, of the sliding-window label map).
 """
 
@@ -158,12 +159,13 @@ def read_target(split: PanSplit, i: int, hw: tuple[int, int]
 
 
 def _head_predictions(model: BenchModel, images: Iterator[np.ndarray], split: PanSplit,
-                      templates: tuple[str, ...]) -> Iterator[tuple[np.ndarray, dict[int, int]]]:
-    index = {n: i for i, n in enumerate(split.names)}
-    for img in images:
-        out = model.segmenter.predict(img, split.names, isthing=split.isthing,
-                                      templates=templates)
-        yield out["panoptic"], {sid: index[lab] for sid, (lab, _) in out["segments"].items()}
+                      templates: tuple[str, ...], opts: Options
+                      ) -> Iterator[tuple[np.ndarray, dict[int, int]]]:
+    seg = model.segmenter
+    text, _ = semantic.text_embeddings(model, split.names, templates)
+    seen = np.array([n in seg.train_labels for n in split.names])
+    yield from sliding.sliding_head_panoptic(seg, images, text, split.isthing, seen, opts,
+                                             bool(seg.config.seg.ensemble))
 
 
 def _free_predictions(model: BenchModel, images: Iterator[np.ndarray], split: PanSplit,
@@ -179,15 +181,29 @@ def _free_predictions(model: BenchModel, images: Iterator[np.ndarray], split: Pa
 def predictor_protocol(model: BenchModel, opts: Options) -> dict[str, Any]:
     """How segments were predicted and the thresholds used (fixed before evaluation)."""
     if model.segmenter is not None:
+        from umg_jax import checkpoint
+
         seg = model.segmenter.config.seg
-        return {"predictor": "segmentation head (Mask2Former panoptic merge), whole image at "
-                             "the model's input size",
+        cal = checkpoint.read_seg_calibration(model.source) if model.source else None
+        source = ("the run's validation split (python -m umg_jax.evaluate --calibrate: "
+                  f"{checkpoint.SEG_CALIBRATION}, objective {cal.get('objective')}, split "
+                  f"{cal.get('split')}); never tuned on an evaluation split" if cal else
+                  "the run's config; configs/common.py and configs/seg_*.py keep Mask2Former's "
+                  "published test defaults (0.8 / 0.8), never tuned on an evaluation split")
+        return {**sliding.protocol(model.backbone, opts),
+                "predictor": "segmentation head (Mask2Former panoptic merge) on sliding windows "
+                             "at the benchmark resolution",
+                "inference": "sliding window: per window, the head's queries whose best "
+                             "non-void class beats object_threshold are candidates (window-"
+                             "sized masks); candidates of one class from two windows whose "
+                             "masks overlap at IoU >= fuse_iou inside the shared area are one "
+                             "object (masks and scores averaged); one Mask2Former merge over "
+                             "all of an image's candidates at the resized resolution; segment "
+                             "map resized to the original size (nearest)",
+                "fuse_iou": sliding.FUSE_IOU,
                 "object_threshold": float(seg.object_threshold),
                 "overlap_threshold": float(seg.overlap_threshold), "mask_threshold": 0.5,
-                "ensemble": bool(seg.ensemble),
-                "thresholds_source": "the run's config; configs/common.py and configs/seg_*.py "
-                                     "keep Mask2Former's published test defaults (0.8 / 0.8), "
-                                     "never tuned on an evaluation split"}
+                "ensemble": bool(seg.ensemble), "thresholds_source": source}
     return {"predictor": "training-free: sliding-window label map of the backbone, 8-connected "
                          "components per thing class, one segment per stuff class",
             "thresholds": "none", **sliding.protocol(model.backbone, opts)}
@@ -202,7 +218,8 @@ def evaluate(model: BenchModel, opts: Options, task: str, split: PanSplit) -> Ta
         raise BenchmarkInputError(f"{task}: no image with a panoptic label to evaluate ({why})")
     templates = common.resolve_templates(opts, semantic.DENSE_TEMPLATES)
     images = common.read_images([str(p) for p in split.images[:n]], opts.workers)
-    preds = (_head_predictions(model, images, split, templates) if model.segmenter is not None
+    preds = (_head_predictions(model, images, split, templates, opts)
+             if model.segmenter is not None
              else _free_predictions(model, images, split, templates, opts))
     acc = metrics.PanopticAccumulator(len(split.names), split.isthing)
     t0 = time.perf_counter()
@@ -221,7 +238,9 @@ def evaluate(model: BenchModel, opts: Options, task: str, split: PanSplit) -> Ta
                    "left out of the union, crowd segments neither matched nor missed, a "
                    "prediction more than half on void or same-class crowd not a false "
                    "positive; averaged over categories with TP + FP + FN > 0",
-        "paper": semantic.PAPER_NOTE, **predictor_protocol(model, opts)}, num_examples=n,
+        "paper": semantic.PAPER_NOTE, **predictor_protocol(model, opts),
+        **({"seen_classes": sum(c in model.segmenter.train_labels for c in split.names)}
+           if model.segmenter is not None else {})}, num_examples=n,
         images_per_s=n / max(elapsed, 1e-9), skipped=dict(split.skipped))
 
 

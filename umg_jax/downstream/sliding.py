@@ -8,6 +8,10 @@ label embeddings x the model's mask logit scale) upsampled bilinearly to window 
 overlapping logits averaged, and the map resized to the original image (mmsegmentation's
 ``slide`` inference).
 
+The segmentation head on the same windows: semantic scores averaged like logits
+(:func:`sliding_head_scores`); panoptic segments from one Mask2Former merge over every window's
+queries, cross-window duplicates fused first (:func:`sliding_head_panoptic`).
+
 Whole image (``opts.resize_pos``): the resized image (sides rounded to whole patches) in one
 pass with the position embeddings bicubically interpolated to its patch grid (the maths of the
 import's ``--allow_resize``, on a rectangular grid); one compile per image shape.
@@ -127,17 +131,26 @@ class _Pending:
     remaining: int  # windows not yet encoded
     finish: Callable[[np.ndarray], np.ndarray]  # the averaged [h, w, C] -> what is yielded
 
+    def add(self, y: int, x: int, out: np.ndarray) -> None:
+        """Adds one window's ``[o, o, C]`` output at ``(y, x)``."""
+        self.acc[y:y + out.shape[0], x:x + out.shape[1]] += out
+        self.count[y:y + out.shape[0], x:x + out.shape[1]] += 1
 
-def _slide(backbone: Any, jobs: Iterable[tuple[_Pending, list[tuple[int, int, np.ndarray]]]],
-           bsz: int, window_out: Callable[[np.ndarray, jax.Array], np.ndarray]
-           ) -> Iterator[np.ndarray]:
-    """The sliding-window engine: ``jobs`` gives per image its accumulator and its windows
-    ``(out_y, out_x, crop [S, S, 3])``; crops of consecutive images share batches of ``bsz``
-    (padded at the end: one compiled encoder for every image size); ``window_out(crops [bsz, S,
-    S, 3], dense [bsz, gh, gw, E]) -> [bsz, o, o, C]`` is added to the accumulator at ``(out_y,
-    out_x)``; each image's ``finish(mean)`` is yielded in order once its windows are done."""
-    pending: collections.deque[_Pending] = collections.deque()
-    queue: list[tuple[_Pending, int, int, np.ndarray]] = []
+    def result(self) -> Any:
+        return self.finish(self.acc / self.count[..., None])
+
+
+def _slide(backbone: Any, jobs: Iterable[tuple[Any, list[tuple[int, int, np.ndarray]]]],
+           bsz: int, window_out: Callable[[np.ndarray, jax.Array], Any]) -> Iterator[Any]:
+    """The sliding-window engine: ``jobs`` gives per image its accumulator (:class:`_Pending`,
+    or any object with its ``remaining`` / ``add`` / ``result``) and its windows ``(out_y,
+    out_x, crop [S, S, 3])``; crops of consecutive images share batches of ``bsz`` (padded at
+    the end: one compiled encoder for every image size); ``window_out(crops [bsz, S, S, 3],
+    dense [bsz, gh, gw, E])`` gives one output per window (``[bsz, o, o, C]`` for
+    :class:`_Pending`), handed to the accumulator's ``add(out_y, out_x, out)``; each image's
+    ``result()`` is yielded in order once its windows are done."""
+    pending: collections.deque[Any] = collections.deque()
+    queue: list[tuple[Any, int, int, np.ndarray]] = []
 
     def run_batch(items):
         crops = np.stack([c for *_, c in items])
@@ -147,14 +160,12 @@ def _slide(backbone: Any, jobs: Iterable[tuple[_Pending, list[tuple[int, int, np
         _, dense = common.encode_images(backbone, crops)
         out = window_out(crops, jnp.asarray(dense))
         for (st, y, x, _), o in zip(items, out, strict=False):
-            st.acc[y:y + o.shape[0], x:x + o.shape[1]] += o
-            st.count[y:y + o.shape[0], x:x + o.shape[1]] += 1
+            st.add(y, x, o)
             st.remaining -= 1
 
     def finished():
         while pending and pending[0].remaining == 0:
-            st = pending.popleft()
-            yield st.finish(st.acc / st.count[..., None])
+            yield pending.popleft().result()
 
     for st, windows in jobs:
         pending.append(st)
@@ -185,19 +196,30 @@ def sliding_logits(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray
                       lambda _, d: np.asarray(_window_logits(d, text_j, scale_j, win)))
 
 
-def _pixel_windows(backbone: Any, images: Iterable[np.ndarray], opts: Options, channels: int
-                   ) -> Iterator[tuple[_Pending, list[tuple[int, int, np.ndarray]]]]:
-    """Jobs of :func:`_slide` with outputs in pixels: each image resized to the shorter side,
-    windows of the input size every ``window_stride``, the mean resized back to the image."""
+def _window_grid(backbone: Any, images: Iterable[np.ndarray], opts: Options
+                 ) -> Iterator[tuple[tuple[int, int], tuple[int, int],
+                                     list[tuple[int, int, np.ndarray]]]]:
+    """Per image ``(image (H, W), resized (h, w), windows)``: the image resized to the shorter
+    side, windows ``(y, x, crop [S, S, 3] float32)`` of the input size every
+    ``window_stride``, row-major (the last row / column flush with the border)."""
     win = backbone.image_size
     short, stride = short_side(backbone, opts), window_stride(backbone, opts)
     for image in images:
         size = resized_size(image.shape[:2], short)
         x = prepare(image, size, backbone)
         ys, xs = window_starts(size[0], win, stride), window_starts(size[1], win, stride)
+        yield image.shape[:2], size, [(y, xx, x[y:y + win, xx:xx + win]) for y in ys
+                                      for xx in xs]
+
+
+def _pixel_windows(backbone: Any, images: Iterable[np.ndarray], opts: Options, channels: int
+                   ) -> Iterator[tuple[_Pending, list[tuple[int, int, np.ndarray]]]]:
+    """Jobs of :func:`_slide` with outputs in pixels (:func:`_window_grid`), the mean resized
+    back to the image."""
+    for hw, size, windows in _window_grid(backbone, images, opts):
         st = _Pending(np.zeros((*size, channels), np.float32), np.zeros(size, np.float32),
-                      len(ys) * len(xs), functools.partial(resize_bilinear, size=image.shape[:2]))
-        yield st, [(y, xx, x[y:y + win, xx:xx + win]) for y in ys for xx in xs]
+                      len(windows), functools.partial(resize_bilinear, size=hw))
+        yield st, windows
 
 
 def patch_size_of(hw: tuple[int, int], short: int, patch: int, window: int) -> tuple[int, int]:
@@ -266,6 +288,219 @@ def sliding_head_scores(segmenter: Any, images: Iterable[np.ndarray], text: np.n
 
     yield from _slide(bb, _pixel_windows(bb, images, opts, len(text)), max(1, opts.batch_size),
                       window_out)
+
+
+# ------------------------------------------------- the head's panoptic inference over windows
+FUSE_IOU = 0.5  # two windows' candidates of one class are one object when their masks (>= 0.5)
+#   overlap at IoU >= this inside the area the two windows share
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A query of one window that passed Mask2Former's object test, in the resized image."""
+
+    sid: int  # its segment id: window index x queries per window + query index
+    window: int  # index of its window in the image (row-major)
+    y: int  # the window's offset in the resized image
+    x: int
+    mask: np.ndarray  # [S, S] float32 sigmoid mask probability over its window
+    score: np.float32  # best non-void class probability
+    label: int  # that class
+
+
+def window_candidates(probs: np.ndarray, mask_prob: np.ndarray, window: int, y: int, x: int,
+                      object_threshold: float) -> list[Candidate]:
+    """One window's queries ``probs [N, C + 1]`` (last = void), ``mask_prob [N, S, S]`` ->
+    the candidates that ``segmentation.panoptic_inference`` would let compete: best class not
+    void and its probability > ``object_threshold``."""
+    from umg_jax.evaluators.segmentation import keep_queries
+
+    keep, score, label = keep_queries(probs, object_threshold)
+    n = probs.shape[0]
+    return [Candidate(window * n + int(q), window, y, x, mask_prob[q].copy(), score[q],
+                      int(label[q])) for q in np.nonzero(keep)[0]]
+
+
+def _fuse(cands: list[Candidate], fuse_iou: float) -> list[list[int]]:
+    """Groups of candidate indices that are one object seen by several windows: pairs of one
+    class from two windows whose masks (>= 0.5) reach IoU >= ``fuse_iou`` inside the windows'
+    shared area, joined best IoU first, never two candidates of one window in a group (a
+    window's own queries are Mask2Former's distinct objects). Groups ordered by first
+    member; single candidates are groups of one."""
+    own = [c.mask >= 0.5 for c in cands]
+    pairs = []
+    for i, a in enumerate(cands):
+        sa = a.mask.shape[0]
+        for j in range(i + 1, len(cands)):
+            b = cands[j]
+            if b.window == a.window or b.label != a.label:
+                continue
+            y0, y1 = max(a.y, b.y), min(a.y, b.y) + sa
+            x0, x1 = max(a.x, b.x), min(a.x, b.x) + sa
+            if y0 >= y1 or x0 >= x1:
+                continue
+            ma = own[i][y0 - a.y:y1 - a.y, x0 - a.x:x1 - a.x]
+            mb = own[j][y0 - b.y:y1 - b.y, x0 - b.x:x1 - b.x]
+            union = np.count_nonzero(ma | mb)
+            iou = np.count_nonzero(ma & mb) / union if union else 0.0
+            if iou >= fuse_iou:
+                pairs.append((-iou, i, j))
+    root = list(range(len(cands)))
+    windows = [{c.window} for c in cands]
+
+    def find(i):
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for _, i, j in sorted(pairs):
+        ri, rj = find(i), find(j)
+        if ri != rj and not windows[ri] & windows[rj]:
+            ri, rj = min(ri, rj), max(ri, rj)
+            root[rj] = ri
+            windows[ri] |= windows[rj]
+    groups: dict[int, list[int]] = {}
+    for i in range(len(cands)):
+        groups.setdefault(find(i), []).append(i)
+    return [groups[r] for r in sorted(groups)]
+
+
+def merge_candidates(cands: list[Candidate], size: tuple[int, int], isthing: np.ndarray,
+                     overlap_threshold: float, fuse_iou: float | None = None
+                     ) -> tuple[np.ndarray, dict[int, int]]:
+    """One Mask2Former panoptic merge over all windows' candidates of an image of ``size``
+    ``(h, w)``: cross-window duplicates fused first (:func:`_fuse`; mask = mean of the members'
+    masks where they overlap, score = mean of theirs), then per pixel the fused candidate with
+    the highest ``score x mask`` wins (first one on ties), a candidate keeps the pixels it wins
+    that are in its own mask (>= 0.5) if they are at least ``overlap_threshold`` of that mask,
+    stuff of one class is one segment. Returns ``(seg [h, w] int32`` ids, -1 = none, ``{id:
+    class})``; on one window it is ``segmentation.panoptic_inference``. ``fuse_iou``: default
+    :data:`FUSE_IOU`; above 1, no fusion."""
+    fuse_iou = FUSE_IOU if fuse_iou is None else fuse_iou
+    seg = np.full(size, -1, np.int32)
+    classes: dict[int, int] = {}
+    fused = []
+    for members in _fuse(cands, fuse_iou):
+        ms = [cands[i] for i in members]
+        y0, x0 = min(c.y for c in ms), min(c.x for c in ms)
+        y1 = max(c.y + c.mask.shape[0] for c in ms)
+        x1 = max(c.x + c.mask.shape[1] for c in ms)
+        if len(ms) == 1:  # the window's own mask, bit for bit
+            mask = ms[0].mask
+        else:
+            acc = np.zeros((y1 - y0, x1 - x0), np.float32)
+            cnt = np.zeros_like(acc)
+            for c in ms:
+                acc[c.y - y0:c.y - y0 + c.mask.shape[0], c.x - x0:c.x - x0 + c.mask.shape[1]] += \
+                    c.mask
+                cnt[c.y - y0:c.y - y0 + c.mask.shape[0], c.x - x0:c.x - x0 + c.mask.shape[1]] += 1
+            mask = np.divide(acc, cnt, out=np.zeros_like(acc), where=cnt > 0)
+        score = np.float32(np.mean(np.array([c.score for c in ms], np.float32), dtype=np.float32))
+        fused.append((ms[0].sid, ms[0].label, (y0, y1, x0, x1), mask, score))
+    # the per-pixel competition, as a running first-argmax over the candidates in order
+    best = np.full(size, -1.0, np.float32)
+    winner = np.full(size, -1, np.int64)
+    for g, (_, _, (y0, y1, x0, x1), mask, score) in enumerate(fused):
+        v = score * mask
+        sub = best[y0:y1, x0:x1]
+        upd = v > sub
+        sub[upd] = v[upd]
+        winner[y0:y1, x0:x1][upd] = g
+    stuff_id: dict[int, int] = {}
+    for g, (sid, c, (y0, y1, x0, x1), mask, _) in enumerate(fused):
+        own = mask >= 0.5
+        region = (winner[y0:y1, x0:x1] == g) & own
+        n_own, n_region = np.count_nonzero(own), np.count_nonzero(region)
+        if not n_own or not n_region or n_region / n_own < overlap_threshold:
+            continue
+        sid = sid if isthing[c] else stuff_id.setdefault(c, sid)
+        seg[y0:y1, x0:x1][region] = sid
+        classes[sid] = c
+    return seg, classes
+
+
+def resize_nearest(seg: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[h, w]`` -> ``[H, W]`` nearest neighbour, half-pixel centres (PIL's ``NEAREST``,
+    PyTorch's ``nearest-exact``)."""
+    if seg.shape == tuple(size):
+        return seg
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * (seg.shape[0] / size[0])).astype(np.int64),
+                      seg.shape[0] - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * (seg.shape[1] / size[1])).astype(np.int64),
+                      seg.shape[1] - 1)
+    return seg[rows[:, None], cols[None, :]]
+
+
+@dataclasses.dataclass
+class _Candidates:
+    """One image's candidates while its windows are in flight (a :func:`_slide` accumulator)."""
+
+    remaining: int
+    windows: dict[tuple[int, int], int]  # window offset -> its index in the image
+    finish: Callable[[list[Candidate]], Any]
+    object_threshold: float
+    cands: list[Candidate] = dataclasses.field(default_factory=list)
+
+    def add(self, y: int, x: int, out: tuple[np.ndarray, np.ndarray]) -> None:
+        probs, mask_prob = out
+        self.cands += window_candidates(probs, mask_prob, self.windows[(y, x)], y, x,
+                                        self.object_threshold)
+
+    def result(self) -> Any:
+        return self.finish(self.cands)
+
+
+def sliding_head_panoptic(segmenter: Any, images: Iterable[np.ndarray], text: np.ndarray,
+                          isthing: np.ndarray, seen: np.ndarray, opts: Options, ensemble: bool
+                          ) -> Iterator[tuple[np.ndarray, dict[int, int]]]:
+    """Panoptic segments of the segmentation head for each ``uint8 [H, W, 3]`` image: ``(seg
+    [H, W] int32`` segment id, -1 = none, ``{segment id: class index})``.
+
+    Windows and resolution as :func:`sliding_head_scores`. Per window, the head's queries (class
+    probabilities, FC-CLIP ensemble when ``ensemble``; ``seen [C]``: the head's training
+    vocabulary) that pass the object threshold become candidates with their window's masks;
+    after the image's last window, one merge over them all (:func:`merge_candidates`, the run's
+    ``config.seg`` object / overlap thresholds, ``isthing [C]``) at the resized resolution, the
+    segment map resized to the image (nearest). Candidate masks stay window-sized: memory is
+    O(kept candidates x S^2), never O(queries x image)."""
+    from umg_jax.evaluators import segmentation as se
+
+    if opts.resize_pos:
+        raise BenchmarkInputError("--resize_pos: the segmentation head runs on windows of its "
+                                  "input size only")
+    text = np.asarray(text, np.float32)
+    isthing = np.asarray(isthing, bool)
+    if isthing.shape != (len(text),) or np.shape(seen) != (len(text),):
+        raise ValueError(f"isthing {isthing.shape} and seen {np.shape(seen)} must have one entry "
+                         f"per class ({len(text)})")
+    bb = segmenter.backbone
+    win = bb.image_size
+    cfg = segmenter.config.seg
+    scale = se.mask_logit_scale(bb)
+
+    def window_out(crops, dense):
+        mask_prob, probs = se.head_predictions(
+            lambda *a: segmenter.decode(segmenter.seg_params, *a), crops, np.asarray(dense),
+            text, (win, win), seen, cfg, scale, ensemble=ensemble)
+        return list(zip(probs["ensemble" if ensemble else "head"], mask_prob, strict=True))
+
+    def finish(cands, size, hw):
+        seg, classes = merge_candidates(cands, size, isthing, float(cfg.overlap_threshold))
+        seg = resize_nearest(seg, hw)
+        if seg.shape != size:  # a segment may vanish when the map shrinks
+            present = set(np.unique(seg).tolist())
+            classes = {k: v for k, v in classes.items() if k in present}
+        return seg, classes
+
+    def jobs():
+        for hw, size, windows in _window_grid(bb, images, opts):
+            st = _Candidates(len(windows), {(y, x): i for i, (y, x, _) in enumerate(windows)},
+                             functools.partial(finish, size=size, hw=hw),
+                             float(cfg.object_threshold))
+            yield st, windows
+
+    yield from _slide(bb, jobs(), max(1, opts.batch_size), window_out)
 
 
 def sliding_labels(backbone: Any, images: Iterable[np.ndarray], text: np.ndarray,

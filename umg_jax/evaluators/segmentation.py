@@ -52,6 +52,17 @@ def semantic_inference(probs: np.ndarray, mask_prob: np.ndarray) -> np.ndarray:
     return np.einsum("nc,nhw->chw", probs[:, :-1], mask_prob).argmax(0).astype(np.int32)
 
 
+def keep_queries(probs: np.ndarray, object_threshold: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which queries ``probs [N, C + 1]`` (last = void) enter the panoptic merge: best class
+    not void and its probability > ``object_threshold``. Returns ``(keep [N] bool, score [N],
+    label [N])`` (best non-void class and its probability)."""
+    score = probs[:, :-1].max(-1)
+    label = probs[:, :-1].argmax(-1)
+    keep = (probs.argmax(-1) < probs.shape[-1] - 1) & (score > object_threshold)
+    return keep, score, label
+
+
 def panoptic_inference(probs: np.ndarray, mask_prob: np.ndarray, isthing: np.ndarray,
                        object_threshold: float, overlap_threshold: float
                        ) -> tuple[np.ndarray, dict[int, int]]:
@@ -59,9 +70,7 @@ def panoptic_inference(probs: np.ndarray, mask_prob: np.ndarray, isthing: np.nda
     ``object_threshold`` compete per pixel by ``score * mask``; a query keeps the pixels it wins
     if they are at least ``overlap_threshold`` of its own mask; stuff of one class is one segment.
     Returns ``(seg [H, W]`` ids, -1 = none, ``{id: class})``."""
-    score = probs[:, :-1].max(-1)
-    label = probs[:, :-1].argmax(-1)
-    keep = (probs.argmax(-1) < probs.shape[-1] - 1) & (score > object_threshold)
+    keep, score, label = keep_queries(probs, object_threshold)
     seg = np.full(mask_prob.shape[1:], -1, np.int32)
     classes: dict[int, int] = {}
     if not keep.any():
