@@ -77,7 +77,9 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         "interop": "PyTorch / big_vision weights in, open_clip / HF out, the PyTorch-side model",
         "downstream": "the paper's benchmarks on their own files (python -m umg_jax.downstream)",
         "labeling": "pseudo-labelling: pseudo_label.py (a trained UMG-CLIP as teacher), "
-                    "annotate/ (teacher recipes; families/ hold the only torch imports)",
+                    "inputs_web.py (WebDataset tars, Parquet), annotate/ (teacher recipes; "
+                    "run.py local and run_ray.py Ray Data engines; families/ hold the only "
+                    "torch imports)",
     }),
     ("entry", {
         "__init__": "the public API (umg_jax.load, load_segmenter)",

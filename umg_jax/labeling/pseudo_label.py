@@ -372,11 +372,17 @@ def template_caption(tags: list[str]) -> str:
 
 
 def list_inputs(src: str) -> list[tuple[str, object]]:
-    """``(source id, loader)`` pairs: image files (recursive) or records of ArrayRecord shards."""
+    """``(source id, loader)`` pairs: records of ArrayRecord shards, WebDataset tar shards or
+    Parquet files (``inputs_web.py``), else image files (recursive)."""
+    from umg_jax.labeling import inputs_web
+
     p = pathlib.Path(src)
     if not p.exists():
         raise FileNotFoundError(f"--images {src} does not exist")
     shards = records.shard_paths(str(p)) if p.is_dir() else []
+    web = None if shards else inputs_web.web_files(p)
+    if web:
+        return inputs_web.list_web_inputs(p, *web)
     if shards:
         rs = records.RecordSource(shards)
         return [(f"shard:{i}", ("record", i, rs)) for i in range(len(rs))]
@@ -397,7 +403,11 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 def load_input(item) -> tuple[np.ndarray, bytes, list[str], str | None]:
     """``(image [H, W, 3] uint8, encoded bytes, captions, source)``; raises one of
     :data:`INPUT_ERRORS` for an unreadable input."""
-    kind, ref, rs = item
+    kind, ref, rs = item[:3]
+    if kind in ("tar", "parquet", "error"):
+        from umg_jax.labeling.inputs_web import load_web
+
+        return load_web(item)
     if kind == "record":
         rec = records.decode_record(rs[ref])
         data = rec["image"]

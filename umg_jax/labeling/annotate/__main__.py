@@ -2,7 +2,7 @@ r"""Pseudo-annotation with teacher models: images -> multi-granularity training 
 
     python -m umg_jax.labeling.annotate --images DIR_OR_SHARDS --out DIR --recipe recipe.json \
         [--device cpu|cuda|auto] [--batch_size 8] [--shard_size 256] \
-        [--num_workers K --worker_id I]
+        [--num_workers K --worker_id I] [--engine local|ray [--ray_address auto|HOST:PORT]]
     python -m umg_jax.labeling.annotate --write_tiny_teachers DIR  # tiny models + DIR/recipe.json
 
 UMG-CLIP's UMG-41M stacks off-the-shelf models on image-text pairs; the recipe names one
@@ -16,7 +16,10 @@ backend per stage (Hugging Face model directories, loaded offline):
                   only when nothing is left (no region, mask, caption or tag)
 Output: ArrayRecord shards + meta.json that ``--config.data.path`` trains on, and one JSON line
 per image of what each stage produced (``annot-*.jsonl``). Resumable per batch; a job array
-splits the input deterministically with --num_workers / --worker_id. torch and transformers come
+splits the input deterministically with --num_workers / --worker_id; --engine ray streams it
+through a Ray cluster, one actor pool per model stage (``run_ray.py``, ``ray[data]`` from
+requirements-annotate.txt: same output). Inputs: image folders, record shards, WebDataset tars
+or Parquet (``labeling/inputs_web.py``). torch and transformers come
 from requirements-annotate.txt. See ``recipe.py`` for the recipe format and ``run.py`` for the
 output layout.
 
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 1)[1])
-    ap.add_argument("--images", help="image folder (recursive) or a directory of record shards; "
+    ap.add_argument("--images", help="image folder (recursive), a directory of record shards, "
+                    "WebDataset .tar shards or .parquet files; "
                     "local, gs:// or s3:// (copied to a local temp dir first)")
     ap.add_argument("--out", help="output directory (resumable); local, gs:// or s3://")
     ap.add_argument("--recipe", help="recipe.json (see recipe.py)")
@@ -70,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker_id", type=int, default=0, help="this job's index in the array")
     ap.add_argument("--decode_threads", type=int, default=4, help="parallel image decoding")
     ap.add_argument("--limit", type=int, default=0, help="annotate only the first N inputs")
+    ap.add_argument("--engine", default="local", choices=("local", "ray"),
+                    help="local: every stage in turn in this process; ray: one streaming Ray "
+                    "Data pipeline, an actor pool per model stage (run_ray.py)")
+    ap.add_argument("--ray_address", default=None,
+                    help="--engine ray: a cluster to join (auto: the running one); default: "
+                    "start a local cluster")
     ap.add_argument("--write_tiny_teachers", metavar="DIR", default=None,
                     help="write tiny random models of every family + DIR/recipe.json, and exit")
     args = ap.parse_args(argv)
@@ -102,19 +112,37 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_writable_dir(args.out if storage.is_remote(args.out)
                                    else storage.path(args.out).parent)
         with local_inputs(args.images) as images:
-            items = list_inputs(images)
+            try:
+                items = list_inputs(images)
+            except ValueError as e:  # a layout it cannot read (Parquet without image column...)
+                raise AnnotateError(str(e)) from None
             if args.limit:
                 items = items[: args.limit]
             if not items:
                 raise AnnotateError(f"no images found in {args.images}")
-            if args.device not in ("cpu", "auto"):  # a missing GPU fails now, not at first use
+            if args.ray_address and args.engine != "ray":
+                raise AnnotateError("--ray_address needs --engine ray")
+            # a missing GPU fails now, not at first use (under ray, the actors ask Ray for GPUs)
+            if args.device not in ("cpu", "auto") and args.engine == "local":
                 from umg_jax.labeling.annotate.families.hf import device
 
                 device(args.device)
-            build(recipe, args.device, log=log)
-            c = annotate(items, recipe, args.out, batch_size=args.batch_size,
-                         shard_size=args.shard_size, num_workers=args.num_workers,
-                         worker_id=args.worker_id, decode_threads=args.decode_threads, log=log)
+            if args.engine == "ray":  # each actor builds its own stage
+                from umg_jax.labeling.annotate.run_ray import annotate_ray
+
+                if args.device not in ("cpu", "auto"):
+                    log(f"--device {args.device}: under --engine ray a stage runs on a GPU "
+                        "when its recipe entry gives \"num_gpus\"")
+                c = annotate_ray(items, recipe, args.out, batch_size=args.batch_size,
+                                 shard_size=args.shard_size, num_workers=args.num_workers,
+                                 worker_id=args.worker_id, decode_threads=args.decode_threads,
+                                 address=args.ray_address, log=log)
+            else:
+                build(recipe, args.device, log=log)
+                c = annotate(items, recipe, args.out, batch_size=args.batch_size,
+                             shard_size=args.shard_size, num_workers=args.num_workers,
+                             worker_id=args.worker_id, decode_threads=args.decode_threads,
+                             log=log)
     except (AnnotateError, FileNotFoundError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,13 @@ subclass), ``model`` (local directory, never downloaded), ``options`` (passed to
 and the stage's policy keys (``<stage>.POLICY`` holds them with their defaults). Stages run in
 the order caption, tag, detect, region_caption, segment, filter; a stage may appear more than
 once (e.g. two taggers, or SAM for boxes then SAM 3 for stuff). Unknown keys are errors.
+
+Optional scheduling keys of an entry (:data:`RESOURCE_KEYS`; none changes what is produced):
+``batch_size`` (at most this many images per model call, in both engines: the engine's batch is
+cut into such chunks) and, for ``--engine ray``, ``num_gpus`` (GPUs per actor of this stage,
+fractions let small teachers share a GPU; the filter takes none), ``num_cpus`` (per actor or
+task; default: the cluster's CPUs shared evenly) and ``concurrency`` (actors: ``N`` or
+``[min, max]`` for an autoscaling pool; default 1).
 """
 
 from __future__ import annotations
@@ -37,6 +44,35 @@ from umg_jax.labeling.annotate.things import load_stuff_names
 STAGE_MODULES = {"caption": caption, "tag": tag, "detect": detect,
                  "region_caption": region_caption, "segment": segment, "filter": filter_stage}
 _ENTRY_KEYS = {"stage", "backend", "model", "options"}
+RESOURCE_KEYS = ("batch_size", "num_gpus", "num_cpus", "concurrency")
+
+
+def _check_resources(e: dict[str, Any], where: str) -> dict[str, Any]:
+    """The entry's scheduling keys, checked (:data:`RESOURCE_KEYS`)."""
+    r = {k: e[k] for k in RESOURCE_KEYS if k in e}
+
+    def num(x) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    if "batch_size" in r and not count(r["batch_size"]):
+        raise AnnotateError(f"{where}: \"batch_size\" must be an integer >= 1")
+    if "num_gpus" in r and not (num(r["num_gpus"]) and r["num_gpus"] >= 0):
+        raise AnnotateError(f"{where}: \"num_gpus\" must be a number >= 0 (fractions share "
+                            "a GPU)")
+    if "num_cpus" in r and not (num(r["num_cpus"]) and r["num_cpus"] > 0):
+        raise AnnotateError(f"{where}: \"num_cpus\" must be a number > 0")
+    c = r.get("concurrency")
+    if c is not None and not (count(c) or (isinstance(c, list) and len(c) == 2 and
+                                           all(map(count, c)) and c[0] <= c[1])):
+        raise AnnotateError(f"{where}: \"concurrency\" must be an integer >= 1 or "
+                            "[min, max] with 1 <= min <= max")
+    if e.get("stage") == "filter" and r.get("num_gpus"):
+        raise AnnotateError(f"{where}: the filter runs on CPUs; \"num_gpus\" is for model "
+                            "stages")
+    return r
 
 
 @dataclasses.dataclass
@@ -49,10 +85,15 @@ class Step:
     policy: dict[str, Any]
     options: dict[str, Any]
     backend: Backend | None = None
+    resources: dict[str, Any] = dataclasses.field(default_factory=dict)  # RESOURCE_KEYS
 
     def run(self, images, states, ctx: Context) -> None:
-        STAGE_MODULES[self.stage].run(self.backend, self.name, images, states, ctx,
-                                      **self.policy)
+        """Runs the stage over aligned ``images`` / ``states`` (in chunks of the entry's
+        ``batch_size``, when it gives one)."""
+        n = self.resources.get("batch_size") or max(len(states), 1)
+        for i in range(0, len(states), n):
+            STAGE_MODULES[self.stage].run(self.backend, self.name, images[i:i + n],
+                                          states[i:i + n], ctx, **self.policy)
 
 
 @dataclasses.dataclass
@@ -115,7 +156,7 @@ def load_recipe(path: str) -> Recipe:
                                 f"the order {', '.join(STAGES)}")
         last = STAGES.index(stage)
         policy = dict(STAGE_MODULES[stage].POLICY)
-        extra = set(e) - _ENTRY_KEYS - set(policy)
+        extra = set(e) - _ENTRY_KEYS - set(RESOURCE_KEYS) - set(policy)
         if extra:
             raise AnnotateError(f"{where} ({stage}): unknown key(s) {sorted(extra)}; policy "
                                 f"keys: {', '.join(policy) or 'none'}")
@@ -126,7 +167,7 @@ def load_recipe(path: str) -> Recipe:
         if not isinstance(e.get("options", {}), dict):
             raise AnnotateError(f"{where}: \"options\" must be an object")
         steps.append(Step(stage, name or "filter", rel(e.get("model")), policy,
-                          dict(e.get("options", {}))))
+                          dict(e.get("options", {})), resources=_check_resources(e, where)))
     if any(s.stage == "tag" for s in steps) and not vocab:
         raise AnnotateError(f"--recipe {path}: a tag stage needs a non-empty \"vocab\"")
     return Recipe(steps, Context(tuple(vocab), load_stuff_names(stuff_file)), src)
@@ -136,12 +177,18 @@ def build(recipe: Recipe, device: str, log=print) -> Recipe:
     """Constructs every backend (loads every model) before any image is read, so a wrong model
     directory fails at start."""
     for s in recipe.steps:
-        if s.stage == "filter":
-            continue
-        cls = _custom_class(s.name) if ":" in s.name else backend_class(s.stage, s.name)
-        if cls.stage != s.stage:
-            raise AnnotateError(f"backend {s.name!r} is a {cls.stage} backend, listed under "
-                                f"stage {s.stage!r}")
-        log(f"loading {s.stage}: {s.name}" + (f" from {s.model}" if s.model else ""))
-        s.backend = cls(s.model, device, **s.options)
+        build_step(s, device, log)
     return recipe
+
+
+def build_step(s: Step, device: str, log=print) -> Step:
+    """Constructs one step's backend (loads its model; the filter has none)."""
+    if s.stage == "filter":
+        return s
+    cls = _custom_class(s.name) if ":" in s.name else backend_class(s.stage, s.name)
+    if cls.stage != s.stage:
+        raise AnnotateError(f"backend {s.name!r} is a {cls.stage} backend, listed under "
+                            f"stage {s.stage!r}")
+    log(f"loading {s.stage}: {s.name}" + (f" from {s.model}" if s.model else ""))
+    s.backend = cls(s.model, device, **s.options)
+    return s

@@ -95,6 +95,17 @@ class Progress:
         self.stage_n = dict.fromkeys(self.stage_s, 0)
         self.log, self.every = log, every
 
+    def add(self, key: str, seconds: float, n: int) -> None:
+        """``n`` images went through stage ``key`` in ``seconds``."""
+        self.stage_s[key] = self.stage_s.get(key, 0.0) + seconds
+        self.stage_n[key] = self.stage_n.get(key, 0) + n
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per stage: images, seconds inside it, images/s (of ``stats-*.json``)."""
+        return {k: {"images": self.stage_n[k], "seconds": v,
+                    "images_per_s": self.stage_n[k] / v if v > 0 else None}
+                for k, v in self.stage_s.items()}
+
     def rates(self) -> dict[str, float]:
         return {k: self.stage_n[k] / v for k, v in self.stage_s.items() if v > 0}
 
@@ -128,6 +139,57 @@ def _read_partial(path, ids: list[list[str]]) -> list[list[dict]]:
     return out
 
 
+def load_or_error(item) -> tuple | Exception:
+    """``pseudo_label.load_input(item)``, or the exception of an unreadable input (skipped and
+    counted); any other exception is a bug and propagates."""
+    try:
+        return load_input(item)
+    except INPUT_ERRORS as e:
+        return e
+
+
+def start_batch(batch: list, loaded) -> tuple[list[dict], list[np.ndarray], dict[str, bytes]]:
+    """The states, images (of the readable inputs, aligned with them) and input bytes of one
+    batch of ``(id, input)`` items; ``loaded`` yields :func:`load_or_error` of each, in order."""
+    states, images, encoded = [], [], {}
+    for sid, _ in batch:
+        x = next(loaded)
+        if isinstance(x, Exception):
+            # object addresses would make two runs' outputs differ
+            msg = re.sub(r" at 0x[0-9a-f]+", "", f"{type(x).__name__}: {x}")
+            msg = msg.splitlines()[0]
+            print(f"skipping {sid}: {msg}", file=sys.stderr)
+            states.append({"id": sid, "error": msg})
+            continue
+        img, encoded[sid], caps, src = x
+        if not img.flags.writeable:  # torch warns on read-only arrays (PIL's)
+            img = img.copy()
+        states.append(new_state(sid, src or sid, *img.shape[:2], caps))
+        images.append(img)
+    return states, images, encoded
+
+
+def live(states: list[dict]) -> list[dict]:
+    """The states that the next stage sees: readable, not dropped by a filter."""
+    return [s for s in states if "error" not in s and s.get("kept", True)]
+
+
+def apply_step(step, images: list[np.ndarray], states: list[dict],
+               ctx) -> tuple[list[np.ndarray], float, int]:
+    """Runs one recipe step over a batch (``images`` aligned with ``live(states)``; states are
+    updated in place); returns the images the next step sees, the seconds taken and how many
+    images the step ran on."""
+    ok = live(states)
+    if not ok:
+        return images, 0.0, 0
+    t = time.perf_counter()
+    step.run(images, ok, ctx)
+    dt = time.perf_counter() - t
+    if step.stage == "filter":  # later stages see only kept images
+        images = [im for im, s in zip(images, ok, strict=True) if s["kept"]]
+    return images, dt, len(ok)
+
+
 def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
                    batch_size: int, decode_threads: int, progress: Progress,
                    counts: dict[str, int]) -> None:
@@ -143,50 +205,29 @@ def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
         progress.log(f"{name}: resuming after {len(done)} of {len(batches)} batches")
         progress.step(sum(len(b) for b in done), name)
 
-    def load(item):
-        try:
-            return load_input(item[1])
-        except INPUT_ERRORS as e:  # an unreadable input is skipped and counted; a bug raises
-            return e
-
-    todo = [it for b in batches[len(done):] for it in b]
-    loaded = map_threaded(load, todo, decode_threads)
+    todo = [it[1] for b in batches[len(done):] for it in b]
+    loaded = map_threaded(load_or_error, todo, decode_threads)
     states_all = [s for b in done for s in b]
     encoded: dict[str, bytes] = {}  # the record stores the input's own bytes, not a re-encode
     # A bucket object cannot be appended to: AppendLog rewrites it at each flush.
     with storage.AppendLog(partial, durable=True) as f:
         for batch in batches[len(done):]:
-            states, images = [], []
-            for sid, _ in batch:
-                x = next(loaded)
-                if isinstance(x, Exception):
-                    # object addresses would make two runs' outputs differ
-                    msg = re.sub(r" at 0x[0-9a-f]+", "", f"{type(x).__name__}: {x}")
-                    msg = msg.splitlines()[0]
-                    print(f"skipping {sid}: {msg}", file=sys.stderr)
-                    states.append({"id": sid, "error": msg})
-                    continue
-                img, encoded[sid], caps, src = x
-                if not img.flags.writeable:  # torch warns on read-only arrays (PIL's)
-                    img = img.copy()
-                states.append(new_state(sid, src or sid, *img.shape[:2], caps))
-                images.append(img)
-            ok = [s for s in states if "error" not in s]
+            states, images, enc = start_batch(batch, loaded)
+            encoded.update(enc)
             for step in recipe.steps:
-                if not ok:
-                    break
-                t = time.perf_counter()
-                step.run(images, ok, recipe.ctx)
-                key = f"{step.stage}:{step.name}"
-                progress.stage_s[key] += time.perf_counter() - t
-                progress.stage_n[key] += len(ok)
-                if step.stage == "filter":  # later stages see only kept images
-                    images = [im for im, s in zip(images, ok, strict=True) if s["kept"]]
-                    ok = [s for s in ok if s["kept"]]
+                images, dt, n = apply_step(step, images, states, recipe.ctx)
+                progress.add(f"{step.stage}:{step.name}", dt, n)
             f.write(json.dumps(states) + "\n")
             f.flush()
             states_all += states
             progress.step(len(batch), name)
+    write_shard(items, states_all, encoded, recipe, out, name, counts)
+
+
+def write_shard(items: list, states_all: list[dict], encoded: dict[str, bytes], recipe: Recipe,
+                out, name: str, counts: dict[str, int]) -> None:
+    """Commits one shard: its records (the kept images; an input missing from ``encoded`` is
+    read again) then its ``.jsonl`` done marker, last and atomically; adds to ``counts``."""
     recs = []
     for (sid, item), s in zip(items, states_all, strict=True):
         if "error" in s:
@@ -204,7 +245,9 @@ def annotate_shard(items: list, recipe: Recipe, out, name: str, *,
         records.write_shard_file(recs, str(out / f"{name}{records.SHARD_SUFFIX}"))
     # the shard's done marker, written last (atomically: a rename locally, one object remotely)
     storage.write_text(out / f"{name}.jsonl", "".join(json.dumps(s) + "\n" for s in states_all))
-    partial.unlink()
+    partial = out / f".{name}.partial"
+    if partial.exists():
+        partial.unlink()
 
 
 def annotate(items: list, recipe: Recipe, out: str, *, batch_size: int = 8,
@@ -231,7 +274,8 @@ def annotate(items: list, recipe: Recipe, out: str, *, batch_size: int = 8,
         progress.step(0, f"shard {k + 1}/{len(todo)} ({name}) done:", force=True)
     storage.write_text(outp / f"stats-worker-{worker_id}.json", json.dumps(
         {"images": progress.done, "seconds": time.perf_counter() - progress.t0,
-         "stage_images_per_s": progress.rates(), "counts": counts}, indent=1))
+         "stage_images_per_s": progress.rates(), "stages": progress.summary(),
+         "counts": counts}, indent=1))
     counts["meta_written"] = write_meta_if_complete(outp, n_shards, recipe)
     return counts
 
