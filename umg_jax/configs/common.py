@@ -160,6 +160,9 @@ def loss_config() -> mlc.ConfigDict:
     # cotangent per device) or "ring" (sigmoid only: D ppermute steps with a custom backward ring,
     # one [N / D, E] block in flight; memory independent of the device count).
     lo.exchange = "all_gather"
+    # dtype of the texts all-gathered by the loss and of their cotangent ("bfloat16" halves the
+    # loss's largest buffers at pod scale: global region / mask texts x E; logits stay float32)
+    lo.exchange_dtype = "float32"
     lo.chunk_size = 512  # gathered text rows per scan step of the sharded loss (memory knob;
     #                      benchmarks/loss_memory.py: 512 -> 311 MiB/device at B=64k, E=512)
     # Encode each distinct tag / region / mask text of the batch once: room for this fraction of

@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.data.text_vocab_size = 4585  # dry run only: the data's meta.json text_vocab is read
     config.loss = common.loss_config()
     config.loss.free_text_frac = 0.2  # free-form texts per batch shard / its element slots
+    # the global region / mask texts the loss gathers ([32768 x 16, 768] each) in bf16: with
+    # bf16 activations, 32,768 fits a v5e-256 slice (benchmarks/results/dryrun/, README "Pods")
+    config.loss.exchange_dtype = "bfloat16"
     config.optim = common.optim_config()
     config.optim.lr = 2e-5  # small peak lr for continued training
     config.optim.weight_decay = 0.05  # EVA-CLIP

@@ -115,6 +115,7 @@ def contrastive_loss(
     mesh: Mesh,
     axes: tuple[str, ...] = BATCH_AXES,
     exchange: str = "all_gather",
+    exchange_dtype: str = "float32",
 ) -> tuple[jax.Array, jax.Array]:
     """Global-batch contrastive loss between anchors and texts, sharded over ``axes``.
 
@@ -134,6 +135,9 @@ def contrastive_loss(
       chunk_size: texts per scan step.
       mesh: the device mesh; ``axes`` are its batch axes.
       exchange: ``"all_gather"`` or ``"ring"`` (sigmoid only, :func:`_ring_sigmoid`).
+      exchange_dtype: dtype of the normalised texts all-gathered from every device (and of their
+        cotangent): ``"bfloat16"`` halves the loss's largest buffers at pod scale (global
+        region / mask texts x E); logits stay float32. ``"all_gather"`` only.
 
     Returns:
       ``(loss, accuracy)`` float32 scalars, replicated; 0 when there is no valid anchor.
@@ -163,7 +167,8 @@ def contrastive_loss(
         chunk = min(chunk_size, n_text // shards)
         fn = functools.partial(_ring_sigmoid, chunk=chunk, axes=axes, shards=shards)
     else:
-        fn = functools.partial(_local_loss, kind=kind, chunk=chunk, axes=axes)
+        fn = functools.partial(_local_loss, kind=kind, chunk=chunk, axes=axes,
+                               exchange_dtype=jnp.dtype(exchange_dtype))
     return jax.shard_map(
         fn, mesh=mesh,
         in_specs=(row, row, row, row, row, row, row, P(), P()),
@@ -194,10 +199,12 @@ def _pad_to_chunks(t, tv, tk, chunk: int):
 
 
 def _local_loss(anchors, a_valid, a_keys, a_keys_valid, texts, t_valid, t_keys, log_scale, bias,
-                *, kind: str, chunk: int, axes: tuple[str, ...]):
+                *, kind: str, chunk: int, axes: tuple[str, ...],
+                exchange_dtype: jnp.dtype = jnp.dtype(jnp.float32)):
     a, av, ak, akv, t, tv, tk = _flat_local(anchors, a_valid, a_keys, a_keys_valid, texts,
                                             t_valid, t_keys)
     n, e = a.shape
+    t = t.astype(exchange_dtype)  # the gathered [N, E] and its cotangent live in this dtype
 
     gather = lambda x: jax.lax.all_gather(x, axes, axis=0, tiled=True)
     t, tv, tk = gather(t), gather(tv), gather(tk)
@@ -210,7 +217,7 @@ def _local_loss(anchors, a_valid, a_keys, a_keys_valid, texts, t_valid, t_keys, 
     sg = jax.lax.stop_gradient
 
     def block(tc, tvc, tkc):
-        logits = scale * (a @ tc.T)
+        logits = scale * (a @ tc.astype(jnp.float32).T)
         if kind == "sigmoid":
             logits = logits + bias
         valid = av[:, None] & tvc[None, :]

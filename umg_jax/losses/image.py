@@ -11,7 +11,8 @@ from umg_jax.losses.contrastive import contrastive_loss, token_keys
 
 def image_text_loss(img: jax.Array, txt: jax.Array, text: jax.Array, text_valid: jax.Array,
                     log_scale: jax.Array, bias: jax.Array | None, *, kind: str,
-                    chunk_size: int, mesh: Mesh, exchange: str = "all_gather"
+                    chunk_size: int, mesh: Mesh, exchange: str = "all_gather",
+                    exchange_dtype: str = "float32"
                     ) -> tuple[jax.Array, jax.Array]:
     """CLIP / SigLIP loss between images and their captions over the global batch.
 
@@ -22,12 +23,14 @@ def image_text_loss(img: jax.Array, txt: jax.Array, text: jax.Array, text_valid:
     keys = token_keys(text)  # [B, 2]
     return contrastive_loss(img, text_valid, keys[:, None], text_valid[:, None], txt, text_valid,
                             keys, log_scale, bias, kind=kind, chunk_size=chunk_size, mesh=mesh,
-                            exchange=exchange)
+                            exchange=exchange,
+                            exchange_dtype=exchange_dtype)
 
 
 def image_tags_loss(img: jax.Array, tags_txt: jax.Array, tags: jax.Array, tags_valid: jax.Array,
                     log_scale: jax.Array, bias: jax.Array | None, *, kind: str,
-                    chunk_size: int, mesh: Mesh, exchange: str = "all_gather"
+                    chunk_size: int, mesh: Mesh, exchange: str = "all_gather",
+                    exchange_dtype: str = "float32"
                     ) -> tuple[jax.Array, jax.Array]:
     """Images vs the tag prompts of every image in the global batch, multi-positive.
 
@@ -39,4 +42,5 @@ def image_tags_loss(img: jax.Array, tags_txt: jax.Array, tags: jax.Array, tags_v
     keys = token_keys(tags)  # [B, T, 2]
     return contrastive_loss(img, jnp.any(tags_valid, axis=-1), keys, tags_valid, tags_txt,
                             tags_valid, keys, log_scale, bias, kind=kind, chunk_size=chunk_size,
-                            mesh=mesh, exchange=exchange)
+                            mesh=mesh, exchange=exchange,
+                            exchange_dtype=exchange_dtype)

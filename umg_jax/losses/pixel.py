@@ -13,7 +13,8 @@ from umg_jax.ops.mask_pool import mask_pool
 
 def mask_loss(dense: jax.Array, mask_area: jax.Array, mask_txt: jax.Array, mask_text: jax.Array,
               mask_valid: jax.Array, log_scale: jax.Array, bias: jax.Array | None, *, kind: str,
-              chunk_size: int, mesh: Mesh, exchange: str = "all_gather"
+              chunk_size: int, mesh: Mesh, exchange: str = "all_gather",
+              exchange_dtype: str = "float32"
               ) -> tuple[jax.Array, jax.Array]:
     """Mask-text contrastive loss, like the region loss with area-weighted mask pooling.
 
@@ -27,7 +28,8 @@ def mask_loss(dense: jax.Array, mask_area: jax.Array, mask_txt: jax.Array, mask_
     keys = token_keys(mask_text)  # [B, M, 2]
     return contrastive_loss(emb, mask_valid & nonempty, keys[..., None, :], mask_valid[..., None],
                             mask_txt, mask_valid, keys, log_scale, bias, kind=kind,
-                            chunk_size=chunk_size, mesh=mesh, exchange=exchange)
+                            chunk_size=chunk_size, mesh=mesh, exchange=exchange,
+                            exchange_dtype=exchange_dtype)
 
 
 def pixel_loss(dense: jax.Array, mask_txt: jax.Array, mask_text: jax.Array,

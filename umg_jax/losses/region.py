@@ -13,6 +13,7 @@ def region_loss(dense: jax.Array, region_boxes: jax.Array, region_txt: jax.Array
                 region_text: jax.Array, region_valid: jax.Array, log_scale: jax.Array,
                 bias: jax.Array | None, *, kind: str, chunk_size: int, mesh: Mesh,
                 exchange: str = "all_gather",
+                exchange_dtype: str = "float32",
                 roi_size: int, sampling_ratio: int) -> tuple[jax.Array, jax.Array]:
     """Region-text contrastive loss.
 
@@ -27,4 +28,5 @@ def region_loss(dense: jax.Array, region_boxes: jax.Array, region_txt: jax.Array
     keys = token_keys(region_text)  # [B, R, 2]
     return contrastive_loss(emb, region_valid, keys[..., None, :], region_valid[..., None],
                             region_txt, region_valid, keys, log_scale, bias, kind=kind,
-                            chunk_size=chunk_size, mesh=mesh, exchange=exchange)
+                            chunk_size=chunk_size, mesh=mesh, exchange=exchange,
+                            exchange_dtype=exchange_dtype)

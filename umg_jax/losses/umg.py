@@ -56,7 +56,8 @@ def umg_loss(outputs: dict, batch: dict, loss_cfg, mesh: Mesh) -> tuple[jax.Arra
                          "model.logit_bias_init (SigLIP uses -10)")
     scales = outputs["scales"]
     common = dict(kind=kind, chunk_size=int(loss_cfg.chunk_size), mesh=mesh,
-                  exchange=loss_cfg.get("exchange", "all_gather"))
+                  exchange=loss_cfg.get("exchange", "all_gather"),
+                  exchange_dtype=loss_cfg.get("exchange_dtype", "float32"))
     bias = (lambda t: biases[t] if kind == "sigmoid" else None)
 
     terms: dict[str, tuple[jax.Array, jax.Array]] = {}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from umg_jax.ops.attention import attention
 from umg_jax.ops.dense import dense
+from umg_jax.ops.platform import target_platform
 from umg_jax.sharding import constrain_batch
 
 Dtype = Any
@@ -145,9 +146,11 @@ class MLP(nn.Module):
         proj_std = self.proj_std if self.proj_std is not None else self.width ** -0.5
         x = Dense(hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(fc_std),
                   name="c_fc")(x)
-        # float32 maths on the bf16 tensor: XLA:CPU's bf16 elementwise code is slower
-        # (2x on the backward) than converting around float32 code
-        x = get_activation(self.act)(x.astype(jnp.float32)).astype(self.dtype)
+        # XLA:CPU: float32 maths on the bf16 tensor (its bf16 elementwise code is 2x slower on
+        # the backward than converting around float32 code). TPU / GPU: in the compute dtype; a
+        # float32 [B, N, 4D] hidden is the largest activation buffer of a ViT-L step under remat.
+        act_dtype = jnp.float32 if target_platform() == "cpu" else self.dtype
+        x = get_activation(self.act)(x.astype(act_dtype)).astype(self.dtype)
         return Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(proj_std),
                      name="c_proj")(x)
 
