@@ -158,6 +158,8 @@ def render(workdir: str, config, data_dir: str, path: str, n: int = 4) -> None:
     from umg_jax.inference import load
 
     model = load(workdir)
+    config = config.copy_and_resolve_references()
+    checkpoint.apply_seg_calibration(config, workdir)  # the run's own (validation) thresholds
     ckpt, _ = checkpoint.locate(workdir)
     decode = functools.partial(se.make_decode(config), checkpoint.load_seg_params(ckpt, config))
     names, isthing = evaluate.categories(data_dir)
