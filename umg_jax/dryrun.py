@@ -63,6 +63,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from umg_jax import provenance  # the checkout as this run starts (provenance._AT_START)
+
 DEFAULT_TOPOLOGY = "v5e:16x16"  # the most common pod slice (256 chips of 16 GiB)
 GiB = 1024 ** 3
 
@@ -711,8 +713,6 @@ def main(argv: list[str]) -> None:
                         "cudnn": version("nvidia-cudnn-cu12"),
                         "cuda_runtime": version("nvidia-cuda-runtime-cu12"),
                         "compile_options": accelerators.GPU_COMPILE_OPTIONS})
-        from umg_jax import provenance
-
         # under ``python -m`` argv[0] is this file's path: the command as the user typed it
         out["provenance"] = provenance.provenance(["-m", "umg_jax.dryrun", *sys.argv[1:]])
         write_json(_JSON.value, out)

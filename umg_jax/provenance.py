@@ -75,15 +75,28 @@ def machine() -> dict[str, Any]:
             **{p: version(p) for p in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin")}}
 
 
+def _git_state() -> tuple[str | None, bool | None]:
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return _git("rev-parse", "HEAD"), (bool(status) if status is not None else None)
+
+
+# The checkout as the run found it: a long run's result is written after later commits may have
+# landed, and the code that ran is the code of its start.
+_AT_START = _git_state()
+
+
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     """``{"command", "git_commit", "git_dirty", "date", "load_avg", "machine"}`` for this run
-    (``load_avg``: the 1 / 5 / 15-minute load averages when the result is written; the 5 and 15
-    minute ones span the run, and other jobs on the machine inflate timings)."""
+    (the commit and dirty flag as the process found them when it started, i.e. imported this
+    module; ``git_at_end`` too when the checkout changed while it ran; ``load_avg``: the 1 / 5 /
+    15-minute load averages when the result is written; the 5 and 15 minute ones span the run,
+    and other jobs on the machine inflate timings)."""
     argv = sys.argv if argv is None else argv
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = _AT_START
+    end = _git_state()
     return {"command": " ".join(shlex.quote(a) for a in ["python", *argv]),
-            "git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty": bool(status) if status is not None else None,
+            "git_commit": commit, "git_dirty": dirty,
+            **({"git_at_end": {"commit": end[0], "dirty": end[1]}} if end != _AT_START else {}),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
             else None,
