@@ -178,3 +178,21 @@ def test_thresholds_are_chosen_on_the_validation_split(seg_run):
             checkpoint.read_seg_calibration(wd)
     finally:
         (wd / checkpoint.SEG_CALIBRATION).write_text(json.dumps(cal))
+
+
+def test_evaluate_cli_calibrates_then_evaluates(seg_run, capsys):
+    """``python -m umg_jax.evaluate --workdir W --calibrate`` chooses the thresholds on the
+    validation split, stores them, then evaluates the evaluation split at them."""
+    wd, c, _, _ = seg_run
+    path = wd / checkpoint.SEG_CALIBRATION
+    before = json.loads(path.read_text())
+    path.unlink()
+    try:
+        assert evaluate.main(["--workdir", str(wd), "--calibrate", "--num_examples", "16"]) == 0
+        cal = json.loads(path.read_text())
+        assert cal["split"].endswith("/val") and cal["num_images"] == 16
+        assert "seg/ensemble/pq" in capsys.readouterr().out
+        # a run that is not a head run is refused with one line (exit 2)
+        assert evaluate.main(["--workdir", str(wd.parent / "backbone"), "--calibrate"]) == 2
+    finally:
+        path.write_text(json.dumps(before))
