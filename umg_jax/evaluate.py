@@ -103,19 +103,27 @@ def evaluate_seg_head(model, seg_params, config: mlc.ConfigDict, data_dir: str,
 
     from umg_jax.evaluators import segmentation as seg_eval
 
-    n = int(num_examples or config.eval.num_examples)
-    bs = min(int(config.eval.batch_size), n)
-    names, isthing = categories(data_dir)
-    holdout = set(config.seg.holdout)
-    seen = [name not in holdout for name in names]
+    batches, names, isthing, seen = _seg_inputs(config, data_dir, num_examples)
     if seg_params is None:
         fn, variants = None, ("free",)
     else:
         fn = functools.partial(decode or seg_eval.make_decode(config), seg_params)
         variants = seg_eval.VARIANTS
-    results = seg_eval.evaluate_segmentation(model, fn, eval_batches(config, data_dir, n, bs),
-                                             names, isthing, seen, config.seg, variants)
+    results = seg_eval.evaluate_segmentation(model, fn, batches, names, isthing, seen,
+                                             config.seg, variants)
     return {f"seg/{k}": v for k, v in results.items()}
+
+
+def _seg_inputs(config: mlc.ConfigDict, data_dir: str, num_examples: int | None):
+    """``(batches, names, isthing, seen)`` of a head evaluation on ``data_dir``: the examples
+    (``config.eval``), the category names and thing flags, and which names the head trained on
+    (not in ``seg.holdout``)."""
+    n = int(num_examples or config.eval.num_examples)
+    bs = min(int(config.eval.batch_size), n)
+    names, isthing = categories(data_dir)
+    holdout = set(config.seg.holdout)
+    return (eval_batches(config, data_dir, n, bs), names, isthing,
+            [name not in holdout for name in names])
 
 
 def calibrate_seg(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
@@ -148,14 +156,10 @@ def calibrate_seg(workdir: str, *, config: mlc.ConfigDict | None = None, data: s
         seg_params = checkpoint.load_seg_params(ckpt_dir, config)
     except (FileNotFoundError, InputError) as e:
         raise EvalError(str(e)) from None
-    n = int(num_examples or config.eval.num_examples)
-    bs = min(int(config.eval.batch_size), n)
-    names, isthing = categories(data_dir)
-    holdout = set(config.seg.holdout)
+    batches, names, isthing, seen = _seg_inputs(config, data_dir, num_examples)
     decode = functools.partial(seg_eval.make_decode(config), seg_params)
-    res = seg_calibration.calibrate_thresholds(
-        model, decode, eval_batches(config, data_dir, n, bs), names, isthing,
-        [c not in holdout for c in names], config.seg)
+    res = seg_calibration.calibrate_thresholds(model, decode, batches, names, isthing, seen,
+                                               config.seg)
     res.update(split=str(data_dir), step=ckpt_dir.name,
                config_thresholds=[float(config.seg.object_threshold),
                                   float(config.seg.overlap_threshold)])
@@ -222,11 +226,13 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
         data = str(storage.require_local(data, "--data", DATA_HINT))
         if not os.path.isdir(data):
             raise EvalError(f"--data {data!r} is not a directory")
-    if config is None:
+    given = config is not None
+    if not given:
         if cfg_file is None or cfg_file.name != "config.json":
             raise EvalError(f"{workdir} has no training config.json: pass --config")
         try:
-            config = checkpoint.read_run_config(cfg_file)  # files it names: from the workdir
+            # files it names resolved from the workdir, a head run's calibrated thresholds set
+            config = checkpoint.read_run_config(cfg_file)
         except ValueError as e:
             raise EvalError(str(e)) from None
     try:
@@ -242,9 +248,9 @@ def run(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
 
     if seg_enabled(config):  # a segmentation-head run
         try:
-            # the run's thresholds as calibrated on its validation split, when they were
-            config = config.copy_and_resolve_references()  # the caller's stays as it was
-            checkpoint.apply_seg_calibration(config, workdir)
+            if given:  # the run's thresholds, as calibrated on its validation split
+                config = config.copy_and_resolve_references()  # the caller's stays as it was
+                checkpoint.apply_seg_calibration(config, workdir)
             seg_params = checkpoint.load_seg_params(ckpt_dir, config)
         except (FileNotFoundError, ValueError) as e:
             raise EvalError(str(e)) from None

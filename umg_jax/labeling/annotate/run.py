@@ -250,6 +250,22 @@ def write_shard(items: list, states_all: list[dict], encoded: dict[str, bytes], 
         partial.unlink()
 
 
+def plan_shards(items: list, out: str, shard_size: int, num_workers: int, worker_id: int
+                ) -> tuple[Any, int, dict[int, list], dict[str, int]]:
+    """Both engines' plan: ``(out`` checked writable, the number of shards, ``{shard: its
+    items}`` of this worker's unfinished shards (no ``.jsonl`` yet), zeroed counts with
+    ``skipped_shards`` set)."""
+    outp = storage.check_writable_dir(out)
+    n_shards = max(1, -(-len(items) // shard_size))
+    mine = worker_shards(n_shards, num_workers, worker_id)
+    counts = dict.fromkeys(("examples", "caption_only", "regions", "masks", "unreadable",
+                            "dropped_images", "skipped_shards"), 0)
+    todo = {s: items[s * shard_size:(s + 1) * shard_size] for s in mine
+            if not (outp / f"{shard_name(s, n_shards)}.jsonl").exists()}
+    counts["skipped_shards"] = len(mine) - len(todo)
+    return outp, n_shards, todo, counts
+
+
 def annotate(items: list, recipe: Recipe, out: str, *, batch_size: int = 8,
              shard_size: int = 256, num_workers: int = 1, worker_id: int = 0,
              decode_threads: int = 4, log=print) -> dict[str, Any]:
@@ -257,18 +273,11 @@ def annotate(items: list, recipe: Recipe, out: str, *, batch_size: int = 8,
     ``pseudo_label.list_inputs``) into ``out`` (local or ``gs://`` / ``s3://``); returns counts
     (``meta_written`` tells whether every worker's shards were done, so ``meta.json`` could be
     written)."""
-    outp = storage.check_writable_dir(out)
-    n_shards = max(1, -(-len(items) // shard_size))
-    mine = worker_shards(n_shards, num_workers, worker_id)
-    counts = dict.fromkeys(("examples", "caption_only", "regions", "masks", "unreadable",
-                            "dropped_images", "skipped_shards"), 0)
-    todo = [s for s in mine if not (outp / f"{shard_name(s, n_shards)}.jsonl").exists()]
-    counts["skipped_shards"] = len(mine) - len(todo)
-    total = sum(len(items[s * shard_size:(s + 1) * shard_size]) for s in todo)
-    progress = Progress(total, recipe.steps, log)
-    for k, s in enumerate(todo):
+    outp, n_shards, todo, counts = plan_shards(items, out, shard_size, num_workers, worker_id)
+    progress = Progress(sum(len(v) for v in todo.values()), recipe.steps, log)
+    for k, (s, shard_items) in enumerate(todo.items()):
         name = shard_name(s, n_shards)
-        annotate_shard(items[s * shard_size:(s + 1) * shard_size], recipe, outp, name,
+        annotate_shard(shard_items, recipe, outp, name,
                        batch_size=batch_size, decode_threads=decode_threads,
                        progress=progress, counts=counts)
         progress.step(0, f"shard {k + 1}/{len(todo)} ({name}) done:", force=True)

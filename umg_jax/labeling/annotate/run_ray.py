@@ -46,9 +46,9 @@ from umg_jax.labeling.annotate.run import (
     Progress,
     apply_step,
     load_or_error,
+    plan_shards,
     shard_name,
     start_batch,
-    worker_shards,
     write_meta_if_complete,
     write_shard,
 )
@@ -212,14 +212,8 @@ def annotate_ray(items: list, recipe: Recipe, out: str, *, batch_size: int = 8,
     loaded, not built: each actor builds its own step. Returns the same counts."""
     import ray
 
-    outp = storage.check_writable_dir(out)
-    n_shards = max(1, -(-len(items) // shard_size))
-    mine = worker_shards(n_shards, num_workers, worker_id)
-    counts = dict.fromkeys(("examples", "caption_only", "regions", "masks", "unreadable",
-                            "dropped_images", "skipped_shards"), 0)
-    todo = [s for s in mine if not (outp / f"{shard_name(s, n_shards)}.jsonl").exists()]
-    counts["skipped_shards"] = len(mine) - len(todo)
-    shard_items = {s: items[s * shard_size:(s + 1) * shard_size] for s in todo}
+    outp, n_shards, shard_items, counts = plan_shards(items, out, shard_size, num_workers,
+                                                      worker_id)
     units, n_units = [], {}
     for s, its in shard_items.items():
         bs = [its[i:i + batch_size] for i in range(0, len(its), batch_size)]
