@@ -168,9 +168,13 @@ def test_thresholds_are_chosen_on_the_validation_split(seg_run):
     assert cal["overlap_threshold"] in seg_calibration.OVERLAP_GRID
     best = max(row[2] for row in cal["grid"])
     assert cal["score"] == best
+    # the ensemble's semantic pixel weight, chosen in the same pass by mIoU on seen classes
+    assert cal["pixel_weight"] in seg_calibration.PIXEL_GRID
+    assert cal["pixel_score"] == max(m for _, m in cal["pixel_grid"])
     s = umg_jax.load_segmenter(str(wd))
-    assert (s.config.seg.object_threshold, s.config.seg.overlap_threshold) == (
-        cal["object_threshold"], cal["overlap_threshold"])
+    assert (s.config.seg.object_threshold, s.config.seg.overlap_threshold,
+            s.config.seg.pixel_weight) == (cal["object_threshold"], cal["overlap_threshold"],
+                                           cal["pixel_weight"])
     # a file without the thresholds is refused, not silently ignored
     (wd / checkpoint.SEG_CALIBRATION).write_text("{}")
     try:

@@ -59,3 +59,51 @@ def test_held_out_classes_do_not_inform_the_choice():
     with pytest.raises(ValueError, match="empty"):
         sc.calibrate_thresholds(_FakeEncoder(), decode, [], ["a", "b", "c"], ISTHING,
                                 [True] * 3, CFG)
+
+
+def _half_mask_decoder():
+    """Sure classes; the stuff query's mask covers only the left half of the "c" region (the
+    right half is covered by no query), so the head alone labels those pixels by its tiny
+    leftovers: "a", the class with the most query probability."""
+    batch, _ = _unsure_decoder()
+    seg = batch["segmap"][0]
+    logits = np.where(seg[None] == np.arange(4)[:, None, None], 20.0, -20.0)
+    logits[2][:, 4:] = -20.0
+    cls = np.full((4, 4), -30.0, np.float32)
+    cls[0, 0] = cls[1, 0] = cls[2, 2] = cls[3, 3] = 30.0
+
+    def decode(image, dense, text):
+        return logits[None].astype(np.float32), cls[None]
+
+    return batch, decode
+
+
+def test_pixel_weight_chosen_on_seen_classes():
+    batch, decode = _half_mask_decoder()
+    cfg = CFG.copy_and_resolve_references()
+    cfg.ensemble = True
+    r = sc.calibrate_thresholds(_FakeEncoder(), decode, [batch], ["a", "b", "c"], ISTHING,
+                                [True, True, True], cfg)
+    miou = dict(r["pixel_grid"])
+    assert sorted(miou) == sorted(sc.PIXEL_GRID) and r["pixel_objective"] == "miou_seen"
+    # Weight 0: the uncovered "c" pixels (columns 4-7 outside the "a" instances) go to "a";
+    # the frozen map (exact one-hot features) labels them all.
+    assert miou[0.0] < 1.0
+    assert miou[0.1] == pytest.approx(1.0)
+    assert r["pixel_weight"] == 0.1  # every positive weight is perfect: the smallest wins
+    # The head alone (no ensemble): no pixel weight is chosen.
+    r = sc.calibrate_thresholds(_FakeEncoder(), decode, [batch], ["a", "b", "c"], ISTHING,
+                                [True, True, True], CFG)
+    assert "pixel_weight" not in r
+
+
+def test_pixel_weight_ignores_held_out_pixels():
+    batch, decode = _half_mask_decoder()
+    cfg = CFG.copy_and_resolve_references()
+    cfg.ensemble = True
+    # "c" held out: the pixels the frozen map fixes are its own, so they are ignored and every
+    # weight ties at a perfect "a"; the smallest (0: masks only) stays.
+    r = sc.calibrate_thresholds(_FakeEncoder(), decode, [batch], ["a", "b", "c"], ISTHING,
+                                [True, True, False], cfg)
+    assert r["pixel_weight"] == 0.0
+    assert all(m == pytest.approx(1.0) for _, m in r["pixel_grid"])

@@ -101,6 +101,36 @@ def _scene():
     return batch
 
 
+def test_fuse_pixels_hand_computed():
+    # Two pixels, two classes. Pixel 0: the head's scores 0.3 / 0.1 (normalised 0.75 / 0.25),
+    # the frozen map 0.2 / 0.8. Pixel 1: the head's masks barely cover it (1e-9 / 3e-9).
+    scores = np.array([[0.3, 0.1], [1e-9, 3e-9]], np.float32)
+    logp = np.log(np.array([[0.2, 0.8], [0.9, 0.1]], np.float32))
+    assert se.fuse_pixels(scores, logp, 0.0) is scores  # weight 0: Mask2Former's scores
+    assert se.fuse_pixels(scores, None, 0.5) is scores
+    fused = se.fuse_pixels(scores, logp, 0.5)
+    want = 0.5 * np.log(np.array([[0.75, 0.25], [0.25, 0.75]]) + 1e-8) + 0.5 * logp
+    np.testing.assert_allclose(fused, want, rtol=1e-5)
+    # 0.75^.5 0.2^.5 = 0.387 < 0.25^.5 0.8^.5 = 0.447; 0.25^.5 0.9^.5 = 0.474 > 0.75^.5 0.1^.5
+    assert fused.argmax(-1).tolist() == [1, 0]
+    assert se.fuse_pixels(scores, logp, 1.0).argmax(-1).tolist() == logp.argmax(-1).tolist()
+
+
+def test_pixel_log_probs_and_fused_semantic_inference():
+    enc = _FakeEncoder()
+    dense = np.eye(3, dtype=np.float32)[np.array([[0, 2], [2, 1]])][None]  # [1, 2, 2, 3]
+    text = enc.encode_text_labels(["a", "b", "c"], None)
+    logp = se.pixel_log_probs(dense, text, 50.0, (2, 2))  # same size: no resampling
+    want = np.log(_softmax(50.0 * dense @ text.T))
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-5)
+    # One query, class "a" at 0.9, its mask on pixel (0, 0): the head alone calls every pixel
+    # "a"; at weight 0.5 the frozen map (sure, at scale 50) outvotes it where they disagree.
+    probs = np.array([[0.9, 0.05, 0.05, 0.0]], np.float32)
+    mask = np.array([[[0.99, 0.01], [0.01, 0.01]]], np.float32)
+    assert se.semantic_inference(probs, mask).tolist() == [[0, 0], [0, 0]]
+    assert se.semantic_inference(probs, mask, logp[0], 0.5).tolist() == [[0, 2], [2, 1]]
+
+
 def test_evaluation_of_a_perfect_decoder_scores_one():
     batch = _scene()
     logits = np.where(batch["segmap"][0][None] == np.arange(4)[:, None, None], 20.0, -20.0)

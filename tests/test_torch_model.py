@@ -561,7 +561,7 @@ def test_seg_head_beside_open_clip_state_dict(seg_run, tmp_path):
     assert (tmp_path / cfg["file"]).read_bytes() == (out / "umg_seg_head.safetensors").read_bytes()
 
 
-def test_calibrated_thresholds_travel_to_the_torch_side(seg_run, tmp_path):
+def test_calibrated_thresholds_travel_to_the_torch_side(seg_run, scene, tmp_path):
     """A run's ``seg_calibration.json`` (thresholds chosen on its validation split) sets the
     thresholds of both ``load_segmenter`` and the export's ``UMGTorchSegmenter``."""
     import shutil
@@ -573,13 +573,21 @@ def test_calibrated_thresholds_travel_to_the_torch_side(seg_run, tmp_path):
     wd = tmp_path / "wd"
     shutil.copytree(seg_run[3], wd)
     (wd / checkpoint.SEG_CALIBRATION).write_text(json.dumps(
-        {"object_threshold": 0.3, "overlap_threshold": 0.65}))
+        {"object_threshold": 0.3, "overlap_threshold": 0.65, "pixel_weight": 0.5}))
     export_torch.main([str(wd), "--format", "hf", "--out", str(tmp_path / "hf")])
     ts = torch_seg.UMGTorchSegmenter.from_export(tmp_path / "hf")
     js = umg_jax.load_segmenter(str(wd))
     for c in (ts.config, js.config.seg):
         assert (c["object_threshold"], c["overlap_threshold"]) == (0.3, 0.65)
+        assert c["pixel_weight"] == 0.5
     assert seg_run[0].config.seg.object_threshold == 0.0  # the uncalibrated run's own
+    assert seg_run[0].config.seg.pixel_weight == 0.0
+    # The semantic map mixes in the frozen per-pixel probabilities on both sides alike.
+    want = js.predict(scene, SEG_LABELS, isthing=SEG_THING)["semantic"]
+    got = ts.predict(scene, SEG_LABELS, isthing=SEG_THING)["semantic"].numpy()
+    np.testing.assert_array_equal(got, want)
+    masks_only = seg_run[0].predict(scene, SEG_LABELS, isthing=SEG_THING)["semantic"]
+    assert (want != masks_only).any()  # the weight changes the map
 
 
 def test_seg_head_logits_match(seg_run, seg_jax, scene):
@@ -593,6 +601,15 @@ def test_seg_head_logits_match(seg_run, seg_jax, scene):
     for k in ("head", "ensemble"):
         assert _diff(got[k], probs[k]) <= TOL, k
     assert _diff(got["ensemble"], got["head"]) > 1e-3  # the ensemble changes the probabilities
+    from umg_jax.evaluators import segmentation as se
+
+    js = seg_run[0]
+    bb = js.backbone
+    dense = inference._normalize(bb.encode_image(bb.preprocess(scene)[None])[1])
+    want = se.pixel_log_probs(dense, bb.encode_text_labels(SEG_LABELS), se.mask_logit_scale(bb),
+                              scene.shape[:2])[0]
+    assert got["pixel_logp"].shape == want.shape
+    assert _diff(got["pixel_logp"], want) <= 10 * TOL  # log-probs near -scale: larger values
 
 
 def _near_ties(p, mask_prob, object_threshold, eps=1e-5):

@@ -402,7 +402,9 @@ def read_model_config(path: storage.PathLike):
 
 
 SEG_CALIBRATION = "seg_calibration.json"  # a head run's thresholds, chosen on a validation split
-CALIBRATED_KEYS = ("object_threshold", "overlap_threshold")  # what that file may override
+CALIBRATED_KEYS = ("object_threshold", "overlap_threshold")  # what that file must hold
+# ... and may hold (files written before it was calibrated lack it: the config's value stays)
+CALIBRATED_OPTIONAL = ("pixel_weight",)
 
 
 def read_seg_calibration(workdir: storage.PathLike) -> dict | None:
@@ -419,12 +421,16 @@ def read_seg_calibration(workdir: storage.PathLike) -> dict | None:
 
 
 def apply_seg_calibration(config, workdir: storage.PathLike) -> dict | None:
-    """Sets ``config.seg``'s panoptic thresholds from the workdir's calibration file, when there
-    is one (the config's own values otherwise); returns the file's content."""
+    """Sets ``config.seg``'s panoptic thresholds (and the ensemble's ``pixel_weight`` when the
+    file has it) from the workdir's calibration file, when there is one (the config's own values
+    otherwise); returns the file's content."""
     d = read_seg_calibration(workdir)
     if d is not None:
         for k in CALIBRATED_KEYS:
             config.seg[k] = float(d[k])
+        for k in CALIBRATED_OPTIONAL:
+            if isinstance(d.get(k), (int, float)):
+                config.seg[k] = float(d[k])
     return d
 
 

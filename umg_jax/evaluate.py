@@ -128,7 +128,8 @@ def _seg_inputs(config: mlc.ConfigDict, data_dir: str, num_examples: int | None)
 
 def calibrate_seg(workdir: str, *, config: mlc.ConfigDict | None = None, data: str = "",
                   step: int | None = None, num_examples: int | None = None, log=print) -> dict:
-    """Chooses a segmentation-head run's panoptic thresholds on the validation split
+    """Chooses a segmentation-head run's panoptic thresholds (and, with the FC-CLIP ensemble,
+    the semantic map's ``pixel_weight``) on the validation split
     (``data`` or ``config.data.val_path``, default the synthetic validation split; never the
     evaluation split) and writes them to ``workdir/seg_calibration.json``, which every later
     load of the run applies (``checkpoint.apply_seg_calibration``). Returns the file's content
@@ -164,9 +165,12 @@ def calibrate_seg(workdir: str, *, config: mlc.ConfigDict | None = None, data: s
                config_thresholds=[float(config.seg.object_threshold),
                                   float(config.seg.overlap_threshold)])
     storage.write_json(storage.path(workdir) / checkpoint.SEG_CALIBRATION, res, indent=1)
+    pixel = (f"; pixel_weight {res['pixel_weight']} (mIoU on seen classes "
+             f"{res['pixel_score']:.3f})" if "pixel_weight" in res else "")
     log(f"seg thresholds from the validation split ({res['num_images']} images, PQ on seen "
         f"classes {res['score']:.3f}): object {res['object_threshold']}, overlap "
-        f"{res['overlap_threshold']} -> {storage.path(workdir) / checkpoint.SEG_CALIBRATION}")
+        f"{res['overlap_threshold']}{pixel} -> "
+        f"{storage.path(workdir) / checkpoint.SEG_CALIBRATION}")
     return res
 
 

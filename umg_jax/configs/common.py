@@ -285,9 +285,10 @@ def seg_config() -> mlc.ConfigDict:
     s.ensemble = True  # classify masks with the head x frozen mask-pooled geometric ensemble
     s.ensemble_alpha = 0.4  # frozen-backbone exponent on seen classes (FC-CLIP)
     s.ensemble_beta = 0.8  # frozen-backbone exponent on unseen classes (FC-CLIP)
+    s.pixel_weight = 0.0  # ensemble semantic map: weight of the frozen per-pixel log-probs
     s.object_threshold = 0.8  # panoptic: min class probability of a kept query (Mask2Former)
     s.overlap_threshold = 0.8  # panoptic: min fraction of its own mask a query must keep
-    s.calibrate = True  # at the end of training, choose both thresholds on data.val_path
+    s.calibrate = True  # at training's end, choose thresholds and pixel_weight on data.val_path
     return s
 
 

@@ -24,8 +24,8 @@ def get_config(arg=None):
     config.optim.lr = 1e-3  # a fresh head tolerates a larger step
     config.optim.warmup_steps = 20  # short warmup
     # Panoptic thresholds until the run's own are chosen on the validation split at the end of
-    # training (seg.calibrate -> seg_calibration.json): Mask2Former's published test defaults.
-    # Never chosen on the evaluation split this run reports.
+    # training (seg.calibrate -> seg_calibration.json, which also chooses seg.pixel_weight):
+    # Mask2Former's published test defaults. Never chosen on the evaluation split reported.
     config.seg.object_threshold = 0.8  # panoptic: min class probability of a kept query
     config.seg.overlap_threshold = 0.8  # panoptic: min fraction of its own mask a query keeps
     config.eval.every_steps = 200  # mIoU / PQ on the held-out split during training

@@ -230,7 +230,9 @@ def _parser() -> argparse.ArgumentParser:
           "shorter side -> model size + centre crop (classification, retrieval), whole image "
           "resized (boxes); dense tasks: the run's seg head if any, else sliding windows over "
           "the training-free dense map (shorter side 448 for patch-14 models, else 2x the input; "
-          "stride 2/3); panoptic thresholds Mask2Former's 0.8 / 0.8; metrics in percent.\n\n"
+          "stride 2/3); a head's panoptic thresholds: the run's seg_calibration.json (chosen on "
+          "its validation split), else its config's (Mask2Former's 0.8 / 0.8); metrics in "
+          "percent.\n\n"
         + "\n".join(__doc__.split("\n")[2:5]))
     ap.add_argument("--workdir", required=True, help="training workdir or import directory "
                     "(local, gs:// or s3://)")

@@ -236,8 +236,11 @@ def evaluate(model: BenchModel, opts: Options, task: str, split: SegSplit) -> Ta
             seg, images, text, seen, opts, bool(seg.config.seg.ensemble)))
         how = {"predictor": "segmentation head (Mask2Former semantic inference: sum over "
                             "queries of class probability x mask probability, FC-CLIP "
-                            "ensemble when the run uses it) per sliding window, scores "
-                            "averaged", "seen_classes": int(seen.sum()),
+                            "ensemble when the run uses it, mixed with the frozen "
+                            "per-pixel log-probabilities at pixel_weight) per sliding window, "
+                            "scores averaged", "seen_classes": int(seen.sum()),
+               "pixel_weight": (float(seg.config.seg.get("pixel_weight", 0.0))
+                                if seg.config.seg.ensemble else 0.0),
                **sliding.protocol(model.backbone, opts)}
     else:
         preds = sliding.sliding_labels(model.backbone, images, text, opts, scale)

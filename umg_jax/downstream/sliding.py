@@ -266,9 +266,11 @@ def sliding_head_scores(segmenter: Any, images: Iterable[np.ndarray], text: np.n
                         ) -> Iterator[np.ndarray]:
     """``float32 [H, W, C]`` semantic scores of the segmentation head for each image: per
     window, Mask2Former's semantic inference ``sum_q p(q, c) mask_q`` (FC-CLIP ensemble
-    probabilities when ``ensemble``; ``seen [C]``: labels of the head's training vocabulary),
-    averaged over the windows covering each pixel and resized to the image (mmsegmentation's
-    ``slide`` mode for Mask2Former). Windows, stride and resolution as :func:`sliding_logits`."""
+    probabilities when ``ensemble``, fused with the frozen per-pixel log-probabilities at the
+    run's ``seg.pixel_weight``: ``segmentation.fuse_pixels``; ``seen [C]``: labels of the head's
+    training vocabulary), averaged over the windows covering each pixel and resized to the image
+    (mmsegmentation's ``slide`` mode for Mask2Former). Windows, stride and resolution as
+    :func:`sliding_logits`."""
     from umg_jax.evaluators import segmentation as se
 
     if opts.resize_pos:
@@ -278,13 +280,15 @@ def sliding_head_scores(segmenter: Any, images: Iterable[np.ndarray], text: np.n
     win = bb.image_size
     scale = se.mask_logit_scale(bb)
     text = np.asarray(text, np.float32)
+    weight = float(segmenter.config.seg.get("pixel_weight", 0.0)) if ensemble else 0.0
 
     def window_out(crops, dense):
         mask_prob, probs = se.head_predictions(
             lambda *a: segmenter.decode(segmenter.seg_params, *a), crops, np.asarray(dense),
             text, (win, win), seen, segmenter.config.seg, scale, ensemble=ensemble)
         p = probs["ensemble" if ensemble else "head"]
-        return np.einsum("bnc,bnhw->bhwc", p[..., :-1], mask_prob)
+        logp = se.pixel_log_probs(np.asarray(dense), text, scale, (win, win)) if weight else None
+        return se.fuse_pixels(se.semantic_scores(p, mask_prob), logp, weight)
 
     yield from _slide(bb, _pixel_windows(bb, images, opts, len(text)), max(1, opts.batch_size),
                       window_out)

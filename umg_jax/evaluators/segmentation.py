@@ -11,7 +11,10 @@ Three predictors, one evaluation pass (``evaluate_segmentation``):
   semantic / panoptic inference).
 * ``ensemble``: the decoder's masks, classified by the geometric ensemble of the head's
   probabilities with the frozen backbone's mask-pooled ones (FC-CLIP): ``p_in^(1-a) p_out^a`` on
-  classes seen in training, ``p_in^(1-b) p_out^b`` on unseen ones.
+  classes seen in training, ``p_in^(1-b) p_out^b`` on unseen ones. Its semantic map also mixes
+  in the frozen backbone's own per-pixel class probabilities (``seg.pixel_weight``,
+  :func:`fuse_pixels`): the head's masks are never taught the pixels of held-out classes (they
+  are ignored in its loss), while the frozen map labels every pixel.
 """
 
 from __future__ import annotations
@@ -46,10 +49,41 @@ def ensemble_probs(head_logits: np.ndarray, frozen_logits: np.ndarray, seen: np.
     return np.asarray(jnp.concatenate([jax.nn.softmax(log, -1) * (1 - p_void), p_void], -1))
 
 
-def semantic_inference(probs: np.ndarray, mask_prob: np.ndarray) -> np.ndarray:
-    """``probs [N, C + 1]``, ``mask_prob [N, H, W]`` -> ``[H, W]`` argmax over classes of
-    ``sum_q p(q, c) * mask(q)`` (void excluded)."""
-    return np.einsum("nc,nhw->chw", probs[:, :-1], mask_prob).argmax(0).astype(np.int32)
+def semantic_scores(probs: np.ndarray, mask_prob: np.ndarray) -> np.ndarray:
+    """``probs [..., N, C + 1]``, ``mask_prob [..., N, H, W]`` -> ``[..., H, W, C]`` float32
+    Mask2Former's semantic scores ``sum_q p(q, c) * mask(q)`` (void excluded)."""
+    return np.einsum("...nc,...nhw->...hwc", probs[..., :-1], mask_prob).astype(np.float32)
+
+
+def pixel_log_probs(dense_emb: np.ndarray, text: np.ndarray, scale: float,
+                    size: tuple[int, int]) -> np.ndarray:
+    """The frozen backbone's per-pixel class log-probabilities: ``dense_emb [B, gh, gw, E]`` x
+    ``text [C, E]`` (both normalised) at ``scale``, logits resized bilinearly to ``size`` ->
+    ``[B, H, W, C]`` float32 log-softmax over classes."""
+    logits = scale * jnp.einsum("bhwe,ce->bhwc", jnp.asarray(dense_emb), jnp.asarray(text))
+    up = jax.image.resize(logits, (logits.shape[0], *size, logits.shape[-1]), "bilinear")
+    return np.asarray(jax.nn.log_softmax(up, -1), np.float32)
+
+
+def fuse_pixels(scores: np.ndarray, pixel_logp: np.ndarray | None, weight: float) -> np.ndarray:
+    """``scores [..., C]`` (:func:`semantic_scores`) mixed with ``pixel_logp [..., C]``
+    (:func:`pixel_log_probs`): ``(1 - w) log(scores / sum_c scores) + w pixel_logp``, the
+    head's per-pixel class distribution and the frozen one's, geometrically. ``weight`` 0 (or
+    no ``pixel_logp``) returns ``scores`` unchanged (the argmax is Mask2Former's)."""
+    if not weight or pixel_logp is None:
+        return scores
+    total = np.maximum(scores.sum(-1, keepdims=True), 1e-12)
+    return ((1.0 - weight) * np.log(scores / total + 1e-8) + weight * pixel_logp
+            ).astype(np.float32)
+
+
+def semantic_inference(probs: np.ndarray, mask_prob: np.ndarray,
+                       pixel_logp: np.ndarray | None = None, weight: float = 0.0) -> np.ndarray:
+    """``probs [N, C + 1]``, ``mask_prob [N, H, W]`` -> ``[H, W]`` int32 argmax over classes of
+    :func:`semantic_scores`, fused with the frozen ``pixel_logp [H, W, C]`` at ``weight``
+    (:func:`fuse_pixels`)."""
+    return fuse_pixels(semantic_scores(probs, mask_prob), pixel_logp, weight
+                       ).argmax(-1).astype(np.int32)
 
 
 def keep_queries(probs: np.ndarray, object_threshold: float
@@ -178,7 +212,7 @@ def evaluate_segmentation(enc, decode, batches: Iterable[dict], categories: Sequ
     ``decode(image [B, H, W, 3], dense [B, gh, gw, E], text [C, E]) -> (mask_logits
     [B, N, h, w], class_logits [B, N, C + 1])`` (:func:`make_decode`; ``None`` when only the
     ``free`` variant is asked for); ``seen [C]``: classes of the head's training vocabulary;
-    ``cfg``: the ``seg`` config section (thresholds, ensemble exponents).
+    ``cfg``: the ``seg`` config section (thresholds, ensemble exponents, ``pixel_weight``).
     """
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -201,8 +235,13 @@ def evaluate_segmentation(enc, decode, batches: Iterable[dict], categories: Sequ
             mask_prob, probs = head_predictions(
                 decode, b["image"], b["dense_emb"], text, hw, seen, cfg, scale,
                 ensemble="ensemble" in variants)
+            weight = float(cfg.get("pixel_weight", 0.0))
+            logp = (pixel_log_probs(b["dense_emb"], text, scale, hw)
+                    if "ensemble" in variants and weight else None)
             for v in set(variants) & {"head", "ensemble"}:
-                preds[v] = [(semantic_inference(probs[v][i], mask_prob[i]),
+                w = weight if v == "ensemble" else 0.0
+                preds[v] = [(semantic_inference(probs[v][i], mask_prob[i],
+                                                None if logp is None else logp[i], w),
                              *panoptic_inference(probs[v][i], mask_prob[i], isthing,
                                                  cfg.object_threshold, cfg.overlap_threshold))
                             for i in range(len(mask_prob))]

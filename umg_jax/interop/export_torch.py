@@ -368,6 +368,7 @@ def seg_head_config(seg: SegHead, m: mlc.ConfigDict, file: str) -> dict:
     except ValueError as e:
         raise InteropError(str(e)) from None
     entry = {k: c.get(k, True) if k == "pool_pixels" else c[k] for k in keys}
+    entry["pixel_weight"] = float(c.get("pixel_weight", 0.0))  # runs before it: masks only
     entry = {k: v if isinstance(v, bool) else (int(v) if isinstance(v, int) else float(v))
              for k, v in entry.items()}
     return {"file": file, "embed_dim": int(m.embed_dim), **entry,

@@ -196,10 +196,18 @@ def ensemble_probs(head_logits: torch.Tensor, frozen_logits: torch.Tensor, seen:
     return torch.cat([torch.softmax(log, -1) * (1 - p_void), p_void], -1)
 
 
-def semantic_inference(probs: torch.Tensor, mask_prob: torch.Tensor) -> torch.Tensor:
+def semantic_inference(probs: torch.Tensor, mask_prob: torch.Tensor,
+                       pixel_logp: torch.Tensor | None = None, weight: float = 0.0
+                       ) -> torch.Tensor:
     """``probs [N, C + 1]``, ``mask_prob [N, H, W]`` -> ``[H, W]`` int32: argmax over classes of
-    ``sum_q p(q, c) mask(q)`` (void excluded)."""
-    return torch.einsum("nc,nhw->chw", probs[:, :-1], mask_prob).argmax(0).to(torch.int32)
+    ``sum_q p(q, c) mask(q)`` (void excluded); with ``weight`` > 0, of ``(1 - w) log`` of those
+    scores normalised over classes ``+ w pixel_logp [H, W, C]`` (the frozen backbone's
+    per-pixel log-probabilities)."""
+    scores = torch.einsum("nc,nhw->hwc", probs[:, :-1], mask_prob)
+    if weight and pixel_logp is not None:
+        total = scores.sum(-1, keepdim=True).clamp_min(1e-12)
+        scores = (1.0 - weight) * torch.log(scores / total + 1e-8) + weight * pixel_logp
+    return scores.argmax(-1).to(torch.int32)
 
 
 def panoptic_inference(probs: torch.Tensor, mask_prob: torch.Tensor, isthing: torch.Tensor,
@@ -276,7 +284,9 @@ class UMGTorchSegmenter:
         """The decoder on one image, before the panoptic merge: ``{"mask_logits": [N, h, w],
         "class_logits": [N, C + 1], "mask_prob": [N, H, W]`` (sigmoid, at the image's size),
         ``"frozen_logits": [N, C]`` (the backbone's mask-pooled logits at its mask
-        temperature), ``"head": [N, C + 1]``, ``"ensemble": [N, C + 1]`` probabilities}."""
+        temperature), ``"pixel_logp": [H, W, C]`` (its per-pixel class log-probabilities at
+        that temperature, logits resized to the image), ``"head": [N, C + 1]``, ``"ensemble":
+        [N, C + 1]`` probabilities}."""
         b = self.backbone
         labels = list(labels)
         text = b.encode_text_labels(labels, templates)
@@ -294,10 +304,12 @@ class UMGTorchSegmenter:
         pooled = _normalize(torch.where(ok[..., None], summed / torch.where(
             ok, total, 1.0)[..., None], 0.0))[0]
         frozen = b.logit_scales["mask"] * pooled @ text.T
+        pixel = resize2d(b.logit_scales["mask"] * dense[0] @ text.T, size, (0, 1))  # [H, W, C]
         seen = torch.tensor([lab in self.train_labels for lab in labels], device=b.device)
         c = self.config
         return {"mask_logits": out["mask_logits"][0], "class_logits": logits,
                 "mask_prob": mask_prob[0], "frozen_logits": frozen,
+                "pixel_logp": torch.log_softmax(pixel, -1),
                 "head": torch.softmax(logits, -1),
                 "ensemble": ensemble_probs(logits, frozen, seen, c["ensemble_alpha"],
                                            c["ensemble_beta"])}
@@ -325,6 +337,7 @@ class UMGTorchSegmenter:
                                       c["object_threshold"], c["overlap_threshold"])
         score = p[:, :-1].max(-1).values
         segments = {sid: (labels[k], float(score[sid])) for sid, k in cls.items()}
-        return {"semantic": semantic_inference(p, mask_prob), "panoptic": seg,
-                "segments": segments}
+        weight = float(c.get("pixel_weight", 0.0)) if use else 0.0
+        return {"semantic": semantic_inference(p, mask_prob, out["pixel_logp"], weight),
+                "panoptic": seg, "segments": segments}
 
