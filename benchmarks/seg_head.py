@@ -8,8 +8,8 @@ data whose classes include ones the head never saw (``seg.holdout`` of configs/s
 configs/tiny.py --workdir /tmp/umg_tiny``); without it one is trained first (600 steps).
 Prints a table (mIoU / PQ on all, seen and held-out classes, PQ on things; trainable
 parameters) and writes ``seg_head.json`` to ``--out``. Head runs choose their panoptic
-thresholds on the synthetic *validation* split at the end of training (``seg.calibrate``); the
-table reports the held-out evaluation split. ``head-plain`` is the recipe before that (Mask2Former's
+thresholds (and the ensemble's semantic ``pixel_weight``) on the synthetic *validation* split at
+the end of training (``seg.calibrate``); the table reports the held-out evaluation split. ``head-plain`` is the recipe before that (Mask2Former's
 0.8 / 0.8, unlabeled queries taught "void"), for the before / after comparison.
 """
 
@@ -110,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = {k.split("/", 2)[2]: val for k, val in res.items()
                      if k.startswith(f"seg/{v}/")}
                 per_seed[v].append(dict(r, trainable=n_train, seconds=secs, seed=seed,
-                                        thresholds=thr, calibrated=cal is not None))
-            print(f"{name} seed {seed}: done in {secs:.0f}s (thresholds {thr})", flush=True)
+                                        thresholds=thr, calibrated=cal is not None,
+                                        pixel_weight=(cal or {}).get(
+                                            "pixel_weight", config.seg.get("pixel_weight", 0.0))))
+            print(f"{name} seed {seed}: done in {secs:.0f}s (thresholds {thr}, pixel weight "
+                  f"{per_seed['ensemble'][-1]['pixel_weight']})", flush=True)
         for v, runs in per_seed.items():
             mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]
                     if isinstance(runs[0][k], float)}

@@ -250,7 +250,10 @@ def train(config: mlc.ConfigDict, workdir: storage.PathLike) -> dict:
                                   f"vocabulary texts and {needs[0]} free-form texts on one "
                                   f"shard, over the budgets {configured} "
                                   "(loss.text_vocab_budget, loss.free_text_frac): such batches "
-                                  f"run with budgets {budgets} (another compile)", flush=True)
+                                  f"run with budgets {budgets} (another compile; a batch sized "
+                                  "to the device memory by a config's GEN-N recipe, searched at "
+                                  "the configured budgets, may not fit with them: lower the "
+                                  "batch or raise loss.free_text_frac)", flush=True)
                     batch = sharding.put_batch(local, mesh)
                 state, metrics = train_step(state, batch, budgets)
                 if step == start + 1:
