@@ -9,8 +9,9 @@ configs/tiny.py --workdir /tmp/umg_tiny``); without it one is trained first (600
 Prints a table (mIoU / PQ on all, seen and held-out classes, PQ on things; trainable
 parameters) and writes ``seg_head.json`` to ``--out``. Head runs choose their panoptic
 thresholds (and the ensemble's semantic ``pixel_weight``) on the synthetic *validation* split at
-the end of training (``seg.calibrate``); the table reports the held-out evaluation split. ``head-plain`` is the recipe before that (Mask2Former's
-0.8 / 0.8, unlabeled queries taught "void"), for the before / after comparison.
+the end of training (``seg.calibrate``); the table reports the held-out evaluation split.
+``head-plain`` is the recipe before that (Mask2Former's 0.8 / 0.8, unlabeled queries taught
+"void", no pixel weight), for the before / after comparison.
 """
 
 from __future__ import annotations

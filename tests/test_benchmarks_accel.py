@@ -270,6 +270,30 @@ def test_gpu_recipes_table(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("config", ["vit_l", "vit_l336"])
+def test_tpu_slice_arguments_follow_the_recipes(config):
+    """``PER_CHIP_MAX`` of a TPU generation is the per-chip batch of that generation's recipe
+    file: the search's cell, or, where none was searched, the single compile that fitted (a
+    lower bound); a generation with neither is not in the table."""
+    import importlib
+
+    from umg_jax import accelerators
+
+    mod = importlib.import_module(f"umg_jax.configs.{config}")
+    for topo in pod_recipes.TOPOLOGIES:
+        gen = topo.split(":")[0]
+        cell = pod_recipes.cell_path(config, topo)
+        singles = sorted(cell.parent.glob(f"{cell.stem}_batch*.json"))
+        rows = [json.loads(q.read_text()) for q in ([cell] if cell.exists() else singles)]
+        rows = [d for d in rows if d["rows"][0]["fits"] and "provenance" in d]
+        if not rows:
+            assert gen not in mod.PER_CHIP_MAX, f"{config}: {gen} has no recipe file"
+            continue
+        assert accelerators.topology_size(topo) == rows[0]["devices"]
+        assert mod.PER_CHIP_MAX[gen] == max(int(d["rows"][0]["per_device_batch"])
+                                            for d in rows), (config, topo)
+
+
+@pytest.mark.parametrize("config", ["vit_l", "vit_l336"])
 def test_gpu_slice_arguments_follow_the_recipes(config):
     """``configs/<config>.py:h100-8`` caps the batch at the per-GPU maximum the GPU recipes
     measured (the smaller of one and two hosts) times the GPUs."""

@@ -32,18 +32,18 @@ def test_every_knob_is_commented(name):
 
 
 def test_slice_argument_caps_the_batch_to_what_the_tpu_compiler_fitted():
-    """``configs/vit_l.py:GEN-CHIPS``: the batch the README's recipe table gives for the slice."""
+    """``configs/vit_l.py:GEN-CHIPS``: the config's batch, capped at the per-chip batch the
+    recipe search fitted (``PER_CHIP_MAX``; that it is the search's is checked against the
+    recipe files in test_benchmarks_accel.py) times the chips."""
+    from umg_jax.configs import vit_l, vit_l336
+
     load = lambda arg: config_lib.load_config(str(ROOT / "configs" / arg))  # noqa: E731
     assert load("vit_l.py").batch_size == 32768
-    assert load("vit_l.py:v5e-256").batch_size == 88 * 256  # 32,768 needs 19.9 of 16 GiB
-    assert load("vit_l.py:v5e-64").batch_size == 88 * 64
-    assert load("vit_l.py:v4-256").batch_size == 32768  # 128 per chip fits (<= 208)
-    assert load("vit_l.py:v4-128").batch_size == 208 * 128
-    assert load("vit_l336.py:v5e-256").batch_size == 16384  # the base batch; 72 per chip fits
-    assert load("vit_l336.py:v5e-128").batch_size == 72 * 128
-    assert load("vit_l336.py:v4-128").batch_size == 16384  # 128 per chip fits (<= 152)
-    assert load("vit_l336.py:v4-64").batch_size == 152 * 64
-    assert load("vit_l336.py:v5p-16").batch_size == 464 * 16
+    for mod, name, base in ((vit_l, "vit_l.py", 32768), (vit_l336, "vit_l336.py", 16384)):
+        for gen, per_chip in mod.PER_CHIP_MAX.items():
+            for chips in (8, 64, 256):
+                assert load(f"{name}:{gen}-{chips}").batch_size == min(base, per_chip * chips)
+    assert load("vit_l.py:v4-32").batch_size == vit_l.PER_CHIP_MAX["v4"] * 32 < 32768
     for bad in ("vit_l.py:v5e", "vit_l.py:tpu9-8", "vit_l.py:v5e-0", "vit_l.py:v5e-x"):
         with pytest.raises(ValueError, match="expected GEN-CHIPS"):
             load(bad)

@@ -8,17 +8,18 @@ Continued multi-granularity training from a pretrained CLIP imported from PyTorc
 
 The paper's hyper-parameters are not public; these follow EVA-CLIP-style continued training.
 
-Pod slices (the TPU compiler's verdict, ``benchmarks/pod_recipes.py``, README "Pods"): the global
-batch of 32,768 fits v4 and v6e slices of 256 chips (v5p: 632 per chip on 256 chips, so 64 chips
-by that per-chip batch, not compiled), not a v5e slice (19.9 GiB of a v5e chip's 16 at 128 per
-chip with every text slot encoded; 17.2 under this config's text profile). Name the slice as the
-config argument and the batch becomes the largest that fits it when 32,768 does not:
+Pod slices (the TPU compiler's verdict under this config's text profile,
+``benchmarks/pod_recipes.py``, README "Pods"): the global batch of 32,768 fits a v5e slice of
+256 chips (128 per chip, 15.2 of 16 GiB) and v4, v5p and v6e slices of 256 chips by their
+per-chip batches. Name the slice as the config argument and the batch becomes the largest that
+fits it when 32,768 does not:
 
-    python -m umg_jax.train --config configs/vit_l.py:v5e-256 ...    # batch 22,528 (88 per chip)
+    python -m umg_jax.train --config configs/vit_l.py:v4-64 ...    # batch 29,184 (456 per chip)
 
 GPU nodes the same way (XLA:GPU's verdict within JAX's default 75 % of each GPU's memory,
-``benchmarks/pod_recipes.py --gpu``): ``configs/vit_l.py:h100-8`` -> 5,120 (640 per GPU),
-``:h200-16`` -> 17,024 (1,064 per GPU).
+``benchmarks/pod_recipes.py --gpu``): ``configs/vit_l.py:h100-8`` -> 9,408 (1,176 per GPU),
+``:h200-16`` -> 32,768 (2,280 per GPU fits 36,480). A batch whose texts outgrow the profile's
+budgets runs with bigger ones (logged once), which such a recipe batch may not fit.
 """
 
 import ml_collections as mlc
@@ -26,10 +27,10 @@ import ml_collections as mlc
 from umg_jax.configs import common
 
 # Largest per-chip batch that fits, by TPU generation (the TPU compiler, libtpu 0.0.42.1,
-# fsdp 8, 2026-11-30; benchmarks/results/dryrun/vit_l_*.json) and per GPU by card (XLA:GPU,
-# jax-cuda12-plugin 0.10.2, 2026-12-07, within JAX's default 75 % of the GPU's memory; the
-# smaller of one and two 8-GPU hosts: H200 1,112 on one, 1,064 on two).
-PER_CHIP_MAX = {"v4": 208, "v5e": 88, "v5p": 632, "v6e": 192, "h100": 640, "h200": 1064}
+# fsdp 8, 2026-12-08; benchmarks/results/dryrun/vit_l_<gen>_*.json) and per GPU by card
+# (XLA:GPU, jax-cuda12-plugin 0.10.2, 2026-12-08, within JAX's default 75 % of the GPU's memory;
+# the smaller of one and two 8-GPU hosts: H100 1,176 on one, 1,248 on two; H200 2,352 / 2,280).
+PER_CHIP_MAX = {"v4": 456, "v5e": 128, "v5p": 1264, "v6e": 424, "h100": 1176, "h200": 2280}
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
