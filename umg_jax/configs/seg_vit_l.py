@@ -7,9 +7,8 @@ COCO-panoptic shards come from ``python -m umg_jax.data.build coco --panoptic ..
 zero-shot on another data set with ``python -m umg_jax.evaluate --workdir DIR --data SHARDS``
 (its ``meta.json`` categories are the vocabulary). Not run end to end on this CPU-only machine.
 
-The batch of 64 suits 8-64 chips (it must divide by data x fsdp). Memory is no limit: the TPU
-compiler fits 96,256 (376 per chip) on v5e:16x16 at 15.6 of 16 GiB, 136,192 (1064 per chip) on
-v4:4x4x8 (backbone frozen; README "Pods" has every generation).
+The batch of 64 suits 8-64 chips (it must divide by data x fsdp). Memory is no limit: XLA:GPU
+fits 8,320 (1,040 per GPU) on one 8 x H100 host (backbone frozen; README "Pods", GPU nodes).
 """
 
 from umg_jax.configs import vit_l
