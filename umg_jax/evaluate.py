@@ -291,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_examples", type=int, default=None,
                     help="examples to evaluate (default: config.eval.num_examples)")
     ap.add_argument("--calibrate", action="store_true",
-                    help="segmentation-head runs: first choose the panoptic thresholds on the "
-                    "validation split (data.val_path, default synthetic; --data is then that "
-                    "split) and store them in the workdir (seg_calibration.json)")
+                    help="segmentation-head runs: first choose the panoptic thresholds and the "
+                    "ensemble's semantic pixel weight on the validation split (data.val_path, "
+                    "default synthetic; --data is then that split) and store them in the "
+                    "workdir (seg_calibration.json)")
     args = ap.parse_args(argv)
     try:
         config = config_lib.load_config(args.config) if args.config else None
