@@ -82,9 +82,28 @@ def cluster():
     ray.shutdown()
 
 
-def _files(d: pathlib.Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())
-            if p.is_file() and not p.name.startswith("stats-")}
+def _rounded(x, digits: int = 6):
+    """``x`` (parsed JSON) with every float rounded to ``digits`` decimals."""
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v, digits) for v in x]
+    return x
+
+
+def _files(d: pathlib.Path) -> dict[str, object]:
+    """Every output file's bytes, but the per-image JSON lines parsed with their scores rounded:
+    a teacher's float32 score can differ by an ulp with the thread count (a Ray actor runs
+    with one), while the records (ArrayRecord shards, ``meta.json``) must be byte-equal."""
+    out: dict[str, object] = {}
+    for p in sorted(d.iterdir()):
+        if not p.is_file() or p.name.startswith("stats-"):
+            continue
+        out[p.name] = ([_rounded(json.loads(line)) for line in p.read_text().splitlines()]
+                       if p.suffix == ".jsonl" else p.read_bytes())
+    return out
 
 
 def _assert_same(local: pathlib.Path, other: pathlib.Path) -> None:

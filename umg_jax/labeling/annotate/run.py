@@ -72,10 +72,12 @@ def to_record(state: dict[str, Any], image: bytes, vocab: tuple[str, ...]) -> di
                          "region": -1})
         scores.append(x["score"])
     captions = [c["text"] for c in state["captions"]] or [template_caption(tags)]
+    # Rounded: a teacher's float32 score can differ by an ulp with the thread count (this
+    # process against a Ray actor), and the records of both engines must be byte-equal.
     return {"source": state["source"], "image": image, "height": state["height"],
             "width": state["width"], "captions": captions, "tags": tags, "regions": regions,
             "segments": segments,
-            "confidence": float(np.mean(scores)) if scores else 1.0}
+            "confidence": round(float(np.mean(scores)), 4) if scores else 1.0}
 
 
 def _short(key: str) -> str:
