@@ -9,6 +9,7 @@ from umg_jax.evaluators import seg_calibration as sc
 
 CFG = mlc.ConfigDict({"ensemble": False, "ensemble_alpha": 0.4, "ensemble_beta": 0.8,
                       "object_threshold": 0.8, "overlap_threshold": 0.8})
+ENSEMBLE_CFG = mlc.ConfigDict(dict(CFG.to_dict(), ensemble=True))
 
 
 def _unsure_decoder():
@@ -80,10 +81,8 @@ def _half_mask_decoder():
 
 def test_pixel_weight_chosen_on_seen_classes():
     batch, decode = _half_mask_decoder()
-    cfg = CFG.copy_and_resolve_references()
-    cfg.ensemble = True
     r = sc.calibrate_thresholds(_FakeEncoder(), decode, [batch], ["a", "b", "c"], ISTHING,
-                                [True, True, True], cfg)
+                                [True, True, True], ENSEMBLE_CFG)
     miou = dict(r["pixel_grid"])
     assert sorted(miou) == sorted(sc.PIXEL_GRID) and r["pixel_objective"] == "miou_seen"
     # Weight 0: the uncovered "c" pixels (columns 4-7 outside the "a" instances) go to "a";
@@ -99,11 +98,9 @@ def test_pixel_weight_chosen_on_seen_classes():
 
 def test_pixel_weight_ignores_held_out_pixels():
     batch, decode = _half_mask_decoder()
-    cfg = CFG.copy_and_resolve_references()
-    cfg.ensemble = True
     # "c" held out: the pixels the frozen map fixes are its own, so they are ignored and every
     # weight ties at a perfect "a"; the smallest (0: masks only) stays.
     r = sc.calibrate_thresholds(_FakeEncoder(), decode, [batch], ["a", "b", "c"], ISTHING,
-                                [True, True, False], cfg)
+                                [True, True, False], ENSEMBLE_CFG)
     assert r["pixel_weight"] == 0.0
     assert all(m == pytest.approx(1.0) for _, m in r["pixel_grid"])

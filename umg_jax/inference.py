@@ -255,7 +255,7 @@ class Segmenter:
                                          self.config.seg.overlap_threshold)
         score = p[:, :-1].max(-1)
         segments = {sid: (labels[c], float(score[sid])) for sid, c in cls.items()}
-        weight = float(self.config.seg.get("pixel_weight", 0.0)) if use else 0.0
+        weight = se.pixel_weight(self.config.seg, use)
         logp = (se.pixel_log_probs(dense, text, se.mask_logit_scale(self.backbone),
                                    img.shape[:2])[0] if weight else None)
         return {"semantic": se.semantic_inference(p, mask_prob[0], logp, weight),

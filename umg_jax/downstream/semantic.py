@@ -230,6 +230,8 @@ def evaluate(model: BenchModel, opts: Options, task: str, split: SegSplit) -> Ta
     t0 = time.perf_counter()
     images = common.read_images([str(p) for p in split.images[:n]], opts.workers)
     if model.segmenter is not None:  # the head's semantic inference (Mask2Former's)
+        from umg_jax.evaluators.segmentation import pixel_weight
+
         seg = model.segmenter
         seen = np.array([c in seg.train_labels for c in split.classes])
         preds = (s.argmax(-1).astype(np.int32) for s in sliding.sliding_head_scores(
@@ -239,8 +241,7 @@ def evaluate(model: BenchModel, opts: Options, task: str, split: SegSplit) -> Ta
                             "ensemble when the run uses it, mixed with the frozen "
                             "per-pixel log-probabilities at pixel_weight) per sliding window, "
                             "scores averaged", "seen_classes": int(seen.sum()),
-               "pixel_weight": (float(seg.config.seg.get("pixel_weight", 0.0))
-                                if seg.config.seg.ensemble else 0.0),
+               "pixel_weight": pixel_weight(seg.config.seg, bool(seg.config.seg.ensemble)),
                **sliding.protocol(model.backbone, opts)}
     else:
         preds = sliding.sliding_labels(model.backbone, images, text, opts, scale)

@@ -280,7 +280,7 @@ def sliding_head_scores(segmenter: Any, images: Iterable[np.ndarray], text: np.n
     win = bb.image_size
     scale = se.mask_logit_scale(bb)
     text = np.asarray(text, np.float32)
-    weight = float(segmenter.config.seg.get("pixel_weight", 0.0)) if ensemble else 0.0
+    weight = se.pixel_weight(segmenter.config.seg, ensemble)
 
     def window_out(crops, dense):
         mask_prob, probs = se.head_predictions(

@@ -77,6 +77,12 @@ def fuse_pixels(scores: np.ndarray, pixel_logp: np.ndarray | None, weight: float
             ).astype(np.float32)
 
 
+def pixel_weight(cfg: mlc.ConfigDict, ensemble: bool) -> float:
+    """The frozen per-pixel weight of the semantic map: ``cfg.pixel_weight`` (the ``seg``
+    section; runs configured before it have none: 0) for the ensemble, 0 for the head alone."""
+    return float(cfg.get("pixel_weight", 0.0)) if ensemble else 0.0
+
+
 def semantic_inference(probs: np.ndarray, mask_prob: np.ndarray,
                        pixel_logp: np.ndarray | None = None, weight: float = 0.0) -> np.ndarray:
     """``probs [N, C + 1]``, ``mask_prob [N, H, W]`` -> ``[H, W]`` int32 argmax over classes of
@@ -223,6 +229,7 @@ def evaluate_segmentation(enc, decode, batches: Iterable[dict], categories: Sequ
     text = np.asarray(enc.encode_text_labels(list(categories), tuple(templates)), np.float32)
     scale = mask_logit_scale(enc)
     cms = {v: np.zeros((c, c), np.int64) for v in variants}
+    weight = pixel_weight(cfg, "ensemble" in variants)
     accs = {v: metrics.PanopticAccumulator(c, isthing) for v in variants}
     for b in encode_batches(enc, batches):
         gt = semantic_target(b["segmap"], b["mask_class"])
@@ -235,9 +242,7 @@ def evaluate_segmentation(enc, decode, batches: Iterable[dict], categories: Sequ
             mask_prob, probs = head_predictions(
                 decode, b["image"], b["dense_emb"], text, hw, seen, cfg, scale,
                 ensemble="ensemble" in variants)
-            weight = float(cfg.get("pixel_weight", 0.0))
-            logp = (pixel_log_probs(b["dense_emb"], text, scale, hw)
-                    if "ensemble" in variants and weight else None)
+            logp = pixel_log_probs(b["dense_emb"], text, scale, hw) if weight else None
             for v in set(variants) & {"head", "ensemble"}:
                 w = weight if v == "ensemble" else 0.0
                 preds[v] = [(semantic_inference(probs[v][i], mask_prob[i],
